@@ -1,0 +1,27 @@
+# Two commands a user needs: `make demo` and `make test`. Each (re)builds .venv from
+# requirements.txt by itself when requirements change.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdir/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean bench
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	$(VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m ezsd_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) workdir .pytest_cache

@@ -1,0 +1,92 @@
+"""Command-line plumbing shared by every entry point (ezsd_jax.main, isal_jax.select, ...).
+
+One config system: an ml_collections `get_config()` file passed as --config, every field
+overridable as --config.a.b=value, plus --workdir. This module turns the ways that can go
+wrong (unknown field, bad value, missing file, unwritable workdir) into one clear line and
+exit status 2 instead of a traceback from deep inside absl.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+
+class UsageError(SystemExit):
+    """Bad command line or config: printed as one line, exit status 2."""
+
+    def __init__(self, msg: str):
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        super().__init__(2)
+
+
+def define_flags(workdir_required: bool = True) -> None:
+    config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file (get_config()); fields overridable "
+        "with --config.<field>=<value>", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, outputs).",
+                        required=workdir_required)
+
+
+def _flags_parser(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UsageError(str(e)) from None
+    except (AttributeError, KeyError) as e:
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        raise UsageError(f"unknown config field in {' '.join(bad) or argv[1:]}: {e}. "
+                         "Run with --helpfull or read the config file for valid fields.") from None
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The parsed --config, or a clear error when it could not be loaded."""
+    cfg = flags.FLAGS.config
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        raise UsageError(f"could not load config file {flags.FLAGS['config'].config_filename!r}"
+                         " (missing file or an error inside get_config())")
+    return cfg
+
+
+def prepare_workdir(path: str | None) -> str:
+    """Creates the workdir (and parents) or fails with a clear message; returns its abspath."""
+    if not path:
+        raise UsageError("--workdir is required")
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create workdir {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"workdir {path} is not writable")
+    probe = os.path.join(path, f".write_probe_{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"workdir {path} is not writable: {e.strerror}") from None
+    return path
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str, name: str = "config.json") -> str:
+    """Writes the resolved config next to the outputs (atomically), for reproducibility."""
+    from ezsd_jax.io_utils import atomic_write_text
+    return atomic_write_text(os.path.join(workdir, name), cfg.to_json_best_effort(indent=2))
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """app.run with clear config errors. Library logging (orbax is chatty) defaults to
+    WARNING; progress lines are printed. Pass --verbosity=0 for INFO logs."""
+    from absl import logging as absl_logging
+
+    def main_with_verbosity(argv):
+        if not flags.FLAGS["verbosity"].present:
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        return main(argv)
+
+    app.run(main_with_verbosity, flags_parser=_flags_parser)

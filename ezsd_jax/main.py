@@ -1,0 +1,61 @@
+"""Entry point of the EZSD package: `python -m ezsd_jax.main --config=configs/coco.py --workdir=DIR`.
+
+Runs the stages listed in `config.stages` (or --stages=a,b) in order; each stage reads what
+the previous ones wrote into the workdir and skips/resumes work already done, so the same
+command can be re-run after a crash. Stages are looked up in STAGES; an unknown name is a
+clear error listing the known ones.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+
+from absl import flags
+
+from ezsd_jax import cli
+
+# stage name -> "module:function(cfg, workdir)"; imported lazily so a stage's heavy
+# dependencies load only when it runs.
+STAGES = {
+    "toy": "ezsd_jax.toy:run",
+}
+
+flags.DEFINE_list("stages", None, "Comma-separated stages to run (default: config.stages).")
+cli.define_flags()
+
+
+def resolve_stage(name: str):
+    if name not in STAGES:
+        raise cli.UsageError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
+    module, fn = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cfg = cli.get_config()
+    stages = flags.FLAGS.stages or list(cfg.stages)
+    if not stages:
+        raise cli.UsageError("no stages: set config.stages or pass --stages")
+    fns = [(s, resolve_stage(s)) for s in stages]  # validate all names before any work
+    workdir = cli.prepare_workdir(flags.FLAGS.workdir)
+    from ezsd_jax import sharding
+    d = cfg.distributed
+    sharding.maybe_initialize_distributed(
+        d.enabled or None, coordinator_address=d.coordinator_address,
+        num_processes=d.num_processes, process_id=d.process_id)
+    import jax
+    if jax.process_index() == 0:
+        cli.save_config(cfg, workdir)
+    for name, fn in fns:
+        t0 = time.perf_counter()
+        print(f"=== stage {name} ===", flush=True)
+        fn(cfg, workdir)
+        logging.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
+        print(f"=== stage {name} done in {time.perf_counter() - t0:.1f} s ===", flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)

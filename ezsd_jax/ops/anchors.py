@@ -1,0 +1,89 @@
+"""Anchor layouts: FPN anchors for the RPN and dense sliding anchors for CLIP proposals.
+
+Pure numpy, evaluated once at trace time (shapes are static), returning np.float32 xyxy
+boxes in input-image pixels.
+
+Convention (detectron2 DefaultAnchorGenerator, offset 0.0): the anchors of feature cell
+(y, x) are centred on (x * stride + offset * stride, y * stride + offset * stride) with
+``offset = 0.0`` by default, i.e. on the top-left corner of the cell's receptive stride
+block. A cell anchor of size s and ratio r (= h / w) has area s**2:
+w = sqrt(s**2 / r), h = r * w, and is not rounded. Order: row y, then column x, then
+anchor a with sizes outer and ratios inner (A = len(sizes) * len(ratios)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def cell_anchors(sizes: Sequence[float], ratios: Sequence[float]) -> np.ndarray:
+    """[A, 4] anchors centred on (0, 0); sizes outer, ratios inner; ratio = h / w."""
+    out = []
+    for size in sizes:
+        area = float(size) ** 2
+        for ratio in ratios:
+            if ratio <= 0 or size <= 0:
+                raise ValueError(f"anchors: sizes and ratios must be > 0, got size={size} "
+                                 f"ratio={ratio}")
+            w = math.sqrt(area / float(ratio))
+            h = float(ratio) * w
+            out.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+    return np.asarray(out, np.float64).reshape(-1, 4)
+
+
+def anchor_grid(feature_hw: tuple[int, int], stride: int, sizes: Sequence[float],
+                ratios: Sequence[float], offset: float = 0.0) -> np.ndarray:
+    """Anchors of one feature map: [H * W * A, 4] float32, order (y, x, a).
+
+    ``offset`` is the centre offset in units of ``stride`` (0.0: detectron2/torchvision
+    default; 0.5 would put centres on cell centres).
+    """
+    fh, fw = int(feature_hw[0]), int(feature_hw[1])
+    if fh < 0 or fw < 0 or stride <= 0:
+        raise ValueError(f"anchor_grid: bad feature_hw={feature_hw} or stride={stride}")
+    base = cell_anchors(sizes, ratios)                                   # [A, 4]
+    xs = (np.arange(fw, dtype=np.float64) + offset) * stride
+    ys = (np.arange(fh, dtype=np.float64) + offset) * stride
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")                           # [H, W]
+    shifts = np.stack([xx, yy, xx, yy], axis=-1).reshape(-1, 1, 4)         # [HW, 1, 4]
+    return (shifts + base[None]).reshape(-1, 4).astype(np.float32)
+
+
+def fpn_anchors(image_hw: tuple[int, int], strides: Sequence[int] = (4, 8, 16, 32, 64),
+                sizes: Sequence[float] = (32, 64, 128, 256, 512),
+                ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                offset: float = 0.0) -> list[np.ndarray]:
+    """Per-level anchors for FPN levels: list of [ceil(H/s) * ceil(W/s) * len(ratios), 4].
+
+    One size per level (``sizes[l]`` at ``strides[l]``). Not clipped (detectron2 default).
+    """
+    if len(strides) != len(sizes):
+        raise ValueError(f"fpn_anchors: {len(strides)} strides but {len(sizes)} sizes")
+    h, w = int(image_hw[0]), int(image_hw[1])
+    return [anchor_grid((math.ceil(h / s), math.ceil(w / s)), s, [size], ratios, offset)
+            for s, size in zip(strides, sizes)]
+
+
+def sliding_anchors(image_hw: tuple[int, int], stride: int = 32,
+                    sizes: Sequence[float] = (32, 64, 128, 256, 512),
+                    ratios: Sequence[float] = (0.5, 1.0, 2.0),
+                    clip: bool = True, offset: float = 0.0) -> np.ndarray:
+    """Dense candidate boxes for CLIP proposals: every size and ratio at one stride.
+
+    Laid out like ``anchor_grid`` on a ceil(H/stride) x ceil(W/stride) grid (about 15.7k
+    boxes on 1333 x 800 with the defaults), then, when ``clip`` (default), clipped to the
+    image [0, W] x [0, H]. Boxes with no positive-area overlap with the image are dropped,
+    so every returned box is a real crop; the count is static given ``image_hw``. For
+    padded batches whose real size is known only on device, lay anchors out on the padded
+    size and mask them with ``ops.boxes.visible_mask(boxes, h, w)``.
+    """
+    h, w = int(image_hw[0]), int(image_hw[1])
+    boxes = anchor_grid((math.ceil(h / stride), math.ceil(w / stride)), stride, sizes,
+                        ratios, offset)
+    cl = np.stack([np.clip(boxes[:, 0], 0, w), np.clip(boxes[:, 1], 0, h),
+                   np.clip(boxes[:, 2], 0, w), np.clip(boxes[:, 3], 0, h)], axis=-1)
+    keep = ((cl[:, 2] - cl[:, 0]) > 0) & ((cl[:, 3] - cl[:, 1]) > 0)
+    out = cl if clip else boxes
+    return out[keep].astype(np.float32)
