@@ -1,0 +1,351 @@
+"""COCO-format annotations -> validated per-image records (the first step of the data layer).
+
+`load_coco` reads a COCO (or LVIS) annotation JSON, checks every image and annotation, and
+returns a `CocoDataset` of `ImageRecord`s: xyxy float32 boxes in ORIGINAL image pixels and
+contiguous class indices 0..C-1. Restricting `category_names` is the zero-shot split
+mechanism: annotations of other categories are dropped (train = base names only).
+`write_split` writes a category-restricted copy of an annotation file (base-only train,
+65-category val) for evaluation with pycocotools. The host pipeline (pipeline.py) reads the
+records; evaluation gets the pycocotools COCO object from `CocoDataset.coco()`.
+
+Bad input raises `DataError` naming the file and the record, or, with on_error='skip', is
+dropped and counted in `CocoDataset.skipped[reason]`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ezsd_jax.io_utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+_IMAGE_KEYS = ("id", "height", "width")
+_ANN_KEYS = ("id", "image_id", "category_id", "bbox")
+_MAX_ID = 2 ** 31 - 1  # image ids travel as int32 in batches (-1 = padding)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and the record."""
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    path: str
+    height: int
+    width: int
+    boxes: np.ndarray    # float32 [n, 4] xyxy, absolute pixels of the original image
+    classes: np.ndarray  # int32 [n], contiguous 0..C-1
+
+
+@dataclass
+class CocoDataset:
+    records: list[ImageRecord]
+    cat_ids: list[int]    # contiguous index -> COCO category id
+    cat_names: list[str]  # contiguous index -> name
+    ann_file: str
+    skipped: dict[str, int] = field(default_factory=dict)  # dropped items by reason
+    clipped: int = 0      # boxes partially outside their image, clipped and kept
+    _coco: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def coco(self):
+        """The pycocotools COCO object of `ann_file` (loaded once, on first use).
+
+        It holds the file as written, i.e. all of its categories; evaluate against a file
+        written by `write_split` to restrict the categories.
+        """
+        if self._coco is None:
+            from pycocotools.coco import COCO
+            data = read_json(self.ann_file)
+            coco = COCO()
+            coco.dataset = data
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco.createIndex()
+            self._coco = coco
+        return self._coco
+
+
+def read_json(path: str) -> dict:
+    """Reads an annotation JSON; a missing or malformed file is a DataError naming it."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file not found") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} "
+                        f"(char {e.pos}): {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _require_list(data: dict, key: str, path: str) -> list:
+    if key not in data:
+        raise DataError(f"{path}: missing top-level key '{key}'")
+    if not isinstance(data[key], list):
+        raise DataError(f"{path}: top-level '{key}' must be a list")
+    return data[key]
+
+
+def _parse_categories(data: dict, path: str) -> tuple[dict[int, str], list[dict]]:
+    cats = _require_list(data, "categories", path)
+    id_to_name: dict[int, str] = {}
+    for i, c in enumerate(cats):
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise DataError(f"{path}: categories[{i}] needs keys 'id' and 'name': {c!r:.200}")
+        if not _is_int(c["id"]):
+            raise DataError(f"{path}: category {c['name']!r} has a non-integer id {c['id']!r}")
+        if c["id"] in id_to_name:
+            raise DataError(f"{path}: duplicate category id {c['id']}")
+        id_to_name[c["id"]] = str(c["name"])
+    names = list(id_to_name.values())
+    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) != len(names) else []
+    if dup:
+        raise DataError(f"{path}: duplicate category names {dup}")
+    return id_to_name, cats
+
+
+def _select_categories(id_to_name: dict[int, str], category_names: Sequence[str] | None,
+                       path: str) -> tuple[list[int], list[str]]:
+    if category_names is None:
+        ids = sorted(id_to_name)
+        return ids, [id_to_name[i] for i in ids]
+    if isinstance(category_names, str):
+        raise DataError("category_names must be a sequence of names, not a single string")
+    names = list(category_names)
+    if len(set(names)) != len(names):
+        raise DataError(f"category_names has duplicates: {names}")
+    name_to_id = {n: i for i, n in id_to_name.items()}
+    missing = [n for n in names if n not in name_to_id]
+    if missing:
+        raise DataError(f"{path}: categories not in the file: {missing}")
+    return [name_to_id[n] for n in names], names
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+            and math.isfinite(float(x)))
+
+
+def _image_path(img: dict, image_dir: str) -> str | None:
+    name = img.get("file_name")
+    if name is None and isinstance(img.get("coco_url"), str):
+        # LVIS v1 images carry only coco_url ".../train2017/000000xxxxxx.jpg": image_dir
+        # is then the COCO root holding train2017/ and val2017/.
+        name = "/".join(img["coco_url"].split("/")[-2:])
+    if not isinstance(name, str) or not name:
+        return None
+    return os.path.join(image_dir, name)
+
+
+def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | None = None,
+              on_error: str = "raise", keep_empty: bool = True,
+              check_files: bool = True) -> CocoDataset:
+    """Loads and validates a COCO-format annotation file.
+
+    category_names: keep only these categories, in this order (index = class id); None ->
+      all categories sorted by id. Annotations of other categories are dropped (counted
+      as 'unselected_category'), but a category id absent from the file is bad input.
+    on_error: 'raise' -> DataError at the first bad record; 'skip' -> a bad image is
+      dropped, and an image with a bad annotation is dropped whole (a silently missing
+      box would turn an object into background); each counted in `skipped` by reason.
+    keep_empty: images with no kept box stay (as background-only images).
+    check_files: a missing image file is bad input.
+
+    Boxes partially outside their image are clipped (counted in `clipped`); boxes
+    entirely outside, zero-area or negative boxes are bad input. iscrowd=1 annotations
+    are ignored (counted as 'crowd').
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    data = read_json(ann_file)
+    id_to_name, _ = _parse_categories(data, ann_file)
+    cat_ids, cat_names = _select_categories(id_to_name, category_names, ann_file)
+    cat_to_class = {cid: k for k, cid in enumerate(cat_ids)}
+    images = _require_list(data, "images", ann_file)
+    anns = _require_list(data, "annotations", ann_file)
+
+    skipped: dict[str, int] = defaultdict(int)
+
+    def bad(reason: str, msg: str) -> None:
+        if on_error == "raise":
+            raise DataError(f"{ann_file}: {msg}")
+        skipped[reason] += 1
+
+    # Images.
+    imgs: dict[int, dict] = {}
+    order: list[int] = []
+    bad_images: set[int] = set()
+    for i, img in enumerate(images):
+        if not isinstance(img, dict):
+            bad("bad_image", f"images[{i}] is not an object")
+            continue
+        missing = [k for k in _IMAGE_KEYS if k not in img]
+        path = _image_path(img, image_dir)
+        if path is None:
+            missing.append("file_name")
+        iid = img.get("id")
+        if missing:
+            bad("image_missing_keys", f"image id={iid} (images[{i}]) is missing keys {missing}")
+            if _is_int(iid):
+                bad_images.add(int(iid))
+            continue
+        if not _is_int(iid) or not 0 <= iid <= _MAX_ID:
+            bad("bad_image", f"images[{i}] has id {iid!r}: must be an integer in [0, 2^31)")
+            continue
+        iid = int(iid)
+        if iid in imgs or iid in bad_images:
+            # A duplicate id makes annotations ambiguous: never skippable.
+            raise DataError(f"{ann_file}: duplicate image id {iid} (images[{i}])")
+        h, w = img["height"], img["width"]
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            bad("bad_image", f"image id={iid} has invalid size height={h!r} width={w!r}")
+            bad_images.add(iid)
+            continue
+        if check_files and not os.path.isfile(path):
+            bad("missing_file", f"image id={iid}: image file not found: {path}")
+            bad_images.add(iid)
+            continue
+        imgs[iid] = {"path": path, "h": int(h), "w": int(w)}
+        order.append(iid)
+
+    # Annotations.
+    boxes: dict[int, list] = defaultdict(list)
+    classes: dict[int, list] = defaultdict(list)
+    clipped = 0
+    for j, a in enumerate(anns):
+        if not isinstance(a, dict):
+            bad("ann_missing_keys", f"annotations[{j}] is not an object")
+            continue
+        aid = a.get("id", f"<none> (annotations[{j}])")
+        missing = [k for k in _ANN_KEYS if k not in a]
+        if missing:
+            bad("ann_missing_keys", f"annotation id={aid} (image id={a.get('image_id')}) "
+                                    f"is missing keys {missing}")
+            if _is_int(a.get("image_id")):
+                bad_images.add(int(a["image_id"]))
+            continue
+        iid, cid = a["image_id"], a["category_id"]
+        where = f"annotation id={aid} (image id={iid})"
+        if not _is_int(iid) or (int(iid) not in imgs and int(iid) not in bad_images):
+            bad("unknown_image", f"{where}: image id not in 'images'")
+            continue
+        iid = int(iid)
+        if iid in bad_images:
+            continue  # its image is already dropped (and counted)
+        if not _is_int(cid) or int(cid) not in id_to_name:
+            bad("unknown_category", f"{where}: category_id {cid!r} not in 'categories'")
+            bad_images.add(iid)
+            continue
+        if a.get("iscrowd", 0):
+            skipped["crowd"] += 1
+            continue
+        if int(cid) not in cat_to_class:
+            skipped["unselected_category"] += 1
+            continue
+        bb = a["bbox"]
+        if not (isinstance(bb, (list, tuple)) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+            bad("bad_box", f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bb!r:.100}")
+            bad_images.add(iid)
+            continue
+        x, y, bw, bh = (float(v) for v in bb)
+        if bw <= 0 or bh <= 0:
+            bad("degenerate_box", f"{where}: zero-area or negative box [x,y,w,h]={bb}")
+            bad_images.add(iid)
+            continue
+        H, W = imgs[iid]["h"], imgs[iid]["w"]
+        x1, y1 = max(x, 0.0), max(y, 0.0)
+        x2, y2 = min(x + bw, float(W)), min(y + bh, float(H))
+        if x2 <= x1 or y2 <= y1:
+            bad("box_outside_image", f"{where}: box [x,y,w,h]={bb} lies entirely outside "
+                                     f"the {W}x{H} (WxH) image")
+            bad_images.add(iid)
+            continue
+        if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
+            clipped += 1
+        boxes[iid].append((x1, y1, x2, y2))
+        classes[iid].append(cat_to_class[int(cid)])
+
+    records: list[ImageRecord] = []
+    for iid in order:
+        if iid in bad_images:
+            skipped["images_dropped"] += 1
+            continue
+        if not boxes[iid] and not keep_empty:
+            skipped["empty_image"] += 1
+            continue
+        im = imgs[iid]
+        records.append(ImageRecord(
+            image_id=iid, path=im["path"], height=im["h"], width=im["w"],
+            boxes=np.asarray(boxes[iid], np.float32).reshape(-1, 4),
+            classes=np.asarray(classes[iid], np.int32).reshape(-1)))
+    if clipped:
+        log.info("%s: clipped %d boxes partially outside their image", ann_file, clipped)
+    errors = {k: v for k, v in skipped.items()
+              if k not in ("crowd", "unselected_category", "empty_image")}
+    if errors:
+        log.warning("%s: skipped bad input %s", ann_file, errors)
+    return CocoDataset(records=records, cat_ids=cat_ids, cat_names=cat_names,
+                       ann_file=ann_file, skipped=dict(skipped), clipped=clipped)
+
+
+def write_split(src_ann_file: str, dst_ann_file: str, category_names: Sequence[str],
+                drop_images_without: bool = False) -> str:
+    """Writes `src` restricted to `category_names` to `dst` (atomically); returns dst.
+
+    Category ids and all other fields are kept as they are (crowd annotations of kept
+    categories too: COCOeval uses them as ignore regions). drop_images_without: drop
+    images left without any annotation.
+    """
+    data = read_json(src_ann_file)
+    id_to_name, cats = _parse_categories(data, src_ann_file)
+    keep_ids = set(_select_categories(id_to_name, category_names, src_ann_file)[0])
+    images = _require_list(data, "images", src_ann_file)
+    anns = _require_list(data, "annotations", src_ann_file)
+    kept_anns = []
+    for j, a in enumerate(anns):
+        if not isinstance(a, dict) or "category_id" not in a or "image_id" not in a:
+            raise DataError(f"{src_ann_file}: annotation id={_get(a, 'id')} "
+                            f"(annotations[{j}]) is missing 'category_id' or 'image_id'")
+        if a["category_id"] not in id_to_name:
+            raise DataError(f"{src_ann_file}: annotation id={_get(a, 'id')}: category_id "
+                            f"{a['category_id']!r} not in 'categories'")
+        if a["category_id"] in keep_ids:
+            kept_anns.append(a)
+    if drop_images_without:
+        with_anns = {a["image_id"] for a in kept_anns}
+        images = [im for im in images if isinstance(im, dict) and im.get("id") in with_anns]
+    out = dict(data)
+    out["categories"] = [c for c in cats if c["id"] in keep_ids]
+    out["images"] = images
+    out["annotations"] = kept_anns
+    atomic_write_json(dst_ann_file, out, indent=None)
+    return dst_ann_file
+
+
+def _get(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, dict) else None

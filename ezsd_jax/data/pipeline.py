@@ -1,0 +1,344 @@
+"""Host input pipeline: records -> fixed-shape numpy batches for this process.
+
+Each process reads its own disjoint part of the dataset and yields per-process batches
+(feed them to `ezsd_jax.sharding.host_to_global`):
+  - train: one stream of items, the concatenation of epoch permutations of ALL records
+    (seeded by (seed, epoch), the same on every process). Global step s covers stream
+    items [s*G, (s+1)*G), G = batch_size * process_count; process p takes
+    [s*G + p*B, s*G + (p+1)*B). Every random choice of an item (flip, box subset) is
+    seeded by (seed, its stream position), so `train_iterator(start_step=k)` yields
+    exactly what an uninterrupted run yields from step k, whatever the thread timing.
+  - eval: a contiguous slice per process (`sharding.process_slice`), every image once;
+    the last batches are padded with valid=False entries so that all processes yield
+    the same number of batches.
+Decoding (PIL) and resizing run in a thread pool; up to `prefetch` batches beyond the
+one being consumed are in flight, so the accelerator does not wait on the host.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
+from ezsd_jax.data.transforms import example_info, prepare_example
+from ezsd_jax.sharding import process_slice
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("image", "boxes", "classes", "box_mask", "image_id", "scale", "orig_hw",
+              "image_hw", "flipped", "valid")
+
+ExtraFn = Callable[[ImageRecord, dict], dict]
+
+
+def load_image(path: str) -> np.ndarray:
+    """Decodes an image file to uint8 HxWx3 RGB; failure is a DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
+
+
+class _BatchJob:
+    """One batch being filled by worker threads (each slot writes its own rows)."""
+
+    def __init__(self, arrays: dict, futures: list[Future]):
+        self.arrays = arrays
+        self.futures = futures
+
+    def result(self) -> dict:
+        for f in self.futures:
+            f.result()  # re-raises a worker's exception here, in the consumer's thread
+        return self.arrays
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+
+class DetectionPipeline:
+    """Per-process batches of resized, flipped, padded images and padded boxes.
+
+    Batch (numpy): image uint8 [B,H,W,3]; boxes float32 [B,M,4] (xyxy pixels of the
+    padded input); classes int32 [B,M]; box_mask bool [B,M]; image_id int32 [B] (-1 for
+    padding); scale float32 [B] (resized / original); orig_hw int32 [B,2]; image_hw int32
+    [B,2] (the resized image's h, w: the valid region before the zero padding); flipped
+    bool [B]; valid bool [B]; plus the arrays of `extra_fn(record, info)` (fixed shapes, zeros
+    for padding entries). An image with more than M boxes keeps a random subset (train)
+    or its M largest (eval); counted in `num_truncated`.
+    """
+
+    def __init__(self, dataset: CocoDataset, batch_size: int, image_size: tuple[int, int],
+                 max_boxes: int, train: bool, short_side: int, max_side: int,
+                 flip_prob: float = 0.5, seed: int = 0, num_threads: int = 4,
+                 prefetch: int = 2, process_index: int | None = None,
+                 process_count: int | None = None, extra_fn: ExtraFn | None = None):
+        if process_index is None or process_count is None:
+            import jax
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if batch_size < 1 or max_boxes < 1 or num_threads < 1 or prefetch < 0:
+            raise ValueError(f"need batch_size>=1, max_boxes>=1, num_threads>=1, "
+                             f"prefetch>=0; got {batch_size}, {max_boxes}, {num_threads}, "
+                             f"{prefetch}")
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be (H, W) > 0, got {image_size}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.dataset = dataset
+        self.records = dataset.records
+        self.batch_size = int(batch_size)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.max_boxes = int(max_boxes)
+        self.train = bool(train)
+        self.short_side, self.max_side = int(short_side), int(max_side)
+        self.flip_prob = float(flip_prob) if train else 0.0
+        self.seed = int(seed)
+        self.num_threads, self.prefetch = int(num_threads), int(prefetch)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.extra_fn = extra_fn
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._truncated = 0
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._iterators: weakref.WeakSet = weakref.WeakSet()
+        self._extra_spec = self._probe_extra() if extra_fn is not None else {}
+
+    # ---- sizes -------------------------------------------------------------------
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.process_count
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Train steps per pass over the data (at least 1; the stream wraps epochs)."""
+        return max(1, len(self.records) // self.global_batch_size)
+
+    @property
+    def num_eval_batches(self) -> int:
+        """Eval batches per process: the same on every process (the largest slice)."""
+        per_process = -(-len(self.records) // self.process_count)
+        return -(-per_process // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch if self.train else self.num_eval_batches
+
+    @property
+    def num_truncated(self) -> int:
+        return self._truncated
+
+    # ---- iteration ---------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        return self.train_iterator() if self.train else self.iter_epoch(0)
+
+    def iter_epoch(self, epoch: int = 0) -> Iterator[dict]:
+        """Eval: every image of this process's slice once (epoch ignored), padded to
+        `num_eval_batches`. Train: `steps_per_epoch` steps of the train stream starting
+        at this epoch's first item (the remainder is dropped; a dataset smaller than the
+        global batch wraps into the next permutation)."""
+        if self.train:
+            if not self.records:
+                raise DataError(f"{self.dataset.ann_file}: no images to train on")
+            n, G, B = len(self.records), self.global_batch_size, self.batch_size
+            start = epoch * n + self.process_index * B
+
+            def plans():
+                for s in range(self.steps_per_epoch):
+                    base = start + s * G
+                    yield [self._stream_item(base + j) for j in range(B)]
+            return self._run(plans())
+        sl = process_slice(len(self.records), self.process_index, self.process_count)
+        idx = list(range(sl.start, sl.stop))
+        total = self.num_eval_batches * self.batch_size
+        idx += [-1] * (total - len(idx))
+        plans = ([(i, 0) for i in idx[b:b + self.batch_size]]
+                 for b in range(0, total, self.batch_size))
+        return self._run(plans)
+
+    def train_iterator(self, start_step: int = 0) -> Iterator[dict]:
+        """Infinite train batches from `start_step`; deterministic given the seed."""
+        if not self.train:
+            raise ValueError("train_iterator needs a pipeline built with train=True")
+        if not self.records:
+            raise DataError(f"{self.dataset.ann_file}: no images to train on")
+        G, B = self.global_batch_size, self.batch_size
+
+        def plans():
+            step = start_step
+            while True:
+                base = step * G + self.process_index * B
+                yield [self._stream_item(base + j) for j in range(B)]
+                step += 1
+        return self._run(plans())
+
+    def close(self) -> None:
+        """Stops open iterators and the worker threads."""
+        self._closed = True
+        for it in list(self._iterators):
+            it.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> "DetectionPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals ---------------------------------------------------------------
+    def _stream_item(self, k: int) -> tuple[int, int]:
+        """Train stream position k -> (record index, k as the item's random key)."""
+        n = len(self.records)
+        epoch, pos = divmod(k, n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng((self.seed, epoch)).permutation(n)
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = perm
+        return int(perm[pos]), k
+
+    def _run(self, plans) -> Iterator[dict]:
+        if self._closed:
+            raise RuntimeError("DetectionPipeline is closed")
+        it = self._generate(iter(plans))
+        self._iterators.add(it)
+        return it
+
+    def _generate(self, plans) -> Iterator[dict]:
+        pending: collections.deque[_BatchJob] = collections.deque()
+        try:
+            for plan in plans:
+                pending.append(self._submit(plan))
+                if len(pending) > self.prefetch:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for job in pending:
+                job.cancel()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            if self._closed:
+                raise RuntimeError("DetectionPipeline is closed")
+            self._executor = ThreadPoolExecutor(self.num_threads,
+                                                thread_name_prefix="ezsd-data")
+        return self._executor
+
+    def _empty_batch(self) -> dict:
+        B, M = self.batch_size, self.max_boxes
+        H, W = self.image_size
+        arrays = {
+            "image": np.zeros((B, H, W, 3), np.uint8),
+            "boxes": np.zeros((B, M, 4), np.float32),
+            "classes": np.zeros((B, M), np.int32),
+            "box_mask": np.zeros((B, M), bool),
+            "image_id": np.full((B,), -1, np.int32),
+            "scale": np.zeros((B,), np.float32),
+            "orig_hw": np.zeros((B, 2), np.int32),
+            "image_hw": np.zeros((B, 2), np.int32),
+            "flipped": np.zeros((B,), bool),
+            "valid": np.zeros((B,), bool),
+        }
+        for k, (shape, dtype) in self._extra_spec.items():
+            arrays[k] = np.zeros((B,) + shape, dtype)
+        return arrays
+
+    def _submit(self, plan: list[tuple[int, int]]) -> _BatchJob:
+        arrays = self._empty_batch()
+        pool = self._pool()
+        futures = [pool.submit(self._fill, arrays, slot, rec, key)
+                   for slot, (rec, key) in enumerate(plan) if rec >= 0]
+        return _BatchJob(arrays, futures)
+
+    def _fill(self, arrays: dict, slot: int, rec_idx: int, key: int) -> None:
+        rec = self.records[rec_idx]
+        try:
+            self._fill_record(arrays, slot, rec, key)
+        except DataError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"data pipeline failed on {rec.path} (image id="
+                               f"{rec.image_id}): {type(e).__name__}: {e}") from e
+
+    def _fill_record(self, arrays: dict, slot: int, rec: ImageRecord, key: int) -> None:
+        rng = np.random.default_rng((self.seed, key)) if self.train else None
+        flip = bool(rng.random() < self.flip_prob) if self.train else False
+        image = load_image(rec.path)
+        ex = prepare_example(rec, image, self.image_size, self.short_side, self.max_side,
+                             flip, out=arrays["image"][slot])
+        boxes, classes, info = ex["boxes"], ex["classes"], ex["info"]
+        n = len(boxes)
+        if n > self.max_boxes:
+            if self.train:
+                keep = np.sort(rng.choice(n, self.max_boxes, replace=False))
+            else:
+                area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+                keep = np.sort(np.argsort(-area, kind="stable")[:self.max_boxes])
+            boxes, classes = boxes[keep], classes[keep]
+            self._note_truncated(rec, n)
+        m = len(boxes)
+        arrays["boxes"][slot, :m] = boxes
+        arrays["classes"][slot, :m] = classes
+        arrays["box_mask"][slot, :m] = True
+        arrays["image_id"][slot] = rec.image_id
+        arrays["scale"][slot] = info["scale"]
+        arrays["orig_hw"][slot] = info["orig_hw"]
+        arrays["image_hw"][slot] = info["resized_hw"]
+        arrays["flipped"][slot] = flip
+        if self.extra_fn is not None:
+            extra = self.extra_fn(rec, info)
+            self._check_extra(extra, rec)
+            for k in self._extra_spec:
+                arrays[k][slot] = extra[k]
+        arrays["valid"][slot] = True
+
+    def _note_truncated(self, rec: ImageRecord, n: int) -> None:
+        with self._lock:
+            self._truncated += 1
+            first = self._truncated == 1
+        if first:
+            log.warning("%s (image id=%d) has %d boxes > max_boxes=%d: keeping %s (warned "
+                        "once; see DetectionPipeline.num_truncated)", rec.path, rec.image_id,
+                        n, self.max_boxes, "a random subset" if self.train else "the largest")
+
+    def _probe_extra(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes/dtypes of extra_fn's arrays, from the first record (no decoding)."""
+        if not self.records:
+            return {}
+        rec = self.records[0]
+        extra = self.extra_fn(rec, example_info(rec, self.image_size, self.short_side,
+                                                self.max_side, False))
+        if not isinstance(extra, dict):
+            raise ValueError(f"extra_fn must return a dict of numpy arrays, got "
+                             f"{type(extra).__name__}")
+        clash = sorted(set(extra) & set(BATCH_KEYS))
+        if clash:
+            raise ValueError(f"extra_fn keys {clash} clash with the batch's own keys")
+        return {k: (np.shape(v), np.asarray(v).dtype) for k, v in extra.items()}
+
+    def _check_extra(self, extra: dict, rec: ImageRecord) -> None:
+        if not isinstance(extra, dict) or set(extra) != set(self._extra_spec):
+            got = sorted(extra) if isinstance(extra, dict) else type(extra).__name__
+            raise ValueError(f"extra_fn returned {got}, expected keys "
+                             f"{sorted(self._extra_spec)}")
+        for k, (shape, dtype) in self._extra_spec.items():
+            v = np.asarray(extra[k])
+            if v.shape != shape or v.dtype != dtype:
+                raise ValueError(f"extra_fn['{k}'] is {v.dtype}{list(v.shape)}, expected "
+                                 f"{np.dtype(dtype)}{list(shape)} (fixed shapes)")
