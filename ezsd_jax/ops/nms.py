@@ -6,14 +6,14 @@ Tiles are processed in order inside a ``lax.while_loop``; a tile's boxes are fir
 suppressed by the already kept boxes of all earlier tiles (one [T, N] IoU matrix op), then
 the tile's self-suppression is iterated to its fixed point with a second while_loop (the
 fixed point of x_j = alive_j & not any(x_i & IoU_ij > thr, i < j) is unique and equals
-greedy NMS). The loop stops once ``max_output`` boxes are kept. The result is identical
-to plain greedy NMS (torchvision semantics: suppress when IoU > threshold).
+greedy NMS). The loop stops once ``max_output`` boxes are kept or the remaining tiles
+hold only invalid boxes. The result is identical to plain greedy NMS (torchvision
+semantics: a box is suppressed when its IoU with a kept box is > threshold).
 
 Jittable with static N / ``max_output`` / ``tile_size``; vmap-able over a batch.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -33,8 +33,8 @@ def _sort_order(scores: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
 
 
 def _nms_core(boxes, scores, iou_threshold, max_output, valid, classes, tile_size):
-    boxes = jnp.asarray(boxes, jnp.float32)
-    scores = jnp.asarray(scores, jnp.float32)
+    boxes = lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
+    scores = lax.stop_gradient(jnp.asarray(scores, jnp.float32))
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"nms: boxes must be [N, 4], got {boxes.shape}")
     n = boxes.shape[0]
@@ -91,7 +91,9 @@ def _nms_core(boxes, scores, iou_threshold, max_output, valid, classes, tile_siz
 
     def tile_cond(state):
         i, _, count = state
-        return (i < nb) & (count < max_output)
+        # invalid boxes sort last: stop at the first tile that starts with an invalid box
+        first_valid = sv_tiles[jnp.minimum(i, nb - 1), 0]
+        return (i < nb) & (count < max_output) & first_valid
 
     init = (jnp.array(0, jnp.int32), jnp.zeros((nb, t), bool), jnp.array(0, jnp.int32))
     _, keep, count = lax.while_loop(tile_cond, tile_body, init)
@@ -132,4 +134,3 @@ def batched_nms(boxes: jnp.ndarray, scores: jnp.ndarray, classes: jnp.ndarray,
 
 
 __all__ = ["nms", "batched_nms", "DEFAULT_TILE"]
-_ = jax  # jax imported for users that jit these with static_argnames
