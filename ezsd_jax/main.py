@@ -19,6 +19,9 @@ from ezsd_jax import cli
 # dependencies load only when it runs.
 STAGES = {
     "toy": "ezsd_jax.toy:run",
+    "synth_data": "ezsd_jax.data.synthetic_stage:run",
+    "train": "ezsd_jax.train:run",
+    "eval": "ezsd_jax.evaluate:run",
 }
 
 flags.DEFINE_list("stages", None, "Comma-separated stages to run (default: config.stages).")
@@ -47,6 +50,9 @@ def main(argv):
         d.enabled or None, coordinator_address=d.coordinator_address,
         num_processes=d.num_processes, process_id=d.process_id)
     import jax
+    if "synth" in cfg:  # data generated into the workdir: later stages read it from there
+        from ezsd_jax.data.synthetic_stage import point_data_config
+        point_data_config(cfg, workdir)
     if jax.process_index() == 0:
         cli.save_config(cfg, workdir)
     for name, fn in fns:

@@ -1,0 +1,180 @@
+"""Evaluation stage ("eval"): batched jitted inference -> detections in ORIGINAL image
+coordinates (COCO ids, xywh) -> pycocotools COCOeval, optionally per category group
+(all / novel / base for generalized zero-shot detection).
+
+Every process runs inference on its slice; detections (fixed-size arrays) are gathered to
+every process and process 0 writes `<workdir>/eval/<name>_detections.json` and
+`<workdir>/eval/<name>_metrics.json` (atomically). Padding entries of the last batch
+(`valid` False) are dropped.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from ezsd_jax import sharding
+from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.metrics import Progress
+
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                   "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_coco_results(det: dict, meta: dict, cat_ids: Sequence[int]) -> list[dict]:
+    """Host arrays of one batch -> COCO result dicts (xywh in original image pixels)."""
+    out = []
+    for b in range(det["boxes"].shape[0]):
+        if not meta["valid"][b]:
+            continue
+        scale = float(meta["scale"][b])
+        h, w = (float(v) for v in meta["orig_hw"][b])
+        keep = det["valid"][b]
+        boxes = det["boxes"][b][keep] / scale
+        if meta.get("flipped") is not None and meta["flipped"][b]:
+            boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], -1)
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
+        for bx, s, c in zip(boxes, det["scores"][b][keep], det["classes"][b][keep]):
+            out.append({"image_id": int(meta["image_id"][b]), "category_id": int(cat_ids[int(c)]),
+                        "bbox": [round(float(bx[0]), 2), round(float(bx[1]), 2),
+                                 round(float(bx[2] - bx[0]), 2), round(float(bx[3] - bx[1]), 2)],
+                        "score": round(float(s), 5)})
+    return out
+
+
+def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
+              cat_ids: Sequence[int] | None = None, max_dets: int = 100,
+              verbose: bool = False) -> dict:
+    """COCOeval bbox on `img_ids` (and `cat_ids` when given). Empty results -> all zeros."""
+    from pycocotools.cocoeval import COCOeval
+    if cat_ids is not None:
+        results = [r for r in results if r["category_id"] in set(cat_ids)]
+    if not results:
+        return {k: 0.0 for k in COCO_STAT_NAMES}
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.imgIds = list(img_ids)
+        if cat_ids is not None:
+            ev.params.catIds = list(cat_ids)
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    if verbose:
+        print(buf.getvalue(), flush=True)
+    return {k: float(max(v, 0.0)) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
+
+
+def run_inference(infer_fn: Callable, pipeline, mesh, cat_ids: Sequence[int],
+                  name: str = "eval") -> list[dict]:
+    """infer_fn(global_batch) -> detections dict; returns COCO results from all processes."""
+    results: list[dict] = []
+    n = pipeline.num_eval_batches
+    progress = Progress(n, unit="img", per_step=pipeline.global_batch_size, name=name)
+    meta_keys = ("image_id", "scale", "orig_hw", "flipped", "valid")
+    for i, batch in enumerate(pipeline):
+        gbatch = sharding.host_to_global(batch, mesh)
+        det = infer_fn(gbatch)
+        host = sharding.to_host({"det": det, "meta": {k: gbatch[k] for k in meta_keys}})
+        results.extend(to_coco_results(host["det"], host["meta"], cat_ids))
+        progress.tick(i + 1)
+    return results
+
+
+def write_eval_outputs(workdir: str, name: str, results: list[dict], metrics: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    d = os.path.join(workdir, "eval")
+    atomic_write_json(os.path.join(d, f"{name}_detections.json"), results, indent=None)
+    atomic_write_json(os.path.join(d, f"{name}_metrics.json"), metrics)
+    print(f"[{name}] " + json.dumps(metrics), flush=True)
+
+
+def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None):
+    from ezsd_jax.models import detector as det
+    consts = consts or {}
+    rep = sharding.replicated(mesh)
+
+    def infer(variables, batch, c):
+        return det.forward_infer(model, variables, batch, c.get("class_embeddings"))
+
+    jitted = jax.jit(infer, in_shardings=(variables_sh, sharding.data_sharding(mesh), rep),
+                     out_shardings=rep)
+    consts_dev = jax.device_put(consts, rep)
+    return lambda variables, batch: jitted(variables, batch, consts_dev)
+
+
+def place_on_mesh(tree, mesh):
+    """Leaves already sharded over `mesh` stay; anything else is replicated on it."""
+    from jax.sharding import NamedSharding
+
+    def one(x):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
+            return x
+        return jax.device_put(x, sharding.replicated(mesh))
+    return jax.tree_util.tree_map(one, tree)
+
+
+def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
+                      groups: dict[str, Sequence[int]] | None = None, name: str = "eval"
+                      ) -> dict:
+    """Runs inference over `dataset` and COCOeval per group of category ids
+    (default: one group 'all'). Returns {group: stats}."""
+    from ezsd_jax.train import make_pipeline
+    mesh = sharding.make_mesh(cfg.mesh)
+    variables = place_on_mesh(variables, mesh)
+    var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
+    infer = make_infer_fn(model, var_sh, mesh, consts)
+    pipe = make_pipeline(dataset, cfg, False, cfg.eval.batch_size)
+    try:
+        results = run_inference(lambda b: infer(variables, b), pipe, mesh, dataset.cat_ids, name)
+    finally:
+        pipe.close()
+    coco_gt = dataset.coco()
+    img_ids = [r.image_id for r in dataset.records]
+    groups = groups or {"all": list(dataset.cat_ids)}
+    metrics = {g: coco_eval(coco_gt, results, img_ids, ids,
+                            max_dets=cfg.model.test_max_detections)
+               for g, ids in groups.items()}
+    metrics["num_images"] = len(img_ids)
+    metrics["num_detections"] = len(results)
+    write_eval_outputs(workdir, name, results, metrics)
+    return metrics
+
+
+def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detector"):
+    """Latest checkpoint of the detector trained in `workdir` -> its variables (sharded)."""
+    from ezsd_jax.checkpoint import Checkpointer
+    from ezsd_jax.train import init_train_state
+    mesh = sharding.make_mesh(cfg.mesh)
+    init, state_sh, _, _ = init_train_state(model, cfg, mesh, jax.random.key(0), consts or {})
+    target = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+    ckpt = Checkpointer(os.path.join(workdir, f"ckpt_{name}"))
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no detector checkpoint in {workdir}/ckpt_{name}: run the "
+                                "train stage first")
+    state = ckpt.restore(step, target)
+    ckpt.close()
+    return {"params": state["params"], "batch_stats": state["batch_stats"]}, step
+
+
+def run(cfg, workdir: str) -> dict:
+    """Stage "eval": evaluates the trained plain detector on config.data (val split)."""
+    from ezsd_jax.models import detector as det
+    from ezsd_jax.train import detector_config, load_dataset
+    train_ds = load_dataset(cfg.data, "train")
+    dataset = load_dataset(cfg.data, "val", category_names=train_ds.cat_names)
+    model = det.FasterRCNN(detector_config(cfg, dataset.num_classes))
+    variables, step = restore_variables(cfg, workdir, model)
+    print(f"[eval] checkpoint step {step}, {len(dataset.records)} images", flush=True)
+    return evaluate_detector(cfg, workdir, model, variables, dataset)

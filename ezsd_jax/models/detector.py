@@ -1,0 +1,248 @@
+"""The two-stage detector: ResNet + FPN + RPN + RoIAlign + a pluggable RoI head.
+
+`FasterRCNN` holds the networks; `forward_train` / `forward_infer` are the pure functions
+the train and eval steps jit: targets, sampling and losses (models/losses.py), proposal
+generation (models/proposal_generator.py) and post-processing (models/postprocess.py) are
+ops on static shapes, so the whole step compiles to one XLA program.
+
+RoI heads share one interface, so EZSD's head plugs in where the plain one sits:
+    head(roi_feats [B,R,S,S,C], reg_classes [B,R] | None, class_embeddings [K,D] | None)
+      -> {'logits' [B,R,K+1] (background last), 'deltas' [B,R,4], ...}
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ezsd_jax.models import losses, postprocess, proposal_generator
+from ezsd_jax.models.box_head import BoxHead, BoxRegressor, LinearClassifier
+from ezsd_jax.models.fpn import FPN
+from ezsd_jax.models.resnet import ResNet
+from ezsd_jax.models.rpn import RPNHead
+from ezsd_jax.ops.anchors import fpn_anchors
+from ezsd_jax.ops.roi_align import multilevel_roi_align
+
+# torchvision ImageNet normalization, images in RGB 0..255.
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorConfig:
+    num_classes: int
+    image_size: tuple[int, int] = (1024, 1024)   # padded input H, W (multiple of 64)
+    dtype: str = "float32"                       # compute dtype; params stay float32
+    # backbone
+    stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+    width: int = 64
+    bottleneck: bool = True
+    frozen_stages: int = 1
+    fpn_channels: int = 256
+    # anchors / RPN
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    anchor_sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_topk_train: int = 2000
+    rpn_post_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 1000
+    rpn_post_nms_topk_test: int = 1000
+    rpn_nms_threshold: float = 0.7
+    rpn_batch_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_fg_iou: float = 0.7
+    rpn_bg_iou: float = 0.3
+    rpn_loss_weight: float = 1.0
+    # RoI head
+    roi_head: str = "standard"                   # 'standard' | 'ezsd'
+    roi_batch_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    roi_fg_iou: float = 0.5
+    roi_output_size: int = 7
+    roi_sampling_ratio: int = 2
+    box_num_convs: int = 0
+    box_conv_dim: int = 256
+    box_num_fcs: int = 2
+    box_fc_dim: int = 1024
+    bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    box_loss_weight: float = 1.0
+    # inference
+    test_score_threshold: float = 0.05
+    test_nms_threshold: float = 0.5
+    test_max_detections: int = 100
+    test_topk_candidates: int = 4096
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, **overrides) -> "DetectorConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in cfg.to_dict().items() if k in fields}
+        unknown = set(cfg.keys()) - fields - {"pretrained", "ezsd"}
+        if unknown:
+            raise ValueError(f"config.model: unknown fields {sorted(unknown)}")
+        d.update(overrides)
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+    def __post_init__(self):
+        h, w = self.image_size
+        if h % 64 or w % 64:
+            raise ValueError(f"model.image_size {self.image_size} must be multiples of 64 "
+                             "(FPN P6 stride)")
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def anchors(self) -> list[np.ndarray]:
+        return fpn_anchors(self.image_size, self.strides, self.anchor_sizes,
+                           self.anchor_ratios)
+
+
+class StandardRoIHead(nn.Module):
+    """Faster R-CNN box head: shared convs/FCs -> linear classifier + class-agnostic deltas."""
+    cfg: DetectorConfig
+
+    @nn.compact
+    def __call__(self, roi_feats, reg_classes=None, class_embeddings=None):
+        c = self.cfg
+        x = BoxHead(c.box_num_convs, c.box_conv_dim, c.box_num_fcs, c.box_fc_dim,
+                    dtype=c.jnp_dtype, name="box_head")(roi_feats)
+        return {"logits": LinearClassifier(c.num_classes, dtype=c.jnp_dtype,
+                                           name="classifier")(x),
+                "deltas": BoxRegressor(dtype=c.jnp_dtype, name="regressor")(x)}
+
+
+def make_roi_head(cfg: DetectorConfig) -> nn.Module:
+    if cfg.roi_head == "standard":
+        return StandardRoIHead(cfg, name="roi_head")
+    if cfg.roi_head == "ezsd":
+        from ezsd_jax.models.ezsd_head import EZSDRoIHead
+        return EZSDRoIHead(cfg, name="roi_head")
+    raise ValueError(f"model.roi_head: unknown head {cfg.roi_head!r} (standard | ezsd)")
+
+
+class FasterRCNN(nn.Module):
+    cfg: DetectorConfig
+
+    def setup(self):
+        c = self.cfg
+        self.backbone = ResNet(c.stage_sizes, c.width, c.bottleneck, dtype=c.jnp_dtype,
+                               frozen_stages=c.frozen_stages)
+        self.fpn = FPN(c.fpn_channels, dtype=c.jnp_dtype)
+        self.rpn = RPNHead(len(c.anchor_ratios), dtype=c.jnp_dtype)
+        self.roi_head = make_roi_head(c)
+
+    def features(self, images: jax.Array) -> list[jax.Array]:
+        x = (images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD
+        return self.fpn(self.backbone(x))
+
+    def rpn_outputs(self, feats):
+        return self.rpn(feats)
+
+    def roi_features(self, feats, rois):
+        return multilevel_roi_align(
+            feats[:4], rois, strides=self.cfg.strides[:4],
+            output_size=self.cfg.roi_output_size,
+            sampling_ratio=self.cfg.roi_sampling_ratio, aligned=True)
+
+    def head(self, roi_feats, reg_classes=None, class_embeddings=None):
+        return self.roi_head(roi_feats, reg_classes, class_embeddings)
+
+    def __call__(self, images, rois, class_embeddings=None):
+        """Runs every sub-network once (used by init)."""
+        feats = self.features(images)
+        obj, dlt = self.rpn_outputs(feats)
+        out = self.head(self.roi_features(feats, rois), None, class_embeddings)
+        return obj, dlt, out
+
+
+def init_variables(model: FasterRCNN, key, batch_size: int = 1,
+                   class_embeddings=None) -> dict:
+    h, w = model.cfg.image_size
+    images = jnp.zeros((batch_size, h, w, 3), jnp.float32)
+    rois = jnp.tile(jnp.array([[[0.0, 0.0, 32.0, 32.0]]]), (batch_size, 4, 1))
+    return model.init(key, images, rois, class_embeddings)
+
+
+def _concat_levels(obj, dlt):
+    return jnp.concatenate(obj, axis=1), jnp.concatenate(dlt, axis=1)
+
+
+def valid_hw(batch: dict) -> jax.Array:
+    """Valid (unpadded) region of each image in padded-input pixels (pipeline's image_hw)."""
+    return batch["image_hw"].astype(jnp.float32)
+
+
+def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
+                  class_embeddings=None, extra_loss_fn=None) -> tuple[jax.Array, dict]:
+    """Total loss and metrics for one batch (dict from the data pipeline, on device).
+
+    extra_loss_fn(module, feats, batch, key) -> dict of named losses (added to the total)
+    lets a method add terms that need the features (EZSD distillation)."""
+    c = model.cfg
+    anchors = jnp.asarray(np.concatenate(c.anchors(), axis=0))
+    hw = valid_hw(batch)
+    k_rpn, k_roi, k_extra = jax.random.split(key, 3)
+
+    def fn(m: FasterRCNN):
+        feats = m.features(batch["image"])
+        obj, dlt = m.rpn_outputs(feats)
+        out = {}
+        out.update(losses.rpn_losses(
+            k_rpn, *_concat_levels(obj, dlt), anchors, batch["boxes"], batch["box_mask"],
+            batch["valid"], batch_per_image=c.rpn_batch_per_image,
+            positive_fraction=c.rpn_positive_fraction, fg_iou=c.rpn_fg_iou,
+            bg_iou=c.rpn_bg_iou))
+        props, _, pvalid = proposal_generator.rpn_proposals(
+            [jax.lax.stop_gradient(o) for o in obj], [jax.lax.stop_gradient(d) for d in dlt],
+            c.anchors(), hw, c.rpn_pre_nms_topk_train, c.rpn_post_nms_topk_train,
+            c.rpn_nms_threshold)
+        tgt = losses.sample_rois(
+            k_roi, props, pvalid, batch["boxes"], batch["classes"], batch["box_mask"],
+            c.num_classes, batch_per_image=c.roi_batch_per_image,
+            positive_fraction=c.roi_positive_fraction, fg_iou=c.roi_fg_iou,
+            bbox_reg_weights=c.bbox_reg_weights)
+        reg_classes = tgt["cls_target"]
+        head_out = m.head(m.roi_features(feats, tgt["rois"]), reg_classes, class_embeddings)
+        out.update(losses.box_losses(head_out["logits"], head_out["deltas"], tgt,
+                                     batch["valid"]))
+        if extra_loss_fn is not None:
+            out.update(extra_loss_fn(m, feats, batch, k_extra))
+        return out
+
+    out = nn.apply(fn, model)(variables)
+    total = (c.rpn_loss_weight * (out["rpn_cls"] + out["rpn_box"])
+             + c.box_loss_weight * (out["box_cls"] + out["box_reg"]))
+    total = total + sum(v for k, v in out.items() if k.startswith("loss_"))
+    out["loss"] = total
+    return total, out
+
+
+def forward_infer(model: FasterRCNN, variables: dict, batch: dict,
+                  class_embeddings=None) -> dict:
+    """Detections in padded-input pixels: boxes [B,D,4], scores, classes, valid."""
+    c = model.cfg
+    hw = valid_hw(batch)
+
+    def fn(m: FasterRCNN):
+        feats = m.features(batch["image"])
+        obj, dlt = m.rpn_outputs(feats)
+        props, _, pvalid = proposal_generator.rpn_proposals(
+            obj, dlt, c.anchors(), hw, c.rpn_pre_nms_topk_test, c.rpn_post_nms_topk_test,
+            c.rpn_nms_threshold)
+        head_out = m.head(m.roi_features(feats, props), None, class_embeddings)
+        return props, pvalid, head_out
+
+    props, pvalid, head_out = nn.apply(fn, model)(variables)
+    det = postprocess.detections(
+        head_out["logits"], head_out["deltas"], props, pvalid, hw,
+        score_threshold=c.test_score_threshold, nms_threshold=c.test_nms_threshold,
+        max_detections=c.test_max_detections, topk_candidates=c.test_topk_candidates,
+        bbox_reg_weights=c.bbox_reg_weights)
+    det["valid"] &= batch["valid"][:, None]
+    return det

@@ -1,0 +1,180 @@
+"""Detector training stage ("train"): data pipeline -> jitted, sharded train step -> the
+shared training loop (checkpoints, resume, metrics, progress).
+
+The step is one XLA program: forward (backbone, RPN, proposal sampling, RoI head), losses,
+gradients, SGD update; the batch is split over the mesh's 'data' axis, the train state is
+replicated (or sharded by `config.train.sharding_rules`) and donated. Methods add loss
+terms through `extra_loss_fn` (EZSD distillation) and constants through `consts`
+(text embeddings), without a second copy of the step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from ezsd_jax import optim, sharding, train_loop
+from ezsd_jax.data.coco import CocoDataset, load_coco
+from ezsd_jax.data.pipeline import DetectionPipeline
+from ezsd_jax.models import detector as det
+from ezsd_jax.models.resnet import trainable_mask
+
+
+def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
+                 category_names=None) -> CocoDataset:
+    ann, images = dcfg[f"{split}_ann"], dcfg[f"{split}_images"]
+    if not ann or not os.path.exists(ann):
+        raise FileNotFoundError(f"config.data.{split}_ann: annotation file {ann!r} not found")
+    names = category_names if category_names is not None else (
+        list(dcfg.category_names) if dcfg.get("category_names") else None)
+    return load_coco(ann, images, category_names=names, on_error=dcfg.on_error)
+
+
+def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
+                  extra_fn: Callable | None = None) -> DetectionPipeline:
+    d = cfg.data
+    pc = jax.process_count()
+    if batch_size % pc:
+        raise ValueError(f"batch size {batch_size} not divisible by {pc} processes")
+    return DetectionPipeline(
+        dataset, batch_size=batch_size // pc, image_size=tuple(cfg.model.image_size),
+        max_boxes=d.max_boxes, train=train, short_side=d.short_side, max_side=d.max_side,
+        flip_prob=d.flip_prob if train else 0.0, seed=cfg.train.seed,
+        num_threads=d.num_threads, prefetch=d.prefetch, extra_fn=extra_fn)
+
+
+def detector_config(cfg, num_classes: int) -> det.DetectorConfig:
+    return det.DetectorConfig.from_config(cfg.model, num_classes=num_classes)
+
+
+def load_pretrained_backbone(variables: dict, path: str, dcfg: det.DetectorConfig) -> dict:
+    from ezsd_jax.models.pretrained import load_state_dict, torchvision_to_flax
+    conv = torchvision_to_flax(load_state_dict(path), stage_sizes=dcfg.stage_sizes,
+                               bottleneck=dcfg.bottleneck)
+    params = dict(variables["params"])
+    stats = dict(variables.get("batch_stats", {}))
+    params["backbone"] = conv["params"]
+    stats["backbone"] = conv["batch_stats"]
+    print(f"loaded pretrained backbone from {path}", flush=True)
+    return {**variables, "params": params, "batch_stats": stats}
+
+
+def make_optimizer(cfg, params, steps: int):
+    t = cfg.train
+    mask = trainable_mask(params, cfg.model.frozen_stages)
+    decay = [int(f * steps) for f in t.decay_fractions]
+    sched = optim.warmup_step_schedule(t.lr, t.warmup_steps, decay, t.gamma, t.warmup_factor)
+    tx = optim.sgd(sched, t.momentum, t.weight_decay, t.grad_clip, trainable=mask)
+    return tx, mask, sched
+
+
+def init_train_state(model: det.FasterRCNN, cfg, mesh, key, consts: dict,
+                     init_fn: Callable[[dict], dict] | None = None):
+    """Train state {'params','batch_stats','opt_state','step'} placed with its shardings."""
+    tx, mask, sched = make_optimizer(cfg, _abstract_params(model, consts), cfg.train.steps)
+
+    def init(k):
+        v = det.init_variables(model, k, 1, consts.get("class_embeddings"))
+        if init_fn is not None:
+            v = init_fn(v)
+        return {"params": v["params"], "batch_stats": v.get("batch_stats", {}),
+                "opt_state": tx.init(v["params"]), "step": jnp.zeros((), jnp.int32)}
+
+    abstract = jax.eval_shape(init, key)
+    rules = [(r, P(*s)) for r, s in cfg.train.get("sharding_rules", ())]
+    state_sh = sharding.param_shardings(mesh, abstract, rules)
+    n_train = optim.count_params(abstract["params"], mask)
+    n_all = optim.count_params(abstract["params"])
+    print(f"detector: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained", flush=True)
+    return init, state_sh, tx, sched
+
+
+def _abstract_params(model, consts):
+    return jax.eval_shape(lambda k: det.init_variables(model, k, 1,
+                                                       consts.get("class_embeddings")),
+                          jax.random.key(0))["params"]
+
+
+def make_train_step(model: det.FasterRCNN, tx, mesh, state_sh, seed: int,
+                    extra_loss_fn=None, sched=None):
+    data_sh = sharding.data_sharding(mesh)
+    rep = sharding.replicated(mesh)
+
+    def step(state, batch, consts):
+        key = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state["batch_stats"]}
+            return det.forward_train(model, variables, batch, key,
+                                     consts.get("class_embeddings"), extra_loss_fn)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree_util.tree_map(lambda p, u: p + u, state["params"], updates)
+        metrics = dict(metrics)
+        metrics["grad_norm"] = optim_global_norm(grads)
+        if sched is not None:
+            metrics["lr"] = sched(state["step"])
+        new = {"params": params, "batch_stats": state["batch_stats"],
+               "opt_state": opt_state, "step": state["step"] + 1}
+        return new, metrics
+
+    return jax.jit(step, in_shardings=(state_sh, data_sh, rep), out_shardings=(state_sh, rep),
+                   donate_argnums=(0,))
+
+
+def optim_global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree_util.tree_leaves(tree)))
+
+
+def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None = None,
+                   extra_loss_fn=None, extra_fn=None, init_fn=None, name: str = "detector"):
+    """Trains the detector on `dataset`; returns (model, final state)."""
+    consts = consts or {}
+    t = cfg.train
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_divisible(t.batch_size, mesh)
+    dcfg = detector_config(cfg, dataset.num_classes)
+    model = det.FasterRCNN(dcfg)
+    key = jax.random.key(t.seed)
+    pretrained = cfg.model.get("pretrained", "")
+
+    def full_init(v):
+        if pretrained:
+            v = load_pretrained_backbone(v, pretrained, dcfg)
+        return init_fn(v) if init_fn is not None else v
+
+    init, state_sh, tx, sched = init_train_state(model, cfg, mesh, key, consts, full_init)
+    if pretrained:  # host-side file loading cannot run under jit: init eagerly, then place
+        state = jax.device_put(init(key), state_sh)
+    else:
+        state = jax.jit(init, out_shardings=state_sh)(key)
+    step_fn = make_train_step(model, tx, mesh, state_sh, t.seed, extra_loss_fn, sched)
+    consts_dev = jax.device_put(consts, sharding.replicated(mesh))
+    pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn)
+    print(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
+          f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps", flush=True)
+    try:
+        state, _ = train_loop.fit(
+            state=state, step_fn=lambda s, b: step_fn(s, b, consts_dev),
+            batches=pipe.train_iterator, num_steps=t.steps, workdir=workdir, name=name,
+            mesh=mesh, ckpt_every=t.ckpt_every, keep=t.keep_checkpoints,
+            log_every=t.log_every, items_per_step=t.batch_size, unit="img",
+            debug_kill_at_step=cfg.debug.kill_at_step,
+            debug_kill_during_save=cfg.debug.kill_during_save)
+    finally:
+        pipe.close()
+    return model, state
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> None:
+    """Stage "train": the plain Faster R-CNN on config.data (train split)."""
+    dataset = load_dataset(cfg.data, "train")
+    train_detector(cfg, workdir, dataset)
