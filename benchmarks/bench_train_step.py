@@ -1,0 +1,106 @@
+"""Benchmark: the jitted, sharded detector train step (images/s, compile time, peak memory).
+
+Random images and boxes at a fixed padded size, the real step from ezsd_jax.train
+(forward, RPN/RoI sampling, losses, backward, SGD), data-parallel over all local devices.
+
+  python benchmarks/bench_train_step.py --model=tiny --size=128 --batch=8      # CPU
+  python benchmarks/bench_train_step.py --model=r50 --size=1024 --batch=16 --dtype=bfloat16  # GPU
+
+Prints one JSON line with the figures; copy it into benchmarks/RESULTS.md with the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("tiny", "r50"), default="tiny")
+    p.add_argument("--size", type=int, default=128, help="padded square input size (x64)")
+    p.add_argument("--batch", type=int, default=8, help="global batch")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--num_classes", type=int, default=80)
+    p.add_argument("--boxes", type=int, default=20, help="GT boxes per image")
+    p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=2)
+    return p.parse_args()
+
+
+def main():
+    args = parse()
+    sys.path.insert(0, ".")
+    from configs import common
+    from ezsd_jax import sharding
+    from ezsd_jax.models import detector as det
+    from ezsd_jax.train import init_train_state, make_train_step
+    import ml_collections
+
+    size = (args.size, args.size)
+    model_cfg = (common.tiny_model_config(image_size=size) if args.model == "tiny"
+                 else common.model_config(image_size=size))
+    model_cfg.dtype = args.dtype
+    cfg = ml_collections.ConfigDict({"model": model_cfg,
+                                     "train": common.train_config(batch_size=args.batch,
+                                                                  steps=1000),
+                                     "mesh": {"data": -1, "model": 1}})
+    mesh = sharding.make_mesh(cfg.mesh)
+    dcfg = det.DetectorConfig.from_config(cfg.model, num_classes=args.num_classes)
+    model = det.FasterRCNN(dcfg)
+    init, state_sh, tx, sched = init_train_state(model, cfg, mesh, jax.random.key(0), {})
+    state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+    step = make_train_step(model, tx, mesh, state_sh, 0, None, sched)
+
+    rng = np.random.default_rng(0)
+    b, m = args.batch, args.boxes
+    xy = rng.uniform(0, args.size * 0.7, (b, m, 2))
+    wh = rng.uniform(16, args.size * 0.3, (b, m, 2))
+    host = {"image": rng.integers(0, 255, (b, *size, 3)).astype(np.uint8),
+            "boxes": np.concatenate([xy, xy + wh], -1).astype(np.float32),
+            "classes": rng.integers(0, args.num_classes, (b, m)).astype(np.int32),
+            "box_mask": np.ones((b, m), bool), "valid": np.ones(b, bool),
+            "image_hw": np.full((b, 2), args.size, np.int32)}
+    batch = sharding.host_to_global(host, mesh)
+    consts = jax.device_put({}, sharding.replicated(mesh))
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch, consts).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch, consts)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, metrics = compiled(state, batch, consts)
+    jax.block_until_ready(metrics)
+    dt = (time.perf_counter() - t0) / args.steps
+
+    dev = jax.devices()[0]
+    peak = None
+    try:
+        stats = dev.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+    except Exception:  # CPU backends may not report
+        pass
+    result = {
+        "bench": "train_step", "model": args.model, "size": args.size, "batch": args.batch,
+        "dtype": args.dtype, "devices": jax.device_count(), "device_kind": dev.device_kind,
+        "platform": dev.platform, "host": platform.processor() or platform.machine(),
+        "compile_s": round(compile_s, 2), "step_ms": round(dt * 1e3, 2),
+        "images_per_s": round(args.batch / dt, 2),
+        "peak_device_mem_gib": None if peak is None else round(peak / 2**30, 2),
+        "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "loss": float(metrics["loss"]),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
