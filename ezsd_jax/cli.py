@@ -56,6 +56,10 @@ def prepare_workdir(path: str | None) -> str:
     """Creates the workdir (and parents) or fails with a clear message; returns its abspath."""
     if not path:
         raise UsageError("--workdir is required")
+    if "://" in path:
+        raise UsageError(f"workdir {path!r}: URLs are not supported (metrics, proposal "
+                         "stores and COCO files are written with POSIX I/O); mount the "
+                         "bucket (e.g. gcsfuse, see launch/README.md) and pass its path")
     path = os.path.abspath(os.path.expanduser(path))
     try:
         os.makedirs(path, exist_ok=True)

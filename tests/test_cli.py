@@ -55,6 +55,11 @@ def test_workdir_without_permission(tmp_path):
         d.chmod(0o700)
 
 
+def test_workdir_url_rejected():
+    r = _main("--config=configs/toy.py", "--workdir=gs://bucket/run")
+    assert r.returncode == 2 and "gcsfuse" in r.stderr
+
+
 def test_workdir_required():
     r = _main("--config=configs/toy.py")
     assert r.returncode != 0 and "workdir" in r.stderr

@@ -41,6 +41,14 @@ class _null:
 
 
 def run(cfg, workdir: str) -> dict:
+    """Multi-process: process 0 writes first while the others wait at a barrier; they then
+    skip the files where the workdir is shared and write their own (identical, seeded)
+    copy where each host has its own disk. Without the barrier every process would
+    rewrite the same images in place while another may already be reading them."""
+    import jax
+    later = jax.process_index() > 0
+    if later:
+        _barrier()
     s = cfg.synth
     p = dataset_paths(cfg, workdir)
     spec = spec_from_config(s)
@@ -51,5 +59,12 @@ def run(cfg, workdir: str) -> dict:
             continue
         write_coco_dataset(p["root"], spec, n, seed=s.seed, split=split)
         print(f"[synth_data] wrote {n} {split} images to {p['root']}", flush=True)
+    if not later and jax.process_count() > 1:
+        _barrier()
     point_data_config(cfg, workdir)
     return p
+
+
+def _barrier() -> None:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("ezsd_synth_data")
