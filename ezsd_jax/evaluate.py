@@ -157,7 +157,10 @@ def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detect
     from ezsd_jax.train import init_train_state
     mesh = sharding.make_mesh(cfg.mesh)
     init, state_sh, _, _ = init_train_state(model, cfg, mesh, jax.random.key(0), consts or {})
-    target = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
+    # abstract target (shapes, dtypes, shardings): nothing is compiled or allocated
+    target = jax.tree_util.tree_map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        jax.eval_shape(init, jax.random.key(0)), state_sh)
     ckpt = Checkpointer(os.path.join(workdir, f"ckpt_{name}"))
     step = ckpt.latest_step()
     if step is None:

@@ -22,6 +22,8 @@ STAGES = {
     "synth_data": "ezsd_jax.data.synthetic_stage:run",
     "train": "ezsd_jax.train:run",
     "eval": "ezsd_jax.evaluate:run",
+    "ezsd_train": "ezsd_jax.ezsd.stages:ezsd_train",
+    "ezsd_eval": "ezsd_jax.ezsd.stages:ezsd_eval",
 }
 
 flags.DEFINE_list("stages", None, "Comma-separated stages to run (default: config.stages).")

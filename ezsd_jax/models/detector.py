@@ -76,6 +76,9 @@ class DetectorConfig:
     test_nms_threshold: float = 0.5
     test_max_detections: int = 100
     test_topk_candidates: int = 4096
+    # RoI-head-specific options as hashable (key, value) pairs (config.model.ezsd for the
+    # EZSD head; read by ezsd_jax.models.ezsd_head.EZSDHeadConfig). () = head defaults.
+    ezsd: tuple = ()
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, **overrides) -> "DetectorConfig":
@@ -86,6 +89,9 @@ class DetectorConfig:
             raise ValueError(f"config.model: unknown fields {sorted(unknown)}")
         d.update(overrides)
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(d.get("ezsd"), dict):
+            d["ezsd"] = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                     for k, v in d["ezsd"].items()))
         return cls(**d)
 
     def __post_init__(self):

@@ -1,0 +1,225 @@
+"""LVIS box evaluation (the `lvis` API protocol), implemented here on numpy and
+pycocotools' box IoU instead of depending on the unmaintained `lvis` package.
+
+Place in the pipeline: ezsd_eval on LVIS (configs/lvis.py) hands its COCO-format
+detections here; the result has AP, AP50, AP75, APs/m/l, APr, APc, APf and AR@max_dets.
+
+Why not `pip install lvis==0.5.3`: its package __init__ imports the visualizer, which needs
+opencv-python (a large binary dependency used for nothing here), and its eval code uses
+np.float, removed in numpy 2 (a monkey-patch of numpy would be needed). The protocol is
+small and is reproduced step by step:
+  - results: at most `max_dets` (300) detections per image, the highest scores (over all
+    categories), before anything else; detection area = w * h, GT area = 'area' field;
+  - federated filter: in image i a detection of category c is evaluated only if c is in
+    i's GT categories or in i's 'neg_category_ids'; others are dropped;
+  - per (image, category): detections by score (stable), GT with ignore last, greedy
+    matching at each IoU threshold 0.50:0.05:0.95 exactly as COCOeval (no crowd);
+    unmatched detections of a category in i's 'not_exhaustive_category_ids', or outside
+    the area range, are ignored (not false positives);
+  - per category and area range: detections of all images sorted by score (stable,
+    image order breaking ties), precision made monotone, sampled at 101 recall points;
+    categories without GT in the area range are -1 and excluded from the means;
+  - APr / APc / APf: means over the categories of frequency 'r' / 'c' / 'f'
+    (-1 when a group has no evaluated category).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ezsd_jax.data.coco import DataError, read_json
+
+IOU_THRS = np.linspace(0.5, 0.95, 10)
+REC_THRS = np.linspace(0.0, 1.0, 101)
+AREA_RNGS = {"all": (0.0, 1e10), "small": (0.0, 32.0 ** 2), "medium": (32.0 ** 2, 96.0 ** 2),
+             "large": (96.0 ** 2, 1e10)}
+FREQ_GROUPS = ("r", "c", "f")
+
+
+def _box_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """xywh [n,4], [m,4] -> IoU [n,m] (pycocotools' box IoU, no crowd)."""
+    if len(dt) == 0 or len(gt) == 0:
+        return np.zeros((len(dt), len(gt)))
+    from pycocotools import mask as mask_utils
+    return np.asarray(mask_utils.iou(dt.astype(np.float64), gt.astype(np.float64),
+                                     [0] * len(gt)), np.float64).reshape(len(dt), len(gt))
+
+
+def limit_per_image(results: Iterable[dict], max_dets: int) -> list[dict]:
+    """The `max_dets` highest-scoring detections of each image (all if max_dets < 0)."""
+    by_img: dict = defaultdict(list)
+    for r in results:
+        by_img[r["image_id"]].append(r)
+    out = []
+    for anns in by_img.values():
+        if 0 <= max_dets < len(anns):
+            anns = sorted(anns, key=lambda a: a["score"], reverse=True)[:max_dets]
+        out.extend(anns)
+    return out
+
+
+def _match(ious: np.ndarray, gt_ignore: np.ndarray, num_dt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy COCO matching; ious [num_dt, num_gt] with dts by score and gts ignore-last.
+    Each detection takes the untaken GT of highest IoU >= threshold (ties: the later GT),
+    non-ignored GTs first. Returns matched [T, num_dt] and matched-an-ignored-GT [T, num_dt].
+    """
+    t = len(IOU_THRS)
+    num_gt = len(gt_ignore)
+    dt_matched = np.zeros((t, num_dt), bool)
+    dt_on_ignored = np.zeros((t, num_dt), bool)
+    if num_dt == 0 or num_gt == 0:
+        return dt_matched, dt_on_ignored
+    gt_ignore = np.asarray(gt_ignore, bool)
+    for ti, thr in enumerate(IOU_THRS):
+        thr = min(float(thr), 1 - 1e-10)
+        taken = np.zeros(num_gt, bool)
+        for d in np.flatnonzero((ious >= thr).any(axis=1)):
+            ok = ~taken & (ious[d] >= thr)
+            if not ok.any():
+                continue
+            reg = ok & ~gt_ignore
+            cand = reg if reg.any() else ok
+            vals = np.where(cand, ious[d], -1.0)
+            m = num_gt - 1 - int(np.argmax(vals[::-1]))
+            dt_matched[ti, d] = True
+            dt_on_ignored[ti, d] = gt_ignore[m]
+            taken[m] = True
+    return dt_matched, dt_on_ignored
+
+
+def _check_gt(gt: dict, where: str) -> None:
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise DataError(f"{where}: LVIS ground truth needs a list '{key}'")
+    for img in gt["images"]:
+        for key in ("id", "neg_category_ids", "not_exhaustive_category_ids"):
+            if key not in img:
+                raise DataError(f"{where}: image {img.get('id')!r} lacks '{key}' (not an "
+                                "LVIS-format file; use COCOeval for COCO files)")
+    for c in gt["categories"]:
+        if c.get("frequency") not in FREQ_GROUPS:
+            raise DataError(f"{where}: category {c.get('name')!r} has frequency "
+                            f"{c.get('frequency')!r}, expected one of {FREQ_GROUPS}")
+
+
+def lvis_evaluate(gt: dict | str, results: Sequence[dict], max_dets: int = 300,
+                  img_ids: Sequence[int] | None = None,
+                  cat_ids: Sequence[int] | None = None) -> dict:
+    """LVIS bbox evaluation of COCO-format `results` (image_id, category_id, bbox xywh,
+    score) against LVIS ground truth (dict or JSON path). img_ids / cat_ids default to
+    all of the ground truth's. Returns {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'APr',
+    'APc', 'APf', f'AR@{max_dets}', 'ARs@..', 'ARm@..', 'ARl@..'} (-1: nothing to
+    evaluate), plus 'num_categories' evaluated per frequency group."""
+    where = gt if isinstance(gt, str) else "<LVIS ground truth>"
+    if isinstance(gt, str):
+        gt = read_json(gt)
+    _check_gt(gt, where)
+    imgs = {im["id"]: im for im in gt["images"]}
+    img_ids = sorted(set(imgs) if img_ids is None else set(img_ids))
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    cat_ids = [c["id"] for c in cats] if cat_ids is None else sorted(set(cat_ids))
+    freq = {c["id"]: c["frequency"] for c in cats}
+    unknown = [c for c in cat_ids if c not in freq]
+    if unknown:
+        raise DataError(f"{where}: category ids {unknown[:10]} not in the ground truth")
+    img_set, cat_set = set(img_ids), set(cat_ids)
+
+    gts: dict = defaultdict(list)
+    pos: dict = defaultdict(set)
+    for a in gt["annotations"]:
+        if a["image_id"] in img_set and a["category_id"] in cat_set:
+            gts[a["image_id"], a["category_id"]].append(a)
+            pos[a["image_id"]].add(a["category_id"])
+    bad = [r["image_id"] for r in results if r["image_id"] not in imgs]
+    if bad:
+        raise DataError(f"results: image ids {sorted(set(bad))[:10]} are not in {where}")
+    dts: dict = defaultdict(list)
+    neg = {i: set(imgs[i]["neg_category_ids"]) for i in img_ids}
+    nel = {i: set(imgs[i]["not_exhaustive_category_ids"]) for i in img_ids}
+    for r in limit_per_image(results, max_dets):
+        i, c = r["image_id"], r["category_id"]
+        if i not in img_set or c not in cat_set:
+            continue
+        if c in neg[i] or c in pos[i]:
+            dts[i, c].append(r)
+
+    areas = list(AREA_RNGS.values())
+    # per (category, area): lists over images (in image-id order) of per-image results
+    acc: dict = defaultdict(lambda: {"scores": [], "tp": [], "ig": [], "num_gt": 0})
+    for c in cat_ids:
+        for i in img_ids:
+            g, d = gts.get((i, c), []), dts.get((i, c), [])
+            if not g and not d:
+                continue
+            d_order = np.argsort([-x["score"] for x in d], kind="mergesort")
+            d = [d[k] for k in d_order]
+            d_box = np.asarray([x["bbox"] for x in d], np.float64).reshape(-1, 4)
+            g_box = np.asarray([x["bbox"] for x in g], np.float64).reshape(-1, 4)
+            ious_all = _box_iou(d_box, g_box)
+            d_area = d_box[:, 2] * d_box[:, 3]
+            g_area = np.asarray([x.get("area", x["bbox"][2] * x["bbox"][3]) for x in g],
+                                np.float64)
+            g_flag = np.asarray([bool(x.get("ignore", 0)) for x in g], bool)
+            scores = np.asarray([x["score"] for x in d], np.float64)
+            for ai, (lo, hi) in enumerate(areas):
+                g_ig = g_flag | (g_area < lo) | (g_area > hi)
+                g_order = np.argsort(g_ig.astype(np.int64), kind="mergesort")
+                g_ig = g_ig[g_order]
+                matched, on_ig = _match(ious_all[:, g_order], g_ig, len(d))
+                out_rng = (d_area < lo) | (d_area > hi) | (c in nel[i])
+                ignore = on_ig | (~matched & out_rng[None, :])
+                e = acc[c, ai]
+                e["scores"].append(scores)
+                e["tp"].append(matched)
+                e["ig"].append(ignore)
+                e["num_gt"] += int((~g_ig).sum())
+
+    t, r_, k, a_ = len(IOU_THRS), len(REC_THRS), len(cat_ids), len(areas)
+    precision = -np.ones((t, r_, k, a_))
+    recall = -np.ones((t, k, a_))
+    for ci, c in enumerate(cat_ids):
+        for ai in range(a_):
+            e = acc.get((c, ai))
+            if e is None or e["num_gt"] == 0:
+                continue
+            scores = np.concatenate(e["scores"])
+            order = np.argsort(-scores, kind="mergesort")
+            tp_m = np.concatenate(e["tp"], axis=1)[:, order]
+            ig = np.concatenate(e["ig"], axis=1)[:, order]
+            tps = np.cumsum(tp_m & ~ig, axis=1).astype(np.float64)
+            fps = np.cumsum(~tp_m & ~ig, axis=1).astype(np.float64)
+            for ti in range(t):
+                tp, fp = tps[ti], fps[ti]
+                rc = tp / e["num_gt"]
+                recall[ti, ci, ai] = rc[-1] if len(tp) else 0.0
+                pr = tp / (fp + tp + np.spacing(1))
+                pr = np.maximum.accumulate(pr[::-1])[::-1] if len(pr) else pr
+                inds = np.searchsorted(rc, REC_THRS, side="left")
+                q = np.zeros(r_)
+                ok = inds < len(pr)
+                q[ok] = pr[inds[ok]]
+                precision[ti, :, ci, ai] = q
+
+    def mean(x):
+        x = x[x > -1]
+        return float(np.mean(x)) if x.size else -1.0
+
+    groups = {g: [ci for ci, c in enumerate(cat_ids) if freq[c] == g] for g in FREQ_GROUPS}
+    t50 = int(np.argmin(np.abs(IOU_THRS - 0.5)))
+    t75 = int(np.argmin(np.abs(IOU_THRS - 0.75)))
+    out = {"AP": mean(precision[..., 0]), "AP50": mean(precision[t50, :, :, 0]),
+           "AP75": mean(precision[t75, :, :, 0]), "APs": mean(precision[..., 1]),
+           "APm": mean(precision[..., 2]), "APl": mean(precision[..., 3])}
+    for g in FREQ_GROUPS:
+        out[f"AP{g}"] = mean(precision[:, :, groups[g], 0])
+    out[f"AR@{max_dets}"] = mean(recall[..., 0])
+    for ai, name in ((1, "s"), (2, "m"), (3, "l")):
+        out[f"AR{name}@{max_dets}"] = mean(recall[..., ai])
+    evaluated = (precision[0, 0, :, 0] > -1)
+    out["num_categories"] = {g: int(evaluated[groups[g]].sum()) for g in FREQ_GROUPS}
+    return out
+
+
+__all__ = ["lvis_evaluate", "limit_per_image", "IOU_THRS", "REC_THRS", "AREA_RNGS"]

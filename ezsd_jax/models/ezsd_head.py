@@ -1,0 +1,150 @@
+"""The EZSD RoI head: region embeddings in CLIP's joint space, classified by cosine
+similarity with frozen text embeddings, plus semantic box regression (method note sec. 3).
+
+Place in the pipeline: RoIAlign -> EZSDRoIHead (plugged in by detector.make_roi_head when
+model.roi_head == 'ezsd'). The class names live only in `class_embeddings` [K, D], given
+at call time: base names in training, base + novel names at test (one joint classifier),
+so the same parameters serve any vocabulary.
+
+    shared  = box_num_convs x (3x3 conv, ReLU)                      [B,R,S,S,C]
+    r       = L2norm(Linear(fc_dim -> D)(FC -> FC (shared)))        classification branch
+    logits  = temperature * [cos(r, t_1) .. cos(r, t_K), bg(r)]     background LAST
+    deltas  = Linear(fc_dim + D -> 4)([FC -> FC (shared), t_cls])   regression branch
+bg is a learned Linear(D -> 1) without bias, temperature = exp(log_temperature), learned,
+initialized to 100. t_cls is the (normalized) text embedding of the class: the assigned GT
+class in training (`reg_classes`, zeros for background = K), the argmax foreground class
+of the logits at test. `embed` runs the classification branch alone (distillation boxes).
+
+Options (EZSDHeadConfig) come from DetectorConfig.ezsd, the (key, value) pairs of
+config.model.ezsd: embed_dim, semantic_regression (off: plain class-agnostic regressor),
+learned_background (off: background logit fixed at 0), temperature_init,
+learn_temperature.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ezsd_jax.models.box_head import BoxHead, BoxRegressor, xavier_fill
+
+if TYPE_CHECKING:  # detector.py imports this module lazily; no import cycle at runtime
+    from ezsd_jax.models.detector import DetectorConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class EZSDHeadConfig:
+    embed_dim: int = 512              # CLIP joint-space dim (ViT-B/32: 512)
+    semantic_regression: bool = True  # regression input += text embedding of the class
+    learned_background: bool = True   # bg logit = temp * w.r (else a fixed 0 logit)
+    temperature_init: float = 100.0
+    learn_temperature: bool = True
+
+    @classmethod
+    def from_detector(cls, cfg) -> "EZSDHeadConfig":
+        """From DetectorConfig.ezsd ((key, value) pairs or a dict); unknown keys -> error."""
+        opts = dict(getattr(cfg, "ezsd", ()) or ())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(opts) - known)
+        if unknown:
+            raise ValueError(f"config.model.ezsd: unknown options {unknown}; known: "
+                             f"{sorted(known)}")
+        out = cls(**opts)
+        if out.embed_dim < 1 or out.temperature_init <= 0:
+            raise ValueError(f"config.model.ezsd: need embed_dim >= 1 and temperature_init "
+                             f"> 0, got {out}")
+        return out
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class EZSDRoIHead(nn.Module):
+    """__call__(roi_feats [B,R,S,S,C], reg_classes [B,R] | None, class_embeddings [K,D])
+    -> {'logits' [B,R,K+1] (bg last), 'deltas' [B,R,4], 'embedding' [B,R,D]} (float32);
+    embed(roi_feats) -> [B,R,D] unit-norm region embeddings."""
+    cfg: DetectorConfig
+
+    def setup(self):
+        c = self.cfg
+        h = EZSDHeadConfig.from_detector(c)
+        if c.box_num_fcs < 1:
+            raise ValueError("EZSD head: model.box_num_fcs must be >= 1 (the branches' FCs)")
+        self.hcfg = h
+        dt = c.jnp_dtype
+        self.shared = BoxHead(num_convs=c.box_num_convs, conv_dim=c.box_conv_dim, num_fcs=0,
+                              dtype=dt)
+        self.cls_head = BoxHead(num_convs=0, num_fcs=c.box_num_fcs, fc_dim=c.box_fc_dim,
+                                dtype=dt)
+        self.reg_head = BoxHead(num_convs=0, num_fcs=c.box_num_fcs, fc_dim=c.box_fc_dim,
+                                dtype=dt)
+        self.embed_proj = nn.Dense(h.embed_dim, dtype=dt, param_dtype=jnp.float32,
+                                   kernel_init=xavier_fill, bias_init=nn.initializers.zeros)
+        if h.learned_background:
+            self.background = nn.Dense(1, use_bias=False, dtype=jnp.float32,
+                                       param_dtype=jnp.float32,
+                                       kernel_init=nn.initializers.normal(0.01))
+        self.log_temperature = self.param(
+            "log_temperature", nn.initializers.constant(math.log(h.temperature_init)), (),
+            jnp.float32)
+        self.regressor = BoxRegressor(dtype=dt)
+
+    def _flat_shared(self, roi_feats):
+        x = self.shared(roi_feats)
+        return x.reshape(x.shape[:2] + (-1,))
+
+    def _embed_from_shared(self, x):
+        return l2_normalize(self.embed_proj(self.cls_head(x)))
+
+    def embed(self, roi_feats: jax.Array) -> jax.Array:
+        """Region embeddings r [B,R,D] (float32, unit norm): the classification branch."""
+        return self._embed_from_shared(self._flat_shared(roi_feats))
+
+    def temperature(self) -> jax.Array:
+        t = jnp.exp(self.log_temperature)
+        return t if self.hcfg.learn_temperature else jax.lax.stop_gradient(t)
+
+    def classify(self, r: jax.Array, class_embeddings: jax.Array) -> jax.Array:
+        """r [B,R,D] unit norm, class_embeddings [K,D] -> logits [B,R,K+1] (bg last)."""
+        t = jax.lax.stop_gradient(l2_normalize(class_embeddings))
+        cos = jnp.einsum("brd,kd->brk", r, t)
+        if self.hcfg.learned_background:
+            bg = self.background(r)
+        else:
+            bg = jnp.zeros(r.shape[:-1] + (1,), jnp.float32)
+        return self.temperature() * jnp.concatenate([cos, bg], axis=-1)
+
+    def __call__(self, roi_feats: jax.Array, reg_classes: Optional[jax.Array] = None,
+                 class_embeddings: Optional[jax.Array] = None) -> dict:
+        h = self.hcfg
+        if class_embeddings is None:
+            raise ValueError("EZSD head needs class_embeddings [K, D] (the frozen text "
+                             "embeddings; consts['class_embeddings'] in train/eval)")
+        if class_embeddings.ndim != 2 or class_embeddings.shape[1] != h.embed_dim:
+            raise ValueError(f"EZSD head: class_embeddings must be [K, {h.embed_dim}] "
+                             f"(model.ezsd.embed_dim), got {class_embeddings.shape}")
+        k = class_embeddings.shape[0]
+        if k != self.cfg.num_classes:
+            raise ValueError(f"EZSD head: {k} class embeddings but the detector has "
+                             f"num_classes={self.cfg.num_classes}")
+        x = self._flat_shared(roi_feats)
+        r = self._embed_from_shared(x)
+        logits = self.classify(r, class_embeddings)
+        feat = self.reg_head(x)
+        if h.semantic_regression:
+            if reg_classes is None:   # test: the predicted (argmax foreground) class
+                reg_classes = jnp.argmax(logits[..., :k], axis=-1)
+            t = jax.lax.stop_gradient(l2_normalize(class_embeddings))
+            cls = jnp.asarray(reg_classes, jnp.int32)
+            is_fg = (cls >= 0) & (cls < k)
+            extra = jnp.where(is_fg[..., None], t[jnp.clip(cls, 0, k - 1)], 0.0)
+            deltas = self.regressor(feat, extra)
+        else:
+            deltas = self.regressor(feat)
+        return {"logits": logits, "deltas": deltas, "embedding": r}
