@@ -97,7 +97,8 @@ class CifarResNet18(nn.Module):
                                  dtype=self.dtype)(x))
         for i, (w, n) in enumerate(zip(self.widths, self.blocks)):
             for j in range(n):
-                x = BasicBlock(w, strides=2 if (i > 0 and j == 0) else 1, dtype=self.dtype)(x, train)
+                stride = 2 if (i > 0 and j == 0) else 1
+                x = BasicBlock(w, strides=stride, dtype=self.dtype)(x, train)
         feats = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype)(feats).astype(jnp.float32)
         return (logits, feats.astype(jnp.float32)) if return_features else logits

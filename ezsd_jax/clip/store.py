@@ -183,9 +183,11 @@ class ProposalStore:
         if key not in index:
             raise KeyError(f"proposal store {self.directory}: no record for image {image_id!r}")
         path = index[key]
-        if self._cached is None or self._cached[0] != path:
-            self._cached = (path, self.read_shard(path))
-        return self._cached[1][key]
+        cached = self._cached  # one read of the attribute: safe with concurrent readers
+        if cached is None or cached[0] != path:
+            cached = (path, self.read_shard(path))
+            self._cached = cached
+        return cached[1][key]
 
     def __contains__(self, image_id: Any) -> bool:
         index = self._index if self._index is not None else self._build_index()
