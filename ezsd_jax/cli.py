@@ -38,9 +38,34 @@ def _flags_parser(argv: list[str]) -> list[str]:
     except flags.Error as e:
         raise UsageError(str(e)) from None
     except (AttributeError, KeyError) as e:
-        bad = [a for a in argv[1:] if a.startswith("--config.")]
-        raise UsageError(f"unknown config field in {' '.join(bad) or argv[1:]}: {e}. "
-                         "Run with --helpfull or read the config file for valid fields.") from None
+        raise UsageError(_explain_override_error(argv, e)) from None
+
+
+def _explain_override_error(argv: list[str], err: Exception) -> str:
+    """Names the --config.<field> override that does not exist and the fields that do."""
+    cfg_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv
+                 if a.startswith("--config.")]
+    generic = (f"unknown config field in {' '.join('--config.' + o for o in overrides)}: "
+               f"{err}. Read the config file for valid fields.")
+    try:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_cli_cfg", cfg_file)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        cfg = mod.get_config()
+    except Exception:  # noqa: BLE001 -- fall back to the parser's own message
+        return generic
+    for name in overrides:
+        node, walked = cfg, []
+        for part in name.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                known = sorted(node.keys()) if hasattr(node, "keys") else []
+                where = ".".join(walked) or "the top level"
+                return (f"unknown config field {name!r} (from --config.{name}=...): {cfg_file} "
+                        f"has no {part!r} under {where}; known fields there: {known}")
+            node, walked = node[part], walked + [part]
+    return generic
 
 
 def get_config() -> ml_collections.ConfigDict:

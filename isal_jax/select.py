@@ -1,0 +1,422 @@
+"""Standalone selection step: `python -m isal_jax.select --config=... --workdir=DIR`.
+
+Place in the pipeline: (trained checkpoint, labeled ids, pool) -> THIS ->
+workdir/selection_<strategy>.json, the list the annotators (or the AL loop) read.
+
+Steps: load the pool dataset and the labeled ids -> restore the orbax checkpoint
+{'params', 'batch_stats'} (optionally train a tiny one for demos) -> run the strategy:
+  * baselines: softmax probabilities / penultimate features over the pool (and labeled set);
+  * isal: v = sum of reference gradients, s_test by LiSSA (saved once to
+    workdir/isal_scores/s_test.npz), then JVP scores shard by shard into
+    workdir/isal_scores/shard_XXXXX.npz (atomic). A killed run resumes from its last
+    finished shard; every file carries a fingerprint of the settings, the checkpoint and
+    the id lists, and files with another fingerprint are recomputed, never mixed in.
+Writes the selection atomically (tmp + os.replace) and prints its path.
+Single host (one process, any number of local devices on the mesh's 'data' axis); the
+influence engine itself takes any mesh, but this script feeds every process the same pool.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from absl import flags
+
+from ezsd_jax import cli
+from ezsd_jax.io_utils import atomic_savez, atomic_write_json
+
+FLAGS = flags.FLAGS
+cli.define_flags()   # --config (e.g. configs/isal_demo.py), --workdir
+
+
+class SelectError(ValueError):
+    """Bad input (config, id files, checkpoint): reported without a traceback."""
+
+
+# ----------------------------------------------------------------------------- small I/O
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, tuple)):
+        return o.tolist() if isinstance(o, np.ndarray) else list(o)
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def read_id_list(path: str, field: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise SelectError(f"{field}: file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            ids = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SelectError(f"{field}: {path!r} is not valid JSON ({e})") from e
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                            for i in ids):
+        raise SelectError(f"{field}: {path!r} must hold a JSON list of integer ids")
+    arr = np.asarray(ids, np.int64)
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        raise SelectError(f"{field}: {path!r} lists duplicate ids (e.g. {dup[:5].tolist()})")
+    return arr
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default)
+                          .encode()).hexdigest()[:16]
+
+
+def _ids_hash(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest()[:16]
+
+
+def _no_ids(batches):
+    """Host batches without their 'id' (int64 ids stay on the host; the device needs none)."""
+    for b in batches:
+        yield {k: v for k, v in b.items() if k != "id"}
+
+
+# ----------------------------------------------------------------------------- setup
+
+def _model(cfg):
+    from isal_jax.models import get_model
+    m = cfg.model
+    kw = {"mlp": {"features": m.features}, "cnn": {"channels": m.channels},
+          "resnet18": {"widths": m.widths}}.get(m.name, {})
+    try:
+        return get_model(m.name, num_classes=m.num_classes, dtype=m.dtype, **kw)
+    except ValueError as e:
+        raise SelectError(f"config.model: {e}") from e
+
+
+def _validate(cfg) -> None:
+    from isal_jax.strategies import STRATEGIES
+    if cfg.strategy not in STRATEGIES:
+        raise SelectError(f"config.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
+    if int(cfg.budget) < 1:
+        raise SelectError(f"config.budget must be >= 1, got {cfg.budget}")
+    inf = cfg.influence
+    for k in ("depth", "repeats", "ref_batch_size", "hvp_batch_size", "pool_batch_size",
+              "shard_size"):
+        if int(inf[k]) < 1:
+            raise SelectError(f"config.influence.{k} must be >= 1, got {inf[k]}")
+    if not (0 <= inf.damp < 1):
+        raise SelectError(f"config.influence.damp must be in [0, 1), got {inf.damp}")
+    if not inf.scale > 0:
+        raise SelectError(f"config.influence.scale must be > 0, got {inf.scale}")
+    if cfg.reference.source not in ("labeled", "ids_file"):
+        raise SelectError(f"config.reference.source must be 'labeled' or 'ids_file', got "
+                          f"{cfg.reference.source!r}")
+
+
+def _labeled_ids(cfg, workdir, data) -> tuple[np.ndarray, str]:
+    path = cfg.labeled_ids_file or os.path.join(workdir, "labeled_ids.json")
+    if not os.path.exists(path):
+        if not cfg.init_checkpoint_if_missing:
+            raise SelectError(f"config.labeled_ids_file: {path!r} does not exist (a JSON list "
+                              "of labeled ids is needed)")
+        n = int(cfg.init.num_labeled)
+        if not 0 < n < len(data):
+            raise SelectError(f"config.init.num_labeled={n} must be in (0, {len(data)})")
+        ids = np.sort(np.random.default_rng(cfg.seed).choice(data.ids, n, replace=False))
+        atomic_write_json(path, [int(i) for i in ids])
+        print(f"wrote {n} random labeled ids to {path}", flush=True)
+    ids = read_id_list(path, "config.labeled_ids_file")
+    if len(ids) == 0:
+        raise SelectError(f"config.labeled_ids_file: {path!r} is empty")
+    try:
+        data.positions(ids, what=f"config.labeled_ids_file {path!r}")
+    except ValueError as e:
+        raise SelectError(str(e)) from e
+    return ids, path
+
+
+def _pool_ids(cfg, data, labeled) -> np.ndarray:
+    if cfg.pool.ids_file:
+        ids = read_id_list(cfg.pool.ids_file, "config.pool.ids_file")
+        try:
+            data.positions(ids, what=f"config.pool.ids_file {cfg.pool.ids_file!r}")
+        except ValueError as e:
+            raise SelectError(str(e)) from e
+    else:
+        ids = data.ids
+    pool = np.setdiff1d(np.asarray(ids, np.int64), labeled)   # sorted, unique
+    if len(pool) < len(ids):
+        logging.info("pool: %d labeled ids removed from the pool", len(ids) - len(pool))
+    if int(cfg.budget) > len(pool):
+        raise SelectError(f"config.budget={cfg.budget} is larger than the pool "
+                          f"({len(pool)} unlabeled samples in {data.name}/{data.split})")
+    return pool
+
+
+def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
+    import jax
+    from ezsd_jax.checkpoint import CheckpointError, Checkpointer
+    from isal_jax.tasks import save_classifier_checkpoint, train_tiny_classifier
+    ckdir = os.path.abspath(cfg.checkpoint_dir or os.path.join(workdir, "model"))
+    target = task.init(jax.random.PRNGKey(cfg.seed), data.image_shape)
+    steps = []
+    if os.path.isdir(ckdir):
+        ck = Checkpointer(ckdir, keep=1000)
+        steps = ck.all_steps()
+        ck.close()
+    if not steps:
+        if not cfg.init_checkpoint_if_missing:
+            raise SelectError(f"config.checkpoint_dir: no checkpoint in {ckdir!r} (write one "
+                              "with ezsd_jax.checkpoint.Checkpointer holding {'params', "
+                              "'batch_stats'}, or set --config.init_checkpoint_if_missing=True "
+                              "for a demo model)")
+        print(f"no checkpoint in {ckdir}: training a tiny {cfg.model.name} on "
+              f"{len(labeled)} labeled samples (init_checkpoint_if_missing=True)", flush=True)
+        b = data.get(labeled)
+        state = train_tiny_classifier(task, b["image"], b["label"], steps=cfg.init.train_steps,
+                                      batch_size=cfg.init.batch_size, lr=cfg.init.lr,
+                                      seed=cfg.seed)
+        save_classifier_checkpoint(ckdir, state, step=0)
+        steps = [0]
+    step = max(steps) if cfg.checkpoint_step < 0 else int(cfg.checkpoint_step)
+    if step not in steps:
+        raise SelectError(f"config.checkpoint_step={step} not in {ckdir!r} (has {steps})")
+    ck = Checkpointer(ckdir, keep=1000)
+    try:
+        state = ck.restore(step, target)
+    except CheckpointError as e:
+        raise SelectError(f"config.checkpoint_dir: {e}\n(the checkpoint does not match "
+                          f"config.model = {cfg.model.to_dict()})") from e
+    finally:
+        ck.close()
+    return state, step, ckdir
+
+
+# ----------------------------------------------------------------------------- isal
+
+def _stacked_hvp_batches(data, ids, batch_size, seed):
+    from isal_jax.influence import stack_batches
+    ids = np.random.default_rng([seed, 1]).permutation(ids)
+    return stack_batches(list(_no_ids(data.batches(ids, batch_size))))
+
+
+def run_isal(cfg, workdir, task, state, data, labeled, pool,
+             fingerprint) -> tuple[np.ndarray, dict]:
+    from ezsd_jax.metrics import MetricWriter, Progress
+    from ezsd_jax.sharding import check_batch_divisible, make_mesh
+    from isal_jax import influence as infl
+
+    icfg = cfg.influence
+    params = state["params"]
+    ms = task.model_state(state)
+    subset = infl.make_subset(params, icfg.subset)
+    loss_fn = task.loss_fn(ms)
+    sdir = os.path.join(workdir, "isal_scores")
+    os.makedirs(sdir, exist_ok=True)
+    for name in os.listdir(sdir):          # half-written files of a killed run
+        if ".tmp." in name:
+            os.remove(os.path.join(sdir, name))
+
+    # ---- s_test (once; reused on resume)
+    s_path = os.path.join(sdir, "s_test.npz")
+    s_test, info = None, None
+    if os.path.exists(s_path):
+        try:
+            with np.load(s_path, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == fingerprint:
+                    s_test = {k: np.asarray(z[f"s/{k}"]) for k in subset.keys}
+                    info = json.loads(str(z["info"]))
+        except (OSError, ValueError, KeyError):
+            s_test = None
+        if s_test is not None and all(np.all(np.isfinite(x)) for x in s_test.values()):
+            print(f"resume: loaded s_test from {s_path}", flush=True)
+        else:
+            s_test = None
+            print(f"{s_path}: other settings, unreadable or not finite: recomputing", flush=True)
+    if s_test is None:
+        if cfg.reference.source == "labeled":
+            ref_ids = labeled
+        else:
+            ref_ids = read_id_list(cfg.reference.ids_file, "config.reference.ids_file")
+            try:
+                data.positions(ref_ids, what="config.reference.ids_file")
+            except ValueError as e:
+                raise SelectError(str(e)) from e
+        t0 = time.perf_counter()
+        v = infl.reference_gradient(loss_fn, params, subset,
+                                    _no_ids(data.batches(ref_ids, icfg.ref_batch_size)))
+        hvp_batches = _stacked_hvp_batches(data, labeled, icfg.hvp_batch_size, cfg.seed)
+        s_test, info = infl.lissa(loss_fn, params, subset, v, hvp_batches, damp=icfg.damp,
+                                  scale=icfg.scale, depth=icfg.depth, repeats=icfg.repeats,
+                                  seed=cfg.seed, residual_batches=icfg.residual_batches)
+        s_test = {k: np.asarray(x) for k, x in s_test.items()}
+        print(f"lissa: {time.perf_counter() - t0:.1f}s  |v|={info['v_norm']:.4g} "
+              f"|s|={info['s_norm']:.4g} residual={info['residual']:.3g} "
+              f"nan_resets={info['nan_resets_total']}", flush=True)
+        if not all(np.all(np.isfinite(x)) for x in s_test.values()):
+            raise SelectError(f"LiSSA s_test is NaN/inf (nan_resets={info['nan_resets']}); "
+                              "increase config.influence.scale or damp")
+        atomic_savez(s_path, fingerprint=np.asarray(fingerprint), info=np.asarray(
+            json.dumps(info)), **{f"s/{k}": x for k, x in s_test.items()})
+
+    # ---- pool scores, shard by shard
+    mesh = make_mesh(cfg.mesh)
+    bs = int(icfg.pool_batch_size)
+    try:
+        check_batch_divisible(bs, mesh)
+    except ValueError as e:
+        raise SelectError(f"config.influence.pool_batch_size: {e}") from e
+    shard = max(int(icfg.shard_size) // bs, 1) * bs
+    starts = list(range(0, len(pool), shard))
+    if icfg.fused:
+        score_loss, plabel = task.self_labeled_loss_fn(ms), None
+    else:
+        score_loss, plabel = loss_fn, task.pseudo_label_fn(ms)
+    score_fn = infl.make_score_fn(score_loss, subset, plabel, mesh=mesh)
+
+    def shard_path(i):
+        return os.path.join(sdir, f"shard_{i:05d}.npz")
+
+    def load_shard(i, ids):
+        p = shard_path(i)
+        if not os.path.exists(p):
+            return None
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if str(z["fingerprint"]) == fingerprint and np.array_equal(z["ids"], ids):
+                    return np.asarray(z["scores"], np.float64)
+        except (OSError, ValueError, KeyError):
+            pass
+        print(f"{p}: stale or unreadable, recomputing", flush=True)
+        return None
+
+    done = {}
+    for i, st in enumerate(starts):
+        sc = load_shard(i, pool[st:st + shard])
+        if sc is not None:
+            done[i] = sc
+    if done:
+        print(f"resume: {len(done)} of {len(starts)} score shards already done "
+              f"(skipping {sorted(done)})", flush=True)
+    progress = Progress(total=len(starts), start=len(done), per_step=shard, unit="sample",
+                        every_s=5.0, name="isal scores")
+    writer = MetricWriter(workdir, "select", tensorboard=False)
+    out = []
+    n_done = len(done)
+    for i, st in enumerate(starts):
+        ids = pool[st:st + shard]
+        if i not in done:
+            sc = infl.pool_scores(score_loss, params, subset, s_test,
+                                  _no_ids(data.batches(ids, bs)),
+                                  plabel, mesh=mesh, score_fn=score_fn)
+            bad = ~np.isfinite(sc)
+            if bad.any():
+                raise SelectError(f"influence scores are NaN/inf for {int(bad.sum())} pool "
+                                  f"samples of shard {i} (e.g. ids {ids[bad][:5].tolist()}); "
+                                  f"LiSSA info: residual={info['residual']:.3g}, "
+                                  f"nan_resets={info['nan_resets']}")
+            atomic_savez(shard_path(i), fingerprint=np.asarray(fingerprint), ids=ids,
+                            scores=sc)
+            done[i] = sc
+            n_done += 1
+            if progress.tick(n_done, force=n_done == len(starts)):
+                writer.write(n_done, progress.rates())
+            if int(cfg.debug.kill_after_shard) == i:
+                print(f"debug.kill_after_shard={i}: SIGKILL", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+        out.append(done[i])
+    return np.concatenate(out), info
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_selection(cfg, workdir: str) -> str:
+    """Runs the configured strategy and writes workdir/selection_<strategy>.json; returns
+    its path. Raises SelectError on bad input."""
+    import jax
+    from isal_jax import strategies
+    from isal_jax.data import load_dataset
+    from isal_jax.tasks import ClassificationTask
+
+    _validate(cfg)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        data = load_dataset(cfg.pool.dataset, cfg.pool.split, cfg.pool.data_dir or None)
+    except (ValueError, FileNotFoundError) as e:
+        raise SelectError(f"config.pool: {e}") from e
+    if data.num_classes != cfg.model.num_classes:
+        raise SelectError(f"config.model.num_classes={cfg.model.num_classes} but "
+                          f"{data.name} has {data.num_classes} classes")
+    task = ClassificationTask(_model(cfg), pseudo_label=cfg.influence.pseudo_label,
+                              topk=cfg.influence.topk)
+    labeled, labeled_path = _labeled_ids(cfg, workdir, data)
+    pool = _pool_ids(cfg, data, labeled)
+    state, step, ckdir = _restore_state(cfg, workdir, task, data, labeled)
+    resolved = {"workdir": workdir, "checkpoint_dir": ckdir, "checkpoint_step": step,
+                "labeled_ids_file": os.path.abspath(labeled_path), "num_labeled": len(labeled),
+                "pool_size": len(pool), "jax_devices": jax.device_count()}
+    print(f"{cfg.strategy}: pool {len(pool)} ({data.name}/{data.split}), labeled "
+          f"{len(labeled)}, budget {cfg.budget}, checkpoint {ckdir} step {step}", flush=True)
+
+    t0 = time.perf_counter()
+    lissa_info: dict = {}
+    fn = strategies.get_strategy(cfg.strategy)
+    bs = int(cfg.influence.pool_batch_size)
+    ms = task.model_state(state)
+    if cfg.strategy == "random":
+        sel = fn(pool, cfg.budget, seed=cfg.seed)
+    elif cfg.strategy in ("entropy", "margin", "least_confidence"):
+        probs, _ = task.predict(state["params"], ms, data.batches(pool, bs))
+        sel = fn(pool, cfg.budget, probs=probs, seed=cfg.seed)
+    elif cfg.strategy == "coreset":
+        _, feats = task.predict(state["params"], ms, data.batches(pool, bs))
+        _, lab_feats = task.predict(state["params"], ms, data.batches(labeled, bs))
+        sel = fn(pool, cfg.budget, features=feats, labeled_features=lab_feats, seed=cfg.seed)
+    else:
+        fp = _fingerprint({"influence": cfg.influence.to_dict(), "seed": cfg.seed,
+                           "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
+                           "checkpoint": [ckdir, step], "pool": [data.name, data.split,
+                                                                 _ids_hash(pool)],
+                           "labeled": _ids_hash(labeled)})
+        scores, lissa_info = run_isal(cfg, workdir, task, state, data, labeled, pool, fp)
+        try:
+            sel = fn(pool, cfg.budget, scores=scores, seed=cfg.seed)
+        except ValueError as e:
+            raise SelectError(str(e)) from e
+        resolved["fingerprint"] = fp
+    elapsed = time.perf_counter() - t0
+
+    out = {"strategy": cfg.strategy, "budget": int(cfg.budget),
+           "selected": [{"id": int(i), "score": float(s)} for i, s in zip(sel.ids, sel.scores)],
+           "settings": {**cfg.to_dict(), "resolved": resolved},
+           "lissa": lissa_info}
+    path = os.path.join(workdir, f"selection_{cfg.strategy}.json")
+    atomic_write_json(path, out)
+    print(f"{cfg.strategy}: selected {len(sel.ids)} in {elapsed:.1f}s", flush=True)
+    print(path, flush=True)
+    return path
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = cli.get_config()
+    workdir = cli.prepare_workdir(FLAGS.workdir)
+    from ezsd_jax.checkpoint import CheckpointError
+    try:
+        run_selection(cfg, workdir)
+    except (SelectError, CheckpointError, FileNotFoundError) as e:
+        print(f"isal_jax.select: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,166 @@
+"""Classification task adapter: per-sample losses, pseudo labels, predictions, tiny training.
+
+Place in the pipeline: wraps a linen classifier (isal_jax/models.py) into what the
+influence engine and the strategies need:
+
+  task = ClassificationTask(model)
+  loss_fn = task.loss_fn(model_state)          # (params, batch) -> [B], BN inference mode
+  pseudo = task.pseudo_label_fn(model_state)   # (params, batch) -> batch with targets
+  fused = task.self_labeled_loss_fn(model_state)  # pseudo label + loss in ONE forward
+  probs, feats = task.predict(params, model_state, batches)   # baselines
+
+Batches are dicts {'image' [B,H,W,C], 'label' [B] int, 'mask' [B] bool, ...}; with
+pseudo_label='expected' the targets are 'soft_label' [B, C] (softmax renormalized over the
+top-k classes): the loss is then sum_c w_c * CE(c), which is linear in w, so its gradient
+is the expected gradient sum_c w_c grad CE(c).
+model_state is {'batch_stats': ...} ({} for models without BatchNorm); checkpoints hold
+{'params': ..., 'batch_stats': ...}.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ClassificationTask:
+    model: nn.Module
+    pseudo_label: str = "argmax"      # 'argmax' | 'expected'
+    topk: int = 3                     # classes in the expected gradient
+
+    def __post_init__(self):
+        if self.pseudo_label not in ("argmax", "expected"):
+            raise ValueError(f"pseudo_label must be 'argmax' or 'expected', got "
+                             f"{self.pseudo_label!r}")
+        if self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+
+    # ------------------------------------------------------------------ model
+    def init(self, key, input_shape) -> dict:
+        """{'params': ..., 'batch_stats': ...} for a [1, *input_shape] input."""
+        variables = self.model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+        return {"params": variables["params"],
+                "batch_stats": variables.get("batch_stats", {})}
+
+    @staticmethod
+    def model_state(state: dict) -> dict:
+        bs = state.get("batch_stats", {})
+        return {"batch_stats": bs} if bs else {}
+
+    def logits(self, params, model_state, images, return_features: bool = False):
+        return self.model.apply({"params": params, **model_state}, images, train=False,
+                                return_features=return_features)
+
+    # ------------------------------------------------------------------ losses
+    @staticmethod
+    def _ce(logits, batch):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        if "soft_label" in batch:
+            return -jnp.sum(batch["soft_label"] * logp, axis=-1)
+        return -jnp.take_along_axis(logp, batch["label"][:, None].astype(jnp.int32), -1)[:, 0]
+
+    def loss(self, params, model_state, batch) -> jax.Array:
+        """Per-sample cross-entropy [B] (BN in inference mode)."""
+        return self._ce(self.logits(params, model_state, batch["image"]), batch)
+
+    def loss_fn(self, model_state):
+        return lambda params, batch: self.loss(params, model_state, batch)
+
+    def targets_from_logits(self, logits, batch) -> dict:
+        batch = dict(batch)
+        logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+        if self.pseudo_label == "argmax":
+            batch["label"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            p = jax.nn.softmax(logits, axis=-1)
+            k = min(self.topk, p.shape[-1])
+            kth = jax.lax.top_k(p, k)[0][:, -1:]
+            w = jnp.where(p >= kth, p, 0.0)
+            batch["soft_label"] = w / jnp.sum(w, axis=-1, keepdims=True)
+        return batch
+
+    def pseudo_label_fn(self, model_state):
+        """(params, batch) -> batch with pseudo targets from the current model."""
+        def fn(params, batch):
+            return self.targets_from_logits(self.logits(params, model_state, batch["image"]),
+                                            batch)
+        return fn
+
+    def self_labeled_loss_fn(self, model_state):
+        """Fused pseudo-label loss: one forward gives the logits, the targets are taken from
+        them under stop_gradient, so d loss = d CE at fixed targets (argmax is piecewise
+        constant; the soft weights are stopped). Same scores as pseudo_label_fn + loss_fn."""
+        def fn(params, batch):
+            logits = self.logits(params, model_state, batch["image"])
+            return self._ce(logits, self.targets_from_logits(logits, batch))
+        return fn
+
+    # ------------------------------------------------------------------ predictions
+    def predict(self, params, model_state,
+                batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax probabilities [N, C] and penultimate features [N, D] of the valid rows."""
+        @jax.jit
+        def f(params, images):
+            logits, feats = self.logits(params, model_state, images, return_features=True)
+            return jax.nn.softmax(logits, axis=-1), feats
+        probs, feats = [], []
+        for b in batches:
+            p, q = f(params, b["image"])
+            m = np.asarray(b["mask"], bool)
+            probs.append(np.asarray(p)[m])
+            feats.append(np.asarray(q)[m])
+        return np.concatenate(probs), np.concatenate(feats)
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_tiny_classifier(task: ClassificationTask, images: np.ndarray, labels: np.ndarray, *,
+                          steps: int = 200, batch_size: int = 64, lr: float = 3e-3,
+                          seed: int = 0) -> dict:
+    """A few Adam steps of cross-entropy (BN in train mode) -> {'params', 'batch_stats'}.
+    For demos and tests only (the AL loop has the real training)."""
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if len(images) == 0:
+        raise ValueError("train_tiny_classifier: no training samples")
+    state = task.init(jax.random.PRNGKey(seed), images.shape[1:])
+    tx = optax.adam(lr)
+    opt = tx.init(state["params"])
+    has_bs = bool(state["batch_stats"])
+
+    @jax.jit
+    def step(params, bstats, opt, x, y):
+        def loss(p):
+            variables = {"params": p, **({"batch_stats": bstats} if has_bs else {})}
+            if has_bs:
+                logits, upd = task.model.apply(variables, x, train=True, mutable=["batch_stats"])
+            else:
+                logits, upd = task.model.apply(variables, x, train=True), {}
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return ce, upd
+        (l, upd), g = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, updates), upd.get("batch_stats", bstats), opt, l
+
+    rng = np.random.default_rng(seed)
+    params, bstats = state["params"], state["batch_stats"]
+    bs = min(batch_size, len(images))
+    for _ in range(steps):
+        idx = rng.choice(len(images), bs, replace=False)
+        params, bstats, opt, _ = step(params, bstats, opt, images[idx], labels[idx])
+    return {"params": params, "batch_stats": bstats}
+
+
+def save_classifier_checkpoint(directory: str, state: dict, step: int = 0) -> None:
+    """Writes {'params', 'batch_stats'} with ezsd_jax.checkpoint.Checkpointer (orbax)."""
+    from ezsd_jax.checkpoint import Checkpointer
+    ckpt = Checkpointer(directory, keep=1)
+    ckpt.save(step, {"params": state["params"], "batch_stats": state.get("batch_stats", {})},
+              force=True)
+    ckpt.close()
