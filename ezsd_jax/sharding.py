@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ezsd_jax.tree_paths import path_str
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
@@ -101,7 +103,7 @@ def param_shardings(mesh: Mesh, tree: Any, rules: Iterable[tuple[str, P]] = ()) 
     rules = [(re.compile(r), spec) for r, spec in rules]
 
     def one(path, leaf):
-        name = "/".join(_key_str(k) for k in path)
+        name = path_str(path)
         for rx, spec in rules:
             if rx.search(name):
                 shape = np.shape(leaf)
@@ -116,13 +118,6 @@ def param_shardings(mesh: Mesh, tree: Any, rules: Iterable[tuple[str, P]] = ()) 
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 def process_slice(num_items: int, process_index: int | None = None,

@@ -38,24 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from ezsd_jax.tree_paths import path_str
+
 LossFn = Callable[[Any, Any], jax.Array]
 Predicate = Callable[[str, Any], bool]
 Vec = dict  # {path_str: array}: a vector on the parameter subset
 
 
 # ----------------------------------------------------------------------------- subsets
-
-def _key_str(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """jax key path -> 'Conv_0/kernel' (BasicBlock_3/Conv_1/kernel, ...)."""
-    return "/".join(_key_str(k) for k in path)
-
 
 def ndim_gt1(path: str, leaf: Any) -> bool:
     """Classification default (the reference): conv kernels and FC weights; no BN, no biases."""

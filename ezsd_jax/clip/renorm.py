@@ -34,6 +34,7 @@ from ezsd_jax.clip.text import (DEFAULT_TEMPLATES, encode_image, ensemble_text_e
                                 text_embeddings)
 from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
 from ezsd_jax.optim import count_params
+from ezsd_jax.tree_paths import path_str
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +47,12 @@ _TEXT_LN = re.compile(
 
 # ----------------------------------------------------------------------------- params
 
-def _path_str(path) -> str:
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return "/".join(out)
-
-
 def layernorm_mask(params: Any, text_layernorms: bool = True, verbose: bool = True) -> Any:
     """Pytree of bool like `params`: True exactly on the LayerNorm scales/biases to tune."""
     params = flax.core.unfreeze(params)
 
     def one(path, _):
-        name = _path_str(path)
+        name = path_str(path)
         return bool(_VISION_LN.match(name) or (text_layernorms and _TEXT_LN.match(name)))
 
     mask = jax.tree_util.tree_map_with_path(one, params)

@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ezsd_jax.tree_paths import path_names
+
 Dtype = Any
 
 # torchvision's ResNet init: kaiming normal, fan_out, ReLU gain.
@@ -159,16 +161,6 @@ class ResNet(nn.Module):
         return feats
 
 
-def _path_names(path) -> list[str]:
-    names = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                names.append(str(getattr(k, attr)))
-                break
-    return names
-
-
 def is_frozen_path(names: Sequence[str], frozen_stages: int = 1) -> bool:
     """True if a variable with these path component names is frozen (see trainable_mask)."""
     for n in names:
@@ -194,4 +186,4 @@ def trainable_mask(params: Any, frozen_stages: int = 1) -> Any:
     `ezsd_jax.models` use names that never match these patterns, and come out True.
     """
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: not is_frozen_path(_path_names(p), frozen_stages), params)
+        lambda p, _: not is_frozen_path(path_names(p), frozen_stages), params)
