@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ezsd_jax.tree_paths import path_str
 from ezsd_jax.clip import renorm, text
 from ezsd_jax.clip.toy import ClipLoadError, load_clip, make_tiny_clip, make_tokenizer
 
@@ -26,7 +27,7 @@ def clip(tmp_path_factory):
 
 
 def _leaves(tree):
-    return {renorm._path_str(p): np.asarray(v)
+    return {path_str(p): np.asarray(v)
             for p, v in jax.tree_util.tree_leaves_with_path(flax.core.unfreeze(tree))}
 
 
@@ -120,7 +121,7 @@ def test_renorm_changes_only_layernorms_and_reloads(clip, tmp_path):
     assert float(met["grad_norm"]) > 0
     assert losses[-1] < losses[0], losses
     before, after = _leaves(p0), _leaves(state["params"])
-    flat_mask = {renorm._path_str(k): v for k, v in
+    flat_mask = {path_str(k): v for k, v in
                  jax.tree_util.tree_leaves_with_path(mask)}
     changed = [k for k in before if not np.array_equal(before[k], after[k])]
     assert changed and all(flat_mask[k] for k in changed)
