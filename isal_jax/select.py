@@ -2,6 +2,8 @@
 
 Place in the pipeline: (trained checkpoint, labeled ids, pool) -> THIS ->
 workdir/selection_<strategy>.json, the list the annotators (or the AL loop) read.
+A config with task='detection' (configs/isal_voc.py, ...) is handed to
+isal_jax.detection_al.run_detection_selection (a detector checkpoint, COCO-format pool).
 
 Steps: load the pool dataset and the labeled ids -> restore the orbax checkpoint
 {'params', 'batch_stats'} (optionally train a tiny one for demos) -> run the strategy:
@@ -34,7 +36,8 @@ from ezsd_jax import cli
 from ezsd_jax.io_utils import atomic_savez, atomic_write_json
 
 FLAGS = flags.FLAGS
-cli.define_flags()   # --config (e.g. configs/isal_demo.py), --workdir
+if "config" not in FLAGS:   # another entry point (isal_jax.main) may have defined them
+    cli.define_flags()   # --config (e.g. configs/isal_demo.py), --workdir
 
 
 class SelectError(ValueError):
@@ -335,16 +338,56 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
     return np.concatenate(out), info
 
 
+def run_strategy(cfg, workdir: str, task, state, data, labeled: np.ndarray, pool: np.ndarray,
+                 checkpoint: tuple[str, int]):
+    """Runs `cfg.strategy` (budget `cfg.budget`, seed `cfg.seed`) on `pool` for a restored
+    `state` {'params', 'batch_stats'}. Returns (Selection, lissa_info ({} for baselines),
+    isal fingerprint or None). `checkpoint` = (dir, step) of `state`, part of the ISAL
+    fingerprint (score shards of another model are never reused). Shared by this script
+    and the active-learning loop (isal_jax/classification_al.py)."""
+    from isal_jax import strategies
+    fn = strategies.get_strategy(cfg.strategy)
+    bs = int(cfg.influence.pool_batch_size)
+    ms = task.model_state(state)
+    if cfg.strategy == "random":
+        return fn(pool, cfg.budget, seed=cfg.seed), {}, None
+    if cfg.strategy in ("entropy", "margin", "least_confidence"):
+        probs, _ = task.predict(state["params"], ms, data.batches(pool, bs))
+        return fn(pool, cfg.budget, probs=probs, seed=cfg.seed), {}, None
+    if cfg.strategy == "coreset":
+        _, feats = task.predict(state["params"], ms, data.batches(pool, bs))
+        _, lab_feats = task.predict(state["params"], ms, data.batches(labeled, bs))
+        return fn(pool, cfg.budget, features=feats, labeled_features=lab_feats,
+                  seed=cfg.seed), {}, None
+    ckdir, step = checkpoint
+    fp = _fingerprint({"influence": cfg.influence.to_dict(), "seed": cfg.seed,
+                       "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
+                       "checkpoint": [ckdir, step], "pool": [data.name, data.split,
+                                                             _ids_hash(pool)],
+                       "labeled": _ids_hash(labeled)})
+    scores, lissa_info = run_isal(cfg, workdir, task, state, data, labeled, pool, fp)
+    try:
+        sel = fn(pool, cfg.budget, scores=scores, seed=cfg.seed)
+    except ValueError as e:
+        raise SelectError(str(e)) from e
+    return sel, lissa_info, fp
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_selection(cfg, workdir: str) -> str:
     """Runs the configured strategy and writes workdir/selection_<strategy>.json; returns
     its path. Raises SelectError on bad input."""
     import jax
-    from isal_jax import strategies
     from isal_jax.data import load_dataset
     from isal_jax.tasks import ClassificationTask
 
+    if cfg.get("task", "classification") == "detection":   # e.g. configs/isal_voc.py
+        from isal_jax.detection_al import run_detection_selection
+        try:
+            return run_detection_selection(cfg, workdir)
+        except ValueError as e:   # its SelectError is not __main__'s when run as a script
+            raise SelectError(str(e)) from e
     _validate(cfg)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -367,30 +410,9 @@ def run_selection(cfg, workdir: str) -> str:
           f"{len(labeled)}, budget {cfg.budget}, checkpoint {ckdir} step {step}", flush=True)
 
     t0 = time.perf_counter()
-    lissa_info: dict = {}
-    fn = strategies.get_strategy(cfg.strategy)
-    bs = int(cfg.influence.pool_batch_size)
-    ms = task.model_state(state)
-    if cfg.strategy == "random":
-        sel = fn(pool, cfg.budget, seed=cfg.seed)
-    elif cfg.strategy in ("entropy", "margin", "least_confidence"):
-        probs, _ = task.predict(state["params"], ms, data.batches(pool, bs))
-        sel = fn(pool, cfg.budget, probs=probs, seed=cfg.seed)
-    elif cfg.strategy == "coreset":
-        _, feats = task.predict(state["params"], ms, data.batches(pool, bs))
-        _, lab_feats = task.predict(state["params"], ms, data.batches(labeled, bs))
-        sel = fn(pool, cfg.budget, features=feats, labeled_features=lab_feats, seed=cfg.seed)
-    else:
-        fp = _fingerprint({"influence": cfg.influence.to_dict(), "seed": cfg.seed,
-                           "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
-                           "checkpoint": [ckdir, step], "pool": [data.name, data.split,
-                                                                 _ids_hash(pool)],
-                           "labeled": _ids_hash(labeled)})
-        scores, lissa_info = run_isal(cfg, workdir, task, state, data, labeled, pool, fp)
-        try:
-            sel = fn(pool, cfg.budget, scores=scores, seed=cfg.seed)
-        except ValueError as e:
-            raise SelectError(str(e)) from e
+    sel, lissa_info, fp = run_strategy(cfg, workdir, task, state, data, labeled, pool,
+                                       checkpoint=(ckdir, step))
+    if fp is not None:
         resolved["fingerprint"] = fp
     elapsed = time.perf_counter() - t0
 

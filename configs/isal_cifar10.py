@@ -1,0 +1,93 @@
+"""ISAL active learning on CIFAR-10: the reference protocol (ICCV 2021, pycls setting).
+
+    python -m isal_jax.main --config=configs/isal_cifar10.py --workdir=DIR \
+        --config.data.data_dir=/path/to/tfds
+
+CIFAR ResNet-18, 1000 random initial labels (the same per seed for every strategy), +1000
+per cycle, 10 cycles (1k..10k labels), retrained from scratch every cycle: SGD lr 0.1,
+momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr x0.1 at epoch 160, flip + pad-4
+crop, BatchNorm. Strategies: isal and the baselines, 3 seeds. Needs CIFAR-10 prepared as
+tfds array_record files (never downloaded; see isal_jax.data.CIFAR10_HOWTO).
+configs/isal_digits.py is the same experiment shrunk to run on a CPU in minutes.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "classification"
+
+    c.al = ml_collections.ConfigDict()
+    c.al.strategies = ("isal", "random", "entropy", "margin", "least_confidence", "coreset")
+    c.al.seeds = (0, 1, 2)
+    c.al.initial = 1000
+    c.al.budget = 1000
+    c.al.cycles = 10
+    c.al.plot = True
+    # Fault injection for resume tests: '<strategy>/<seed>/<cycle>[/train|eval|select]'
+    c.al.debug_kill_after = ""
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "cifar10"      # digits | cifar10
+    c.data.pool_split = "train"     # the unlabeled pool (50k)
+    c.data.eval_split = "test"      # accuracy is measured here (10k)
+    c.data.data_dir = ""            # tfds data_dir with prepared files ('' = $TFDS_DATA_DIR)
+    c.data.pool_ids_file = ""       # optional JSON id list restricting the pool
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "resnet18"       # mlp | cnn | resnet18
+    c.model.num_classes = 10
+    c.model.features = (64,)        # mlp
+    c.model.channels = (16, 32)     # cnn
+    c.model.widths = (64, 128, 256, 512)  # resnet18
+    c.model.dtype = "float32"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128
+    c.train.epochs = 200.0          # steps = ceil(epochs * num_labeled / batch_size) ...
+    c.train.min_steps = 0           # ... but at least this many
+    c.train.steps = 0               # > 0: a fixed number of steps instead
+    c.train.lr = 0.1
+    c.train.momentum = 0.9
+    c.train.weight_decay = 5e-4
+    c.train.decay_fractions = (0.8,)   # lr x gamma at epoch 160 of 200
+    c.train.gamma = 0.1
+    c.train.warmup_steps = 0
+    c.train.augment = "flip_crop"   # flip_crop | crop | flip | none
+    c.train.crop_pad = 4
+    c.train.ckpt_every = 1000
+    c.train.keep_checkpoints = 1
+    c.train.log_every = 100
+    c.train.eval_batch_size = 500
+
+    # ISAL settings (the reference's classification settings). Reference set R for
+    # v = sum grad L(R): the labeled set (the reference code uses the test split, which
+    # leaks test labels; an 'ids_file' of pool-split ids is possible too).
+    c.reference = ml_collections.ConfigDict()
+    c.reference.source = "labeled"  # labeled | ids_file
+    c.reference.ids_file = ""
+    c.influence = ml_collections.ConfigDict()
+    c.influence.damp = 0.01
+    c.influence.scale = 1e4
+    c.influence.depth = 250
+    c.influence.repeats = 4
+    c.influence.residual_batches = 8
+    c.influence.subset = "ndim_gt1"      # convs + FC weight; no BN, no biases
+    c.influence.pseudo_label = "argmax"  # argmax | expected
+    c.influence.topk = 3
+    c.influence.fused = True
+    c.influence.ref_batch_size = 256
+    c.influence.hvp_batch_size = 128
+    c.influence.pool_batch_size = 512
+    c.influence.shard_size = 8192
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.model = 1
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.kill_at_step = -1        # SIGKILL after this training step ...
+    c.debug.kill_at_train_run = 0    # ... of the N-th task.train call of the process (-1: any)
+    c.debug.kill_during_save = False
+    c.debug.kill_after_shard = -1    # SIGKILL after this ISAL score shard
+    return c

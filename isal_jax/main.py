@@ -1,0 +1,56 @@
+"""Entry point of the active-learning experiment:
+
+    python -m isal_jax.main --config=configs/isal_digits.py --workdir=DIR
+    python -m isal_jax.main --config=configs/isal_cifar10.py --workdir=DIR \
+        --config.data.data_dir=/path/to/tfds
+
+Place in the pipeline: config -> task adapter (config.task: 'classification' ->
+isal_jax.classification_al, 'detection' -> isal_jax.detection_al; each module has
+`build_task(cfg, workdir)`) -> isal_jax.loop.run_experiment -> workdir/al/results.csv,
+curves.png, savings.csv/.json. Rerunning the same command resumes a killed experiment.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import flags
+
+from ezsd_jax import cli
+
+FLAGS = flags.FLAGS
+if "config" not in FLAGS:      # isal_jax.select defines the same two flags
+    cli.define_flags()
+
+# config.task -> module with build_task(cfg, workdir) -> ActiveLearningTask (lazy imports).
+TASKS = {"classification": "isal_jax.classification_al",
+         "detection": "isal_jax.detection_al"}
+
+
+def build_task(cfg, workdir: str):
+    name = cfg.get("task", "classification")
+    if name not in TASKS:
+        raise cli.UsageError(f"config.task={name!r} is not one of {sorted(TASKS)}")
+    return importlib.import_module(TASKS[name]).build_task(cfg, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = cli.get_config()
+    workdir = cli.prepare_workdir(FLAGS.workdir)
+    from ezsd_jax.checkpoint import CheckpointError
+    from isal_jax.loop import LoopError, run_experiment
+    from isal_jax.select import SelectError
+    cli.save_config(cfg, workdir)
+    try:
+        task = build_task(cfg, workdir)
+        path = run_experiment(task, cfg.al, workdir)
+    except (LoopError, SelectError, CheckpointError, FileNotFoundError) as e:
+        print(f"isal_jax.main: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(path, flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
