@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv clean bench
+.PHONY: demo demo-ablation test venv clean bench
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,11 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m ezsd_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+# the demo plus its ablation table (re-uses what `make demo` wrote in the same workdir)
+demo-ablation: $(STAMP)
+	$(VENV)/bin/python -m ezsd_jax.main --config=configs/demo.py --workdir=$(WORKDIR) \
+	    --config.ablation.enabled=True
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)

@@ -71,7 +71,9 @@ def clip_config(**overrides) -> ml_collections.ConfigDict:
         proposals=ml_collections.ConfigDict(dict(
             stride=32, sizes=(32, 64, 128, 256, 512), ratios=(0.5, 1.0, 2.0),
             nms_iou=0.7, num_nms=1000, gt_iou=0.3, keep=300, feature_enlarge=1.2,
-            method="bicubic", chunk=256)),
+            drop_base=True,         # drop candidates whose CLIP argmax is a base name
+            selection="top",        # 'top' by score | 'random' (LVIS), seeded per image
+            seed=0, method="bicubic", chunk=256)),
         proposal_images_per_chunk=64,
     ))
     c.update(overrides)

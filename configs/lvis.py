@@ -52,10 +52,9 @@ def get_config():
     cfg.ezsd.eval.protocol = "lvis"
     cfg.clip = clip_config(renorm_epochs=18)
     cfg.clip.renorm.text_layernorms = False
-    # LVIS proposals: 500 kept per image. The reference samples them at random after the
-    # IoU filter with no base-class filter; ezsd_jax.clip.proposals keeps the top 500 by
-    # score after its base-class filter (no LVIS mode yet).
-    cfg.clip.proposals.keep = 500
+    # LVIS proposals (method note 2): 500 per image sampled at random after the IoU
+    # filter, no base-class filter.
+    cfg.clip.proposals.update(dict(keep=500, selection="random", drop_base=False))
     batch = 16
     steps_per_epoch = -(-LVIS_TRAIN_IMAGES // batch)
     cfg.train = common.train_config(

@@ -49,9 +49,12 @@ def to_coco_results(det: dict, meta: dict, cat_ids: Sequence[int]) -> list[dict]
 
 
 def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
-              cat_ids: Sequence[int] | None = None, max_dets: int = 100,
-              verbose: bool = False) -> dict:
-    """COCOeval bbox on `img_ids` (and `cat_ids` when given). Empty results -> all zeros."""
+              cat_ids: Sequence[int] | None = None, verbose: bool = False) -> dict:
+    """COCOeval bbox on `img_ids` (and `cat_ids` when given). Empty results -> all zeros.
+
+    The standard protocol: at most 100 detections per image (maxDets 1/10/100; pycocotools'
+    summary AP is read at 100, so other values would report AP as 0). A model's
+    test_max_detections only caps what it outputs."""
     from pycocotools.cocoeval import COCOeval
     if cat_ids is not None:
         results = [r for r in results if r["category_id"] in set(cat_ids)]
@@ -64,7 +67,7 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
         ev.params.imgIds = list(img_ids)
         if cat_ids is not None:
             ev.params.catIds = list(cat_ids)
-        ev.params.maxDets = [1, 10, max_dets]
+        ev.params.maxDets = [1, 10, 100]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -142,9 +145,7 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
     coco_gt = dataset.coco()
     img_ids = [r.image_id for r in dataset.records]
     groups = groups or {"all": list(dataset.cat_ids)}
-    metrics = {g: coco_eval(coco_gt, results, img_ids, ids,
-                            max_dets=cfg.model.test_max_detections)
-               for g, ids in groups.items()}
+    metrics = {g: coco_eval(coco_gt, results, img_ids, ids) for g, ids in groups.items()}
     metrics["num_images"] = len(img_ids)
     metrics["num_detections"] = len(results)
     write_eval_outputs(workdir, name, results, metrics)

@@ -1,6 +1,8 @@
 """Atomic file writes (temp file + rename) for every output another step reads.
 
 A reader never sees a half-written file: either the old one, the new one, or none.
+Files get the usual permissions (0666 minus the umask), not mkstemp's private 0600, so
+outputs on a shared disk stay readable by the team.
 """
 from __future__ import annotations
 
@@ -12,11 +14,21 @@ from typing import Any
 import numpy as np
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()   # read once: os.umask is process-wide, writers may be threads
+
+
 def _atomic(path: str, write) -> str:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -22,8 +22,14 @@ STAGES = {
     "synth_data": "ezsd_jax.data.synthetic_stage:run",
     "train": "ezsd_jax.train:run",
     "eval": "ezsd_jax.evaluate:run",
+    "demo_data": "ezsd_jax.demo.stages:demo_data",
+    "clip_pretrain": "ezsd_jax.clip.stages:clip_pretrain",
+    "renorm": "ezsd_jax.clip.stages:renorm",
+    "proposals": "ezsd_jax.clip.stages:proposals",
     "ezsd_train": "ezsd_jax.ezsd.stages:ezsd_train",
     "ezsd_eval": "ezsd_jax.ezsd.stages:ezsd_eval",
+    "ablation": "ezsd_jax.demo.stages:ablation",
+    "demo_report": "ezsd_jax.demo.stages:demo_report",
 }
 
 flags.DEFINE_list("stages", None, "Comma-separated stages to run (default: config.stages).")

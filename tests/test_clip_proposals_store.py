@@ -139,6 +139,54 @@ def test_select_proposals_matches_numpy():
         assert np.asarray(ok).sum() == len(surv) and np.asarray(idx).shape == (keep,)
 
 
+def test_select_proposals_lvis_mode_matches_numpy():
+    """drop_base=False + priority: a uniform sample of the IoU-filter survivors, base
+    categories included, taken in priority order."""
+    rng = np.random.default_rng(7)
+    for trial in range(4):
+        n, g = 40, 3
+        xy = rng.uniform(0, 80, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (n, 2))], 1).astype(np.float32)
+        gt = boxes[[1, 5, 9]] + rng.uniform(-1, 1, (g, 4)).astype(np.float32)
+        gv = np.array([True, True, trial % 2 == 0])
+        valid = rng.random(n) < 0.9
+        cat = rng.integers(0, len(ALL), n)
+        prio = rng.random(n).astype(np.float32)
+        keep = 12 if trial % 2 else 50
+        idx, ok = P.select_proposals(jnp.asarray(boxes), jnp.asarray(valid), jnp.asarray(gt),
+                                     jnp.asarray(gv), jnp.asarray(cat), jnp.asarray(IS_BASE),
+                                     keep, 0.3, drop_base=False, priority=jnp.asarray(prio))
+        near = ((_np_iou(boxes, gt) >= 0.3) & gv[None]).any(1)
+        surv = np.nonzero(valid & ~near)[0]
+        want = surv[np.argsort(prio[surv], kind="stable")][:keep]
+        np.testing.assert_array_equal(np.asarray(idx)[np.asarray(ok)], want)
+        assert IS_BASE[cat[want]].any()                    # base categories are kept
+    assert P.image_seeds([3, np.int64(3), "a.jpg"]).tolist()[:2] == [3, 3]
+    assert P.image_seeds(["a.jpg"])[0] == P.image_seeds(["a.jpg"])[0] != \
+        P.image_seeds(["b.jpg"])[0]
+
+
+def test_proposal_fn_random_selection_is_per_image(env):
+    """selection='random' (LVIS mode): an image's sample depends on its own seed only,
+    not on the batch it is in, and changes with the seed."""
+    fn = P.make_proposal_fn(env["model"], env["emb"], IS_BASE, mean=env["mean"],
+                            std=env["std"], **dict(SMALL, selection="random",
+                                                   drop_base=False, keep=6))
+    inp = P.batch_inputs(_batch(3), IS_BASE)
+    keys = ("images", "image_hw", "gt_boxes", "gt_valid", "scale")
+    seeds = np.array([11, 12], np.int32)
+    out = fn(env["params"], *(inp[k] for k in keys), seeds)
+    alone = fn(env["params"], *(inp[k][:1] for k in keys), seeds[:1])
+    other = fn(env["params"], *(inp[k] for k in keys), seeds + 100)
+    v = np.asarray(out["valid"][0])
+    assert v.sum() == 6
+    np.testing.assert_allclose(np.asarray(out["boxes"][0])[v],
+                               np.asarray(alone["boxes"][0])[v], rtol=1e-6)
+    assert not np.array_equal(np.asarray(out["boxes"]), np.asarray(other["boxes"]))
+    with pytest.raises(ValueError, match="selection"):
+        P.make_proposal_fn(env["model"], env["emb"], IS_BASE, selection="best")
+
+
 def _np_nms(boxes, scores, valid, thr, m):
     order = [i for i in np.argsort(-scores, kind="stable") if valid[i]]
     kept = []

@@ -145,3 +145,13 @@ def test_coco_eval_perfect_and_empty(tmp_path):
     assert evaluate.coco_eval(coco, [], [1, 2])["AP50"] == 0.0
     only3 = evaluate.coco_eval(coco, perfect, [1, 2], cat_ids=[3])
     assert only3["AP50"] == pytest.approx(1.0)
+
+    # the standard protocol: the 100 best detections per image count, AP read at 100
+    def with_decoys(n):
+        decoys = [{"image_id": r["image_id"], "category_id": r["category_id"],
+                   "bbox": [90 + k % 5, 90 + k // 5, 5, 5], "score": 0.95}
+                  for r in perfect for k in range(n)]
+        return decoys + perfect
+    m99 = evaluate.coco_eval(coco, with_decoys(99), [1, 2])
+    assert m99["AP50"] > 0.005 and m99["AP"] > 0.005 and m99["AR100"] == pytest.approx(1.0)
+    assert evaluate.coco_eval(coco, with_decoys(100), [1, 2])["AR100"] == 0.0

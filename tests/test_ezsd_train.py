@@ -226,7 +226,9 @@ def test_class_embeddings_lookup(tmp_path, rng):
     with pytest.raises(FileNotFoundError, match="renorm"):
         stages.text_embeddings_path(cfg, str(tmp_path))
     emb = rng.normal(size=(3, D)).astype(np.float32)
-    save_text_embeddings(str(tmp_path / "text_embeddings.npz"), ["c", "a", "b"], emb)
+    os.makedirs(tmp_path / "clip_renorm")
+    save_text_embeddings(str(tmp_path / "clip_renorm" / "text_embeddings.npz"),
+                         ["c", "a", "b"], emb)
     path = stages.text_embeddings_path(cfg, str(tmp_path))
     got = stages.load_class_embeddings(path, ["a", "c"], D)
     np.testing.assert_allclose(got, _unit(emb[[1, 0]]), rtol=1e-6)

@@ -17,7 +17,8 @@ One jitted function per batch (`make_proposal_fn`), static shapes throughout:
   4. drop candidates with IoU >= 0.3 to any BASE GT box (the reference also filters
      against novel GT, which leaks novel annotations; we do not);
   5. 1.2x crops -> L2-normalized embedding, softmax over all names; drop those whose argmax
-     is a base category; keep the first `keep` (300) by score;
+     is a base category; keep the first `keep` (300) by score (LVIS mode:
+     drop_base=False, selection='random': `keep` (500) at random among the survivors);
   6. base GT boxes: 1.2x crop embeddings.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -177,15 +179,24 @@ def near_gt(boxes: jnp.ndarray, gt_boxes: jnp.ndarray, gt_valid: jnp.ndarray,
 
 def select_proposals(boxes: jnp.ndarray, valid: jnp.ndarray, gt_boxes: jnp.ndarray,
                      gt_valid: jnp.ndarray, category: jnp.ndarray, is_base: jnp.ndarray,
-                     keep: int, gt_iou: float = 0.3) -> tuple[jnp.ndarray, jnp.ndarray]:
+                     keep: int, gt_iou: float = 0.3, drop_base: bool = True,
+                     priority: jnp.ndarray | None = None
+                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """The feature-pass filter of one image, on boxes already in score order.
 
-    Drops boxes with IoU >= gt_iou to any valid (base) GT box and boxes whose category is
-    base; returns (indices [keep] of the first `keep` survivors in order, their mask)."""
+    Drops boxes with IoU >= gt_iou to any valid (base) GT box and, when drop_base, boxes
+    whose category is base; returns (indices [keep] of the first `keep` survivors, their
+    mask). Survivors are taken in score order, or by ascending `priority` [N] when given
+    (random priorities = the LVIS mode's uniform sample of the survivors)."""
     n = boxes.shape[0]
-    ok = valid & ~near_gt(boxes, gt_boxes, gt_valid, gt_iou) & \
-        ~jnp.asarray(is_base, bool)[category]
-    order = jnp.argsort(~ok, stable=True)          # survivors first, score order kept
+    ok = valid & ~near_gt(boxes, gt_boxes, gt_valid, gt_iou)
+    if drop_base:
+        ok = ok & ~jnp.asarray(is_base, bool)[category]
+    if priority is None:
+        order = jnp.argsort(~ok, stable=True)      # survivors first, score order kept
+    else:
+        order = jnp.argsort(jnp.where(ok, priority.astype(jnp.float32), jnp.inf),
+                            stable=True)
     if keep > n:
         order = jnp.concatenate([order, jnp.zeros((keep - n,), order.dtype)])
         oks = jnp.concatenate([ok[order[:n]], jnp.zeros((keep - n,), bool)])
@@ -194,17 +205,32 @@ def select_proposals(boxes: jnp.ndarray, valid: jnp.ndarray, gt_boxes: jnp.ndarr
     return idx, ok[idx]
 
 
+def image_seeds(image_ids: Sequence[Any]) -> np.ndarray:
+    """Per-image int32 seeds from image ids (ints or strings), the same on every run and
+    host, so the LVIS mode's random sample of an image does not depend on batching."""
+    out = []
+    for iid in image_ids:
+        iid = iid.item() if isinstance(iid, np.generic) else iid
+        if isinstance(iid, (int, np.integer)):
+            out.append(int(iid) % (2 ** 31 - 1))
+        else:
+            out.append(zlib.crc32(str(iid).encode()) % (2 ** 31 - 1))
+    return np.asarray(out, np.int32)
+
+
 def make_proposal_fn(model, text_emb: np.ndarray, is_base: np.ndarray, *,
                      stride: int = 32, sizes: Sequence[float] = (32, 64, 128, 256, 512),
                      ratios: Sequence[float] = (0.5, 1.0, 2.0), offset: float = 0.0,
                      nms_iou: float = 0.7, num_nms: int = 1000, gt_iou: float = 0.3,
-                     keep: int = 300, feature_enlarge: float = 1.2,
+                     keep: int = 300, drop_base: bool = True, selection: str = "top",
+                     seed: int = 0, feature_enlarge: float = 1.2,
                      out_size: int | None = None, mean: Sequence[float] = CLIP_MEAN,
                      std: Sequence[float] = CLIP_STD, method: str = "bicubic",
                      chunk: int = 256, window: int | None = None, jit: bool = True
                      ) -> Callable[..., dict]:
     """-> fn(params, images [B,H,W,3], image_hw [B,2], gt_boxes [B,G,4], gt_valid [B,G],
-    scale [B]) -> dict of device arrays, the whole candidate path in one jitted function:
+    scale [B], image_seed [B] = None) -> dict of device arrays, the whole candidate path
+    in one jitted function:
 
       boxes [B, keep, 4] (original image coords = input coords / scale), embeddings
       [B, keep, D] fp16 (unit norm, 1.2x crops), confidence [B, keep] (max softmax),
@@ -215,7 +241,13 @@ def make_proposal_fn(model, text_emb: np.ndarray, is_base: np.ndarray, *,
       [B] (crops computed per image slot: K candidates + num_nms + G).
 
     gt_boxes/gt_valid: the BASE GT boxes (input coords) - the IoU filter uses exactly
-    these. is_base [C] marks the base rows of text_emb (all names)."""
+    these. is_base [C] marks the base rows of text_emb (all names).
+
+    selection='top' keeps the first `keep` survivors by score (COCO); 'random' keeps a
+    uniform sample of them, keyed by (seed, image_seed[b]) (LVIS: 500 at random, with
+    drop_base=False: no base-class filter)."""
+    if selection not in ("top", "random"):
+        raise ValueError(f"proposals: selection must be 'top' or 'random', got {selection!r}")
     txt = jnp.asarray(text_emb, jnp.float32)
     base = jnp.asarray(is_base, bool)
     if base.shape != (txt.shape[0],):
@@ -224,7 +256,7 @@ def make_proposal_fn(model, text_emb: np.ndarray, is_base: np.ndarray, *,
     ckw = dict(out_size=size, mean=mean, std=std, method=method, window=window,
                out_dtype=model.dtype)
 
-    def fn(params, images, image_hw, gt_boxes, gt_valid, scale):
+    def fn(params, images, image_hw, gt_boxes, gt_valid, scale, image_seed=None):
         images = jnp.asarray(images)
         image_hw = jnp.asarray(image_hw, jnp.int32)
         gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
@@ -247,8 +279,17 @@ def make_proposal_fn(model, text_emb: np.ndarray, is_base: np.ndarray, *,
                                              enlarge=feature_enlarge, chunk=chunk, **ckw)
         after_gt = kv & ~jax.vmap(lambda b, g, gv: near_gt(b, g, gv, gt_iou))(
             sel, gt_boxes, gt_valid)
-        pick, pvalid = jax.vmap(lambda b, v, g, gv, c: select_proposals(
-            b, v, g, gv, c, base, keep, gt_iou))(sel, kv, gt_boxes, gt_valid, cat)
+        if selection == "random":
+            seeds = (jnp.zeros(images.shape[:1], jnp.int32) if image_seed is None
+                     else jnp.asarray(image_seed, jnp.int32))
+            prio = jax.vmap(lambda s_: jax.random.uniform(
+                jax.random.fold_in(jax.random.PRNGKey(seed), s_), (m,)))(seeds)
+        else:
+            prio = None
+        pick, pvalid = jax.vmap(lambda b, v, g, gv, c, p: select_proposals(
+            b, v, g, gv, c, base, keep, gt_iou, drop_base, p),
+            in_axes=(0, 0, 0, 0, 0, None if prio is None else 0))(
+                sel, kv, gt_boxes, gt_valid, cat, prio)
 
         def take(x):
             return jnp.take_along_axis(x, pick.reshape(pick.shape + (1,) * (x.ndim - 2)),
@@ -367,9 +408,10 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
         records = {}
         for batch in load_chunk(c):
             inp = batch_inputs(batch, cib)
+            ids = list(np.asarray(batch["image_id"]).reshape(-1))
             out = fn(params, inp["images"], inp["image_hw"], inp["gt_boxes"],
-                     inp["gt_valid"], inp["scale"])
-            recs = to_records(out, inp, list(np.asarray(batch["image_id"]).reshape(-1)))
+                     inp["gt_valid"], inp["scale"], image_seeds(ids))
+            recs = to_records(out, inp, ids)
             dup = set(recs) & set(records)
             if dup:
                 raise ValueError(f"proposals: chunk {c} repeats image ids {sorted(dup)[:5]}")
@@ -394,5 +436,5 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
 
 
 __all__ = ["nms", "sliding_candidates", "entropy_score", "score_candidates", "near_gt",
-           "select_proposals", "make_proposal_fn", "batch_inputs", "to_records",
+           "select_proposals", "image_seeds", "make_proposal_fn", "batch_inputs", "to_records",
            "run_proposals"]

@@ -237,6 +237,34 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
+def place_shape(mask: np.ndarray, occupied: np.ndarray, placed, max_overlap_iou: float,
+                rng: np.random.Generator):
+    """One try at a random position for `mask` on the canvas of `occupied` ([H, W] bool,
+    marked in place on success): its tight box may overlap no box of `placed` by more
+    than max_overlap_iou and its pixels no occupied pixel. -> (y0, x0, box xyxy) or None."""
+    h, w = occupied.shape
+    mh, mw = mask.shape
+    y0 = int(rng.integers(0, h - mh + 1))
+    x0 = int(rng.integers(0, w - mw + 1))
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if len(rows) == 0:
+        return None
+    box = (x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1)
+    if any(_iou(box, q) > max_overlap_iou for q in placed):
+        return None
+    taken = occupied[y0:y0 + mh, x0:x0 + mw]
+    if (taken & mask).any():
+        return None
+    taken |= mask
+    return y0, x0, box
+
+
+def object_record(category: int, mask: np.ndarray, box) -> dict:
+    """An object of a generated image: category index, pixel area, COCO xywh box."""
+    return {"category": category, "area": int(mask.sum()),
+            "bbox": [int(box[0]), int(box[1]), int(box[2] - box[0]), int(box[3] - box[1])]}
+
+
 def render_image(spec: SyntheticSpec, rng: np.random.Generator
                  ) -> tuple[np.ndarray, list[dict]]:
     """One random image: uint8 [H, W, 3] and its objects as dicts(category index,
@@ -258,26 +286,16 @@ def render_image(spec: SyntheticSpec, rng: np.random.Generator
             size = int(rng.integers(spec.object_size[0], spec.object_size[1] + 1))
             size = min(size, H, W)
             mask = _shape_mask(cat.shape, size, rng)
+            spot = place_shape(mask, occupied, placed, spec.max_overlap_iou, rng)
+            if spot is None:  # no occlusion: every box stays tight and visible
+                continue
+            y0, x0, box = spot
             mh, mw = mask.shape
-            y0 = int(rng.integers(0, H - mh + 1))
-            x0 = int(rng.integers(0, W - mw + 1))
-            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            if len(rows) == 0:
-                continue
-            box = (x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1)
-            if any(_iou(box, p) > spec.max_overlap_iou for p in placed):
-                continue
-            taken = occupied[y0:y0 + mh, x0:x0 + mw]
-            if (taken & mask).any():  # no occlusion: every box stays tight and visible
-                continue
-            taken |= mask
             pattern = _texture(cat.texture, cat.rgb(), mh, mw, max(4, size // 6))
             region = img[y0:y0 + mh, x0:x0 + mw]
             region[mask] = pattern[mask]
             placed.append(box)
-            objects.append({"category": k, "area": int(mask.sum()),
-                            "bbox": [int(box[0]), int(box[1]), int(box[2] - box[0]),
-                                     int(box[3] - box[1])]})
+            objects.append(object_record(k, mask, box))
             break
     return img, objects
 

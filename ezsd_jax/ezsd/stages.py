@@ -13,8 +13,7 @@ proposals, which write the text embeddings and the proposal store into the workd
               checkpoint (config.ezsd.eval.force re-runs).
 
 Inputs (config.ezsd): split ('coco48_17' | 'lvis' | 'names' + base_names/novel_names),
-text_embeddings (.npz of the renorm stage; '' = the first of DEFAULT_TEXT_EMBEDDINGS in the
-workdir), proposals_dir ('' = <workdir>/proposals), distill (loss/sampling options),
+text_embeddings (.npz of the renorm stage; '' = <workdir>/DEFAULT_TEXT_EMBEDDINGS), proposals_dir ('' = <workdir>/proposals), distill (loss/sampling options),
 eval (protocol, force).
 """
 from __future__ import annotations
@@ -24,7 +23,8 @@ import os
 
 import numpy as np
 
-DEFAULT_TEXT_EMBEDDINGS = ("clip_renorm/text_embeddings.npz", "text_embeddings.npz")
+# what the renorm stage (clip/stages.py) writes: the one default place
+DEFAULT_TEXT_EMBEDDINGS = "clip_renorm/text_embeddings.npz"
 DEFAULT_PROPOSALS = "proposals"
 CKPT_NAME = "ezsd"
 EVAL_NAME = "ezsd_eval"
@@ -38,12 +38,11 @@ def text_embeddings_path(cfg, workdir: str) -> str:
         if not os.path.exists(p):
             raise FileNotFoundError(f"config.ezsd.text_embeddings: {p} does not exist")
         return p
-    cands = [os.path.join(workdir, c) for c in DEFAULT_TEXT_EMBEDDINGS]
-    for c in cands:
-        if os.path.exists(c):
-            return c
-    raise FileNotFoundError(f"no text embeddings in the workdir (looked for {cands}): run the "
-                            "'renorm' stage first or set config.ezsd.text_embeddings")
+    p = os.path.join(workdir, DEFAULT_TEXT_EMBEDDINGS)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"no text embeddings: {p} does not exist; run the 'renorm' "
+                                "stage first or set config.ezsd.text_embeddings")
+    return p
 
 
 def load_class_embeddings(path: str, names, embed_dim: int) -> np.ndarray:

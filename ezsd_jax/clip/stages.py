@@ -1,0 +1,353 @@
+"""CLIP stages for `python -m ezsd_jax.main`: read the config and the workdir, call the
+drivers of this package, write their outputs into the workdir, skip work already done.
+
+  clip_pretrain  (demo only) toy CLIP contrastive pretraining on a caption set
+                 -> <workdir>/clip_pretrain/{model/, text_embeddings.npz,
+                    clean_accuracy.json}
+  renorm         LayerNorm-only re-normalization of the teacher (config.clip.model, or
+                 the toy CLIP of clip_pretrain when empty) on BASE GT crops of the
+                 training set -> <workdir>/clip_renorm/{adapted_clip/,
+                 text_embeddings.npz (ALL names, adapted text tower)}, and crop accuracy
+                 over all names on val GT crops before / after ->
+                 <workdir>/clip_renorm/crop_accuracy.json
+  proposals      CLIP proposals of every training image with the adapted CLIP ->
+                 <workdir>/proposals (ProposalStore; chunks already written are
+                 skipped, so a killed job resumes; config.clip.proposal_shard "i/n"
+                 splits the chunks over jobs, default one job per process)
+
+Names: config.ezsd's zero-shot split (ezsd/splits.py), the same for every stage. The
+EZSD detector stages read these outputs (ezsd/stages.py: DEFAULT_TEXT_EMBEDDINGS,
+DEFAULT_PROPOSALS).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+PRETRAIN_DIR = "clip_pretrain"
+RENORM_DIR = "clip_renorm"
+PROPOSALS_DIR = "proposals"
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _point_data(cfg, workdir: str) -> None:
+    if "synth" in cfg:
+        from ezsd_jax.data.synthetic_stage import point_data_config
+        point_data_config(cfg, workdir)
+
+
+def _is_main() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+def split_names(cfg) -> tuple[list[str], list[str], list[str]]:
+    """(base, novel, all) names of config.ezsd's split, in the train file's id order."""
+    from ezsd_jax.ezsd import splits
+    ann = cfg.data.train_ann
+    base, novel = splits.zeroshot_names(cfg.ezsd, ann)
+    return base, novel, splits.all_names(base, novel, ann)
+
+
+def clip_source(cfg, workdir: str) -> str:
+    """The teacher before re-normalization: config.clip.model, else the toy CLIP of the
+    clip_pretrain stage in the workdir."""
+    src = cfg.clip.get("model", "")
+    if src:
+        return src
+    d = os.path.join(workdir, PRETRAIN_DIR, "model")
+    if not os.path.exists(os.path.join(d, "config.json")):
+        raise FileNotFoundError(f"config.clip.model is empty and {d} holds no CLIP: run the "
+                                "'clip_pretrain' stage first or set config.clip.model")
+    return d
+
+
+def _templates(cfg) -> tuple[str, ...]:
+    return tuple(cfg.clip.renorm.get("templates", ("a photo of a {}.",)))
+
+
+def _crop_kw(cfg, size: int, mean, std) -> dict:
+    r = cfg.clip.renorm
+    return dict(enlarge=float(r.get("enlarge", 1.2)), out_size=int(size), mean=mean, std=std,
+                method=r.get("method", "bicubic"))
+
+
+def _local_pipeline(dataset, cfg, batch_size: int, train: bool = False):
+    """A pipeline over ALL of `dataset` in this process (no per-process split), no flip."""
+    from ezsd_jax.data.pipeline import DetectionPipeline
+    d = cfg.data
+    return DetectionPipeline(dataset, batch_size=int(batch_size),
+                             image_size=tuple(cfg.model.image_size), max_boxes=d.max_boxes,
+                             train=train, short_side=d.short_side, max_side=d.max_side,
+                             flip_prob=0.0, seed=cfg.train.seed, num_threads=d.num_threads,
+                             prefetch=d.prefetch, process_index=0, process_count=1)
+
+
+# ----------------------------------------------------------------------------- pretrain
+
+def clip_pretrain(cfg, workdir: str) -> dict:
+    """Stage 'clip_pretrain' (demo): toy CLIP on the caption set of config.clip.captions
+    ('' = the demo world's <synth root>/captions/{train,heldout}.npz). Skipped when the
+    model and its clean accuracy exist. Returns the clean accuracy dict."""
+    import json
+
+    from ezsd_jax.clip import pretrain
+    from ezsd_jax.clip.text import save_text_embeddings, text_embeddings
+    from ezsd_jax.clip.toy import load_clip
+    from ezsd_jax.demo.world import load_caption_set
+    from ezsd_jax.io_utils import atomic_write_json
+    _point_data(cfg, workdir)
+    out = os.path.join(workdir, PRETRAIN_DIR)
+    model_dir = os.path.join(out, "model")
+    acc_path = os.path.join(out, "clean_accuracy.json")
+    emb_path = os.path.join(out, "text_embeddings.npz")
+    if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), acc_path,
+                                        emb_path)):
+        _log(f"[clip_pretrain] {model_dir} exists, skipping")
+        with open(acc_path) as f:
+            return json.load(f)
+    tr_path, ho_path = _caption_paths(cfg, workdir)
+    train = load_caption_set(tr_path)
+    base, novel, names = split_names(cfg)
+    missing = sorted(set(names) - set(train["names"]))
+    if missing:
+        raise ValueError(f"{tr_path}: the caption set has no category {missing} of the "
+                         "zero-shot split (config.ezsd)")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        pretrain.run_pretrain(train["images"], train["captions"], train["labels"],
+                              train["names"], model_dir, workdir, cfg.clip.pretrain, log=_log)
+    model, params, tok, _, mean, std = load_clip(model_dir)
+    templates = _templates(cfg)
+    # text embeddings of ALL names from the pretrained (not re-normalized) text tower:
+    # the classifier of the 'no re-normalization' ablation
+    save_text_embeddings(emb_path, names, text_embeddings(model, params, tok, names,
+                                                          templates), templates)
+    held = load_caption_set(ho_path)
+    pos = {n: i for i, n in enumerate(names)}
+    labels = np.asarray([pos.get(held["names"][k], -1) if k >= 0 else -1
+                         for k in held["labels"]], np.int32)
+    keep = labels >= 0
+    acc = pretrain.clean_accuracy(model, params, tok, held["images"][keep], labels[keep],
+                                  names, is_base=np.asarray([n in base for n in names]),
+                                  templates=templates, mean=mean, std=std)
+    acc["images"] = int(keep.sum())
+    if _is_main():
+        atomic_write_json(acc_path, acc)
+    _log(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
+         f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
+    return acc
+
+
+def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
+    c = cfg.clip.get("captions", "")
+    if c:
+        return os.path.join(c, "train.npz"), os.path.join(c, "heldout.npz")
+    from ezsd_jax.data.synthetic_stage import dataset_paths
+    root = dataset_paths(cfg, workdir)["root"]
+    return (os.path.join(root, "captions", "train.npz"),
+            os.path.join(root, "captions", "heldout.npz"))
+
+
+# ----------------------------------------------------------------------------- renorm
+
+def renorm_steps(cfg, num_boxes: int) -> int:
+    """config.clip.renorm_steps when > 0, else renorm_epochs passes over the base GT boxes
+    at renorm.crops_per_step crops per step."""
+    steps = int(cfg.clip.get("renorm_steps", 0) or 0)
+    if steps > 0:
+        return steps
+    per = int(cfg.clip.renorm.get("crops_per_step", 64))
+    return max(1, math.ceil(float(cfg.clip.renorm_epochs) * num_boxes / per))
+
+
+def val_crop_accuracy(cfg, model, params, text_emb: np.ndarray, names, is_base,
+                      mean, std, max_images: int | None = None) -> dict:
+    """Accuracy of CLIP classifying val GT crops (all names, 1.2x crops as in renorm) over
+    the rows of text_emb (`names` order); acc_all / acc_base / acc_novel + counts."""
+    from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes
+    from ezsd_jax.train import load_dataset
+    dataset = load_dataset(cfg.data, "val", category_names=list(names))
+    if max_images:
+        dataset = dataclasses.replace(dataset, records=dataset.records[:int(max_images)])
+    bs = int(cfg.eval.batch_size)
+    pipe = _local_pipeline(dataset, cfg, bs)
+    label_map = np.arange(len(names), dtype=np.int32)
+    size = int(model.config.vision_config.image_size)
+    rng = np.random.default_rng(0)
+
+    def batches():
+        for b in pipe:
+            yield flatten_gt_boxes(b, bs * cfg.data.max_boxes, label_map, rng)[0]
+    try:
+        return crop_accuracy(model, params, batches(), text_emb, is_base=is_base,
+                             **_crop_kw(cfg, size, mean, std))
+    finally:
+        pipe.close()
+
+
+def renorm(cfg, workdir: str) -> dict:
+    """Stage 'renorm' (see module docstring). Returns the crop accuracy dict."""
+    import json
+
+    import flax
+    import jax
+
+    from ezsd_jax import sharding
+    from ezsd_jax.clip.renorm import run_renorm
+    from ezsd_jax.clip.text import load_text_embeddings, text_embeddings
+    from ezsd_jax.clip.toy import load_clip
+    from ezsd_jax.io_utils import atomic_write_json
+    from ezsd_jax.train import load_dataset, make_pipeline
+    _point_data(cfg, workdir)
+    out = os.path.join(workdir, RENORM_DIR)
+    adapted = os.path.join(out, "adapted_clip")
+    emb_path = os.path.join(out, "text_embeddings.npz")
+    acc_path = os.path.join(out, "crop_accuracy.json")
+    base, novel, names = split_names(cfg)
+    done = os.path.exists(os.path.join(adapted, "config.json")) and os.path.exists(emb_path)
+    if done and os.path.exists(acc_path):
+        _log(f"[renorm] {adapted} exists, skipping")
+        with open(acc_path) as f:
+            return json.load(f)
+    src = clip_source(cfg, workdir)
+    model, params, tok, size, mean, std = load_clip(src)
+    templates = _templates(cfg)
+    # crop accuracy over ALL names on val GT crops, before (first: run_renorm
+    # donates the teacher's parameters) and after
+    is_base = np.asarray([n in base for n in names])
+    max_images = int(cfg.clip.get("accuracy_images", 500) or 0) or None
+    before = val_crop_accuracy(cfg, model, params, text_embeddings(model, params, tok, names,
+                                                                   templates),
+                               names, is_base, mean, std, max_images)
+    if not done:
+        dataset = load_dataset(cfg.data, "train", category_names=base)
+        n_boxes = int(sum(len(r.boxes) for r in dataset.records))
+        steps = renorm_steps(cfg, n_boxes)
+        bs = int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
+        _log(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
+             f"of {len(base)} base names; {steps} steps of {bs} images")
+        mesh = sharding.make_mesh(cfg.mesh)
+        # run_renorm builds its state from `params` as given: replicate them on the mesh
+        # (else the state sits on one device and the data-sharded batch on all of them)
+        params = jax.device_put(flax.core.unfreeze(params), sharding.replicated(mesh))
+        pipe = make_pipeline(dataset, cfg, True, bs)
+        try:
+            run_renorm(model, params, tok, pipe.train_iterator, base, names, steps,
+                       cfg.clip.renorm, out, class_names=dataset.cat_names, mean=mean,
+                       std=std, mesh=mesh)
+        finally:
+            pipe.close()
+    amodel, aparams, _, _, amean, astd = load_clip(adapted)
+    enames, emb = load_text_embeddings(emb_path)
+    pos = {n: i for i, n in enumerate(enames)}
+    after = val_crop_accuracy(cfg, amodel, aparams, emb[[pos[n] for n in names]], names,
+                              is_base, amean, astd, max_images)
+    acc = {"before": before, "after": after, "teacher": src}
+    if _is_main():
+        atomic_write_json(acc_path, acc)
+    _log(f"[renorm] val crop accuracy over all {len(names)} names (base / novel): before "
+         f"{before['acc_base']:.3f} / {before['acc_novel']:.3f}, after "
+         f"{after['acc_base']:.3f} / {after['acc_novel']:.3f}")
+    return acc
+
+
+# ----------------------------------------------------------------------------- proposals
+
+def _shard(cfg) -> tuple[int, int]:
+    import jax
+    s = cfg.clip.get("proposal_shard", "") or ""
+    if not s:
+        return jax.process_index(), jax.process_count()
+    try:
+        i, n = (int(v) for v in str(s).split("/"))
+    except ValueError:
+        raise ValueError(f"config.clip.proposal_shard must look like 'i/n', got {s!r}") \
+            from None
+    return i, n
+
+
+def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir: str
+                       ) -> dict:
+    """Proposals of every training image (base GT only loaded) with the CLIP in
+    `clip_dir` classifying over the names of `text_path` (all names of the split) into
+    the ProposalStore `out_dir`. Returns run_proposals' stats (or {'skipped': all})."""
+    from ezsd_jax.clip.proposals import run_proposals
+    from ezsd_jax.clip.store import ProposalStore
+    from ezsd_jax.clip.text import load_text_embeddings
+    from ezsd_jax.clip.toy import load_clip
+    from ezsd_jax.train import load_dataset
+    base, novel, names = split_names(cfg)
+    dataset = load_dataset(cfg.data, "train", category_names=base)
+    cs = int(cfg.clip.proposal_images_per_chunk)
+    n = len(dataset.records)
+    num_chunks = max(1, -(-n // cs))
+    settings = dict(cfg.clip.proposals)
+    manifest = {"num_chunks": num_chunks, "chunk_size": cs, "num_images": n,
+                "names": names, "base_names": base, "settings": settings,
+                "train_ann": os.path.basename(cfg.data.train_ann)}
+    store = ProposalStore(out_dir, manifest)
+    shard_index, num_shards = _shard(cfg)
+    mine = [c for c in range(num_chunks) if c % num_shards == shard_index]
+    if set(mine) <= set(store.finished_shards()):
+        _log(f"[proposals] {out_dir}: all {len(mine)} chunks of shard {shard_index}/"
+             f"{num_shards} exist, skipping")
+        return {"processed": [], "skipped": mine}
+    model, params, _, _, mean, std = load_clip(clip_dir)
+    enames, emb = load_text_embeddings(text_path)
+    pos = {nm: i for i, nm in enumerate(enames)}
+    missing = [nm for nm in names if nm not in pos]
+    if missing:
+        raise ValueError(f"{text_path}: no text embedding for {missing}")
+    emb = emb[[pos[nm] for nm in names]]
+    is_base = np.asarray([nm in base for nm in names])
+    class_is_base = np.ones(len(dataset.cat_names), bool)   # only base GT is loaded
+    bs = int(cfg.clip.get("proposal_batch_size", 0) or cfg.eval.batch_size)
+    _log(f"[proposals] {n} training images in {num_chunks} chunks of {cs}; shard "
+         f"{shard_index}/{num_shards}; CLIP {clip_dir}; {len(names)} names "
+         f"({len(base)} base)")
+
+    def load_chunk(c):
+        sub = dataclasses.replace(dataset, records=dataset.records[c * cs:(c + 1) * cs])
+        pipe = _local_pipeline(sub, cfg, bs)
+        try:
+            yield from pipe
+        finally:
+            pipe.close()
+
+    return run_proposals(model, params, emb, is_base, load_chunk, num_chunks, store,
+                         dict(settings, mean=mean, std=std), shard_index=shard_index,
+                         num_shards=num_shards, class_is_base=class_is_base,
+                         workdir=workdir)
+
+
+def proposals(cfg, workdir: str) -> dict:
+    """Stage 'proposals' (see module docstring)."""
+    from ezsd_jax.ezsd.stages import text_embeddings_path
+    _point_data(cfg, workdir)
+    clip_dir = os.path.join(workdir, RENORM_DIR, "adapted_clip")
+    if not os.path.exists(os.path.join(clip_dir, "config.json")):
+        raise FileNotFoundError(f"{clip_dir} holds no CLIP: run the 'renorm' stage first")
+    out = cfg.ezsd.get("proposals_dir", "") or os.path.join(workdir, PROPOSALS_DIR)
+    stats = generate_proposals(cfg, workdir, clip_dir, text_embeddings_path(cfg, workdir),
+                               out)
+    _barrier_if_multiprocess()
+    return stats
+
+
+def _barrier_if_multiprocess() -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("ezsd_clip_proposals")
+
+
+
+__all__ = ["clip_pretrain", "renorm", "proposals", "generate_proposals", "clip_source",
+           "split_names", "renorm_steps", "val_crop_accuracy", "PRETRAIN_DIR",
+           "RENORM_DIR", "PROPOSALS_DIR"]

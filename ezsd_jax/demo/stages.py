@@ -1,0 +1,245 @@
+"""Stages of the zero-shot demo (configs/demo.py) for `python -m ezsd_jax.main`:
+
+  demo_data    writes the demo world (demo/world.py) into <synth root> (default
+               <workdir>/synthetic): COCO-format detection train/val and the caption sets;
+               config.data points at it (data/synthetic_stage.point_data_config).
+  ablation     (config.ablation.enabled) trains and evaluates one detector per variant
+               in <workdir>/ablation/<variant>/ (same data, CLIP and schedule as the main
+               run): no_renorm (proposals and text embeddings of the CLIP before
+               re-normalization), no_proposals (GT-only distillation),
+               no_semantic_regression, no_distillation (base-only detector, the floor).
+               -> <workdir>/ablation/results.json
+  demo_report  the final tables (printed; <workdir>/report.md, report.json) and
+               <workdir>/detections.png (detections on val images, base / novel labelled)
+
+Every stage skips work whose outputs exist, so the demo command can be re-run.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+ABLATION_DIR = "ablation"
+VARIANTS = ("no_renorm", "no_proposals", "no_semantic_regression", "no_distillation")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _is_main() -> bool:
+    import jax
+    return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- data
+
+def demo_data(cfg, workdir: str) -> dict:
+    """Stage 'demo_data' (see module docstring). Returns the world's paths."""
+    from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
+    from ezsd_jax.demo import world
+    s = cfg.synth
+    root = dataset_paths(cfg, workdir)["root"]
+    spec = world.spec_from_config(s)
+    import jax
+    if jax.process_index() > 0:     # process 0 writes first (shared disks), then the rest
+        _barrier("ezsd_demo_data_0")
+    paths = world.write_world(root, spec, train_images=s.train_images,
+                              val_images=s.val_images,
+                              captions_per_category=s.captions_per_category,
+                              heldout_per_category=s.heldout_per_category, seed=s.seed,
+                              log=_log)
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        _barrier("ezsd_demo_data_0")
+    point_data_config(cfg, workdir)
+    return paths
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- ablation
+
+def variant_config(cfg, variant: str, workdir: str, vdir: str):
+    """A copy of `cfg` for one ablation variant (its own workdir `vdir`)."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.ezsd.text_embeddings = c.ezsd.text_embeddings or _main_text_embeddings(workdir)
+        c.ezsd.proposals_dir = c.ezsd.proposals_dir or os.path.join(workdir, "proposals")
+        if variant == "no_renorm":
+            c.ezsd.text_embeddings = os.path.join(vdir, "text_embeddings.npz")
+            c.ezsd.proposals_dir = os.path.join(vdir, "proposals")
+        elif variant == "no_proposals":
+            c.ezsd.distill.gt_only = True
+        elif variant == "no_semantic_regression":
+            c.model.ezsd.semantic_regression = False
+        elif variant == "no_distillation":
+            c.ezsd.distill.enabled = False
+        else:
+            raise ValueError(f"config.ablation.variants: unknown variant {variant!r}; "
+                             f"known: {VARIANTS}")
+    return c
+
+
+def _main_text_embeddings(workdir: str) -> str:
+    from ezsd_jax.ezsd.stages import text_embeddings_path
+    return text_embeddings_path(ml_collections.ConfigDict({"ezsd": {}}), workdir)
+
+
+def _prepare_no_renorm(cfg, vcfg, workdir: str, vdir: str) -> None:
+    """Text embeddings and proposals of the teacher BEFORE re-normalization."""
+    from ezsd_jax.clip import stages as clip_stages
+    from ezsd_jax.clip.text import save_text_embeddings, text_embeddings
+    from ezsd_jax.clip.toy import load_clip
+    src = clip_stages.clip_source(cfg, workdir)
+    emb_path = vcfg.ezsd.text_embeddings
+    if not os.path.exists(emb_path):
+        model, params, tok, _, _, _ = load_clip(src)
+        _, _, names = clip_stages.split_names(cfg)
+        templates = tuple(cfg.clip.renorm.get("templates", ("a photo of a {}.",)))
+        save_text_embeddings(emb_path, names, text_embeddings(model, params, tok, names,
+                                                              templates), templates)
+    clip_stages.generate_proposals(vcfg, vdir, src, emb_path, vcfg.ezsd.proposals_dir)
+
+
+def run_variant(cfg, variant: str, workdir: str) -> dict:
+    """Trains + evaluates one variant (skipped when its summary is of the final step);
+    returns {'summary', 'crop_accuracy'}."""
+    from ezsd_jax.ezsd import stages as ezsd_stages
+    vdir = os.path.join(workdir, ABLATION_DIR, variant)
+    os.makedirs(vdir, exist_ok=True)
+    vcfg = variant_config(cfg, variant, workdir, vdir)
+    summary = _read_json(os.path.join(vdir, "eval", "ezsd_summary.json"))
+    if summary is None or summary.get("step") != int(cfg.train.steps):
+        _log(f"=== ablation variant {variant} ===")
+        if variant == "no_renorm":
+            _prepare_no_renorm(cfg, vcfg, workdir, vdir)
+        ezsd_stages.ezsd_train(vcfg, vdir)
+        summary = ezsd_stages.ezsd_eval(vcfg, vdir)
+    else:
+        _log(f"[ablation] {variant}: {vdir} is done, skipping")
+    acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}
+    return {"summary": summary,
+            "crop_accuracy": acc.get("before" if variant == "no_renorm" else "after")}
+
+
+def ablation(cfg, workdir: str) -> dict | None:
+    """Stage 'ablation' (see module docstring); a no-op unless config.ablation.enabled."""
+    from ezsd_jax.data.synthetic_stage import point_data_config
+    from ezsd_jax.demo import report
+    from ezsd_jax.io_utils import atomic_write_json
+    a = cfg.get("ablation")
+    if a is None or not a.enabled:
+        _log("[ablation] config.ablation.enabled is False: skipping (--config.ablation."
+             "enabled=True runs it)")
+        return None
+    if "synth" in cfg:
+        point_data_config(cfg, workdir)
+    full = _read_json(os.path.join(workdir, "eval", "ezsd_summary.json"))
+    if full is None:
+        raise FileNotFoundError(f"{workdir}/eval/ezsd_summary.json missing: run the main "
+                                "stages (through ezsd_eval) before 'ablation'")
+    acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}
+    results = {"full": {"summary": full, "crop_accuracy": acc.get("after")}}
+    for v in a.variants:
+        results[v] = run_variant(cfg, v, workdir)
+    if _is_main():
+        atomic_write_json(os.path.join(workdir, ABLATION_DIR, "results.json"), results)
+    _log(report.ablation_table(results))
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+def _val_images_to_draw(val: dict, novel_ids: set, n: int) -> list[int]:
+    """The first n val image ids holding a novel object (then others, to fill)."""
+    has_novel = {a["image_id"] for a in val["annotations"] if a["category_id"] in novel_ids}
+    ids = [im["id"] for im in val["images"]]
+    return ([i for i in ids if i in has_novel] + [i for i in ids if i not in has_novel])[:n]
+
+
+def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> str | None:
+    from ezsd_jax.data.pipeline import load_image
+    from ezsd_jax.demo import report
+    from ezsd_jax.io_utils import atomic_write_bytes
+    dets = _read_json(os.path.join(workdir, "eval", "ezsd_eval_detections.json"))
+    if dets is None:
+        _log("[demo_report] no eval/ezsd_eval_detections.json: no detections PNG")
+        return None
+    with open(cfg.data.val_ann) as f:
+        val = json.load(f)
+    names = {c["id"]: c["name"] for c in val["categories"]}
+    novel_ids = {i for i, n in names.items() if n in set(cfg.ezsd.novel_names)}
+    r = cfg.get("report", {})
+    n = int(r.get("num_images", 6))
+    by_image: dict[int, list] = {}
+    for d in dets:
+        by_image.setdefault(d["image_id"], []).append(d)
+    gt: dict[int, list] = {}
+    for a in val["annotations"]:
+        gt.setdefault(a["image_id"], []).append(a)
+    files = {im["id"]: im["file_name"] for im in val["images"]}
+    panels = []
+    for iid in _val_images_to_draw(val, novel_ids, n):
+        img = load_image(os.path.join(cfg.data.val_images, files[iid]))
+        panels.append(report.draw_detections(
+            img, by_image.get(iid, []), names, novel_ids, gt.get(iid, []),
+            score_threshold=float(r.get("score_threshold", 0.3)),
+            max_dets=int(r.get("max_detections", 10))))
+    grid = report.detections_grid(panels, int(r.get("columns", 3)), title)
+    import io
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(out_path, buf.getvalue())
+    return out_path
+
+
+def demo_report(cfg, workdir: str) -> dict:
+    """Stage 'demo_report' (see module docstring). Returns the gathered results."""
+    from ezsd_jax.data.synthetic_stage import point_data_config
+    from ezsd_jax.demo import report
+    from ezsd_jax.io_utils import atomic_write_json, atomic_write_text
+    if "synth" in cfg:
+        point_data_config(cfg, workdir)
+    summary = _read_json(os.path.join(workdir, "eval", "ezsd_summary.json"))
+    if summary is None:
+        raise FileNotFoundError(f"{workdir}/eval/ezsd_summary.json missing: run stages "
+                                "through ezsd_eval first")
+    crop = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json"))
+    clean = _read_json(os.path.join(workdir, "clip_pretrain", "clean_accuracy.json"))
+    abl = _read_json(os.path.join(workdir, ABLATION_DIR, "results.json"))
+    text = report.main_tables(summary, crop, clean)
+    if abl:
+        text += "\n\n" + report.ablation_table(abl)
+    novel_ap = (summary.get("novel") or {}).get("AP50", float("nan"))
+    title = (f"EZSD demo, val detections (score >= "
+             f"{float(cfg.get('report', {}).get('score_threshold', 0.3)):.2f}); green = base, "
+             f"magenta * = novel (never annotated in training)\n"
+             f"novel AP50 {novel_ap:.3f}, base AP50 "
+             f"{(summary.get('base') or {}).get('AP50', float('nan')):.3f}; grey = GT")
+    png = draw_val_detections(cfg, workdir, os.path.join(workdir, "detections.png"), title)
+    out = {"summary": summary, "crop_accuracy": crop, "clean_accuracy": clean,
+           "ablation": abl, "detections_png": png}
+    if _is_main():
+        atomic_write_text(os.path.join(workdir, "report.md"), text + "\n")
+        atomic_write_json(os.path.join(workdir, "report.json"), out)
+    print("\n" + text + "\n", flush=True)
+    if png:
+        _log(f"[demo_report] wrote {os.path.join(workdir, 'report.md')} and {png}")
+    return out
+
+
+
+__all__ = ["demo_data", "ablation", "demo_report", "run_variant", "variant_config",
+           "draw_val_detections", "VARIANTS"]
