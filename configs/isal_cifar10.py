@@ -12,6 +12,8 @@ configs/isal_digits.py is the same experiment shrunk to run on a CPU in minutes.
 """
 import ml_collections
 
+from configs import isal_demo
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -60,26 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 100
     c.train.eval_batch_size = 500
 
-    # ISAL settings (the reference's classification settings). Reference set R for
-    # v = sum grad L(R): the labeled set (the reference code uses the test split, which
-    # leaks test labels; an 'ids_file' of pool-split ids is possible too).
-    c.reference = ml_collections.ConfigDict()
-    c.reference.source = "labeled"  # labeled | ids_file
-    c.reference.ids_file = ""
-    c.influence = ml_collections.ConfigDict()
-    c.influence.damp = 0.01
-    c.influence.scale = 1e4
-    c.influence.depth = 250
-    c.influence.repeats = 4
-    c.influence.residual_batches = 8
-    c.influence.subset = "ndim_gt1"      # convs + FC weight; no BN, no biases
-    c.influence.pseudo_label = "argmax"  # argmax | expected
-    c.influence.topk = 3
-    c.influence.fused = True
-    c.influence.ref_batch_size = 256
-    c.influence.hvp_batch_size = 128
-    c.influence.pool_batch_size = 512
-    c.influence.shard_size = 8192
+    # ISAL settings (the reference's classification settings)
+    isal_demo.add_isal_settings(c, ref_batch_size=256, hvp_batch_size=128,
+                                pool_batch_size=512, shard_size=8192)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -11,6 +11,33 @@ Output: workdir/selection_<strategy>.json; ISAL per-shard scores in workdir/isal
 import ml_collections
 
 
+def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
+                      hvp_batch_size: int, pool_batch_size: int, shard_size: int) -> None:
+    """c.reference + c.influence: the reference's classification settings (shared by the
+    ISAL classification configs); the batch sizes and shard size are per machine."""
+    # Reference set R for v = sum grad L(R): the labeled set, or an id list (held-out part
+    # of the labeled set). The ISAL reference code uses the test split (it leaks test
+    # labels): we do not.
+    c.reference = ml_collections.ConfigDict()
+    c.reference.source = "labeled"   # labeled | ids_file
+    c.reference.ids_file = ""
+
+    c.influence = ml_collections.ConfigDict()
+    c.influence.damp = 0.01
+    c.influence.scale = 1e4
+    c.influence.depth = 250
+    c.influence.repeats = 4
+    c.influence.residual_batches = 8
+    c.influence.subset = "ndim_gt1"     # ndim_gt1 (convs + FC weights) | all | regex:<pat>
+    c.influence.pseudo_label = "argmax"  # argmax | expected
+    c.influence.topk = 3                 # classes of the expected gradient
+    c.influence.fused = True             # pseudo label + loss in one forward pass
+    c.influence.ref_batch_size = ref_batch_size
+    c.influence.hvp_batch_size = hvp_batch_size
+    c.influence.pool_batch_size = pool_batch_size
+    c.influence.shard_size = shard_size  # pool samples per resumable score shard
+
+
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -44,26 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.pool.ids_file = ""          # optional JSON list restricting the pool ('' = whole split)
     c.pool.data_dir = ""          # tfds data_dir for cifar10 (prepared files only)
 
-    # Reference set R for v = sum grad L(R): the labeled set, or an id list (held-out part
-    # of the labeled set). The ISAL reference code uses the test split: we do not.
-    c.reference = ml_collections.ConfigDict()
-    c.reference.source = "labeled"   # labeled | ids_file
-    c.reference.ids_file = ""
-
-    c.influence = ml_collections.ConfigDict()
-    c.influence.damp = 0.01
-    c.influence.scale = 1e4
-    c.influence.depth = 250
-    c.influence.repeats = 4
-    c.influence.residual_batches = 8
-    c.influence.subset = "ndim_gt1"     # ndim_gt1 | all | regex:<pattern>
-    c.influence.pseudo_label = "argmax"  # argmax | expected
-    c.influence.topk = 3                 # classes of the expected gradient
-    c.influence.fused = True             # pseudo label + loss in one forward pass
-    c.influence.ref_batch_size = 128
-    c.influence.hvp_batch_size = 64
-    c.influence.pool_batch_size = 128
-    c.influence.shard_size = 512         # pool samples per resumable score shard
+    add_isal_settings(c, ref_batch_size=128, hvp_batch_size=64, pool_batch_size=128,
+                      shard_size=512)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -259,6 +259,18 @@ def place_shape(mask: np.ndarray, occupied: np.ndarray, placed, max_overlap_iou:
     return y0, x0, box
 
 
+def append_coco_image(images: list, anns: list, image_id: int, file_name: str, hw,
+                      objects) -> None:
+    """Appends one generated image and its objects (object_record dicts; category index
+    k -> COCO category id k + 1) to COCO `images` / `annotations` lists."""
+    images.append({"id": image_id, "file_name": file_name, "height": int(hw[0]),
+                   "width": int(hw[1])})
+    for o in objects:
+        anns.append({"id": len(anns) + 1, "image_id": image_id,
+                     "category_id": o["category"] + 1, "bbox": o["bbox"],
+                     "area": o["area"], "iscrowd": 0})
+
+
 def object_record(category: int, mask: np.ndarray, box) -> dict:
     """An object of a generated image: category index, pixel area, COCO xywh box."""
     return {"category": category, "area": int(mask.sum()),
@@ -325,12 +337,7 @@ def write_coco_dataset(out_dir: str, spec: SyntheticSpec, num_images: int, seed:
             pil.save(os.path.join(img_dir, name), quality=90)
         else:
             pil.save(os.path.join(img_dir, name), compress_level=1)
-        images.append({"id": image_id, "file_name": name, "height": img.shape[0],
-                       "width": img.shape[1]})
-        for o in objects:
-            anns.append({"id": len(anns) + 1, "image_id": image_id,
-                         "category_id": o["category"] + 1, "bbox": o["bbox"],
-                         "area": o["area"], "iscrowd": 0})
+        append_coco_image(images, anns, image_id, name, img.shape[:2], objects)
     data = {
         "info": {"description": f"ezsd_jax synthetic shapes, split={split}, seed={seed}"},
         "licenses": [],

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from ezsd_jax.data.synthetic import (CategorySpec, _background, _clutter, _shape_mask,
-                                     object_record, place_shape)
+                                     append_coco_image, object_record, place_shape)
 from ezsd_jax.io_utils import atomic_savez, atomic_write_json
 
 # name -> (shape, rgb). Colours and shapes are pairwise distinct within the catalogue.
@@ -233,12 +233,7 @@ def write_detection_split(root: str, spec: WorldSpec, num_images: int, seed: int
         image_id = i + 1
         name = f"{image_id:012d}.png"
         Image.fromarray(img).save(os.path.join(img_dir, name), compress_level=1)
-        images.append({"id": image_id, "file_name": name, "height": img.shape[0],
-                       "width": img.shape[1]})
-        for o in objects:
-            anns.append({"id": len(anns) + 1, "image_id": image_id,
-                         "category_id": o["category"] + 1, "bbox": o["bbox"],
-                         "area": o["area"], "iscrowd": 0})
+        append_coco_image(images, anns, image_id, name, img.shape[:2], objects)
     data = {"info": {"description": f"ezsd_jax zero-shot demo world, split={split}, "
                                     f"seed={seed}"},
             "licenses": [], "images": images, "annotations": anns,
