@@ -80,6 +80,19 @@ def clip_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def reference_schedule(train_images: int, epochs: int, decay_epochs, batch: int = 16
+                       ) -> ml_collections.ConfigDict:
+    """config.train of the reference (method note 3): SGD momentum 0.9, wd 1e-4, lr 0.005
+    per 4 images scaled linearly, 500-step linear warm-up, x0.1 at `decay_epochs`, grad
+    clip 10."""
+    steps_per_epoch = -(-int(train_images) // batch)
+    return common.train_config(
+        batch_size=batch, steps=epochs * steps_per_epoch, lr=0.005 * batch / 4,
+        momentum=0.9, weight_decay=1e-4, warmup_steps=500, warmup_factor=0.001,
+        decay_fractions=tuple(e / epochs for e in decay_epochs), gamma=0.1, grad_clip=10.0,
+        ckpt_every=2000, log_every=50)
+
+
 def get_config():
     cfg = common.base_config()
     cfg.stages = ("renorm", "proposals", "ezsd_train", "ezsd_eval")
@@ -100,12 +113,6 @@ def get_config():
     cfg.model.ezsd = ezsd_head_config()
     cfg.ezsd = ezsd_config()
     cfg.clip = clip_config()
-    batch = 16
-    steps_per_epoch = -(-COCO_TRAIN_IMAGES // batch)
-    cfg.train = common.train_config(
-        batch_size=batch, steps=12 * steps_per_epoch, lr=0.005 * batch / 4, momentum=0.9,
-        weight_decay=1e-4, warmup_steps=500, warmup_factor=0.001,
-        decay_fractions=(8 / 12, 11 / 12), gamma=0.1, grad_clip=10.0, ckpt_every=2000,
-        log_every=50)
+    cfg.train = reference_schedule(COCO_TRAIN_IMAGES, epochs=12, decay_epochs=(8, 11))
     cfg.eval = common.eval_config(batch_size=16)
     return cfg

@@ -19,10 +19,9 @@ Deviations from the reference (method note sections 1-3), besides those of confi
     does not say how many the reference uses on LVIS), loss factor 0.5.
   - Text-tower LayerNorms stay frozen in re-normalization (as the reference on LVIS).
 """
-import ml_collections
 
 from configs import common
-from configs.coco import clip_config, ezsd_config, ezsd_head_config
+from configs.coco import clip_config, ezsd_config, ezsd_head_config, reference_schedule
 
 LVIS_TRAIN_IMAGES = 100170   # lvis_v1_train.json
 
@@ -55,12 +54,6 @@ def get_config():
     # LVIS proposals (method note 2): 500 per image sampled at random after the IoU
     # filter, no base-class filter.
     cfg.clip.proposals.update(dict(keep=500, selection="random", drop_base=False))
-    batch = 16
-    steps_per_epoch = -(-LVIS_TRAIN_IMAGES // batch)
-    cfg.train = common.train_config(
-        batch_size=batch, steps=48 * steps_per_epoch, lr=0.005 * batch / 4, momentum=0.9,
-        weight_decay=1e-4, warmup_steps=500, warmup_factor=0.001,
-        decay_fractions=(32 / 48, 44 / 48), gamma=0.1, grad_clip=10.0, ckpt_every=2000,
-        log_every=50)
+    cfg.train = reference_schedule(LVIS_TRAIN_IMAGES, epochs=48, decay_epochs=(32, 44))
     cfg.eval = common.eval_config(batch_size=16)
     return cfg

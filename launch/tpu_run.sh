@@ -84,41 +84,52 @@ fi
 
 main_cmd .venv/bin/python "$CONFIG" "$RUN_WORKDIR" 1 "$@"
 MAIN="$(join_quoted "${MAIN_CMD[@]}")"
-if is_true "${DETACH:-1}"; then
-  body=$(
-    cat <<'EOF'
+# on every worker: enter the checkout, check the mount, (detached: refuse a second copy of
+# the run), write the log header, then run the job detached or attached
+prelude=$(
+  cat <<'EOF'
 cd "$REMOTE_DIR"
 mkdir -p logs
 if [ -n "$MOUNT" ] && ! mountpoint -q "$MOUNT"; then
   echo "$(hostname): $MOUNT is not mounted: run launch/tpu_setup.sh with GCS_BUCKET set" >&2
   exit 1
 fi
+EOF
+)
+header=$(
+  cat <<'EOF'
+export EZSD_DISTRIBUTED=1
+echo "# $(date -u '+%F %T UTC') $(hostname) code $(cat SOURCE_REVISION 2>/dev/null || echo unknown)" > "$LOG"
+EOF
+)
+if is_true "${DETACH:-1}"; then
+  run=$(
+    cat <<'EOF'
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   echo "$(hostname): $RUN_NAME already running (pid $(cat "$PIDFILE")); ACTION=stop first" >&2
   exit 1
 fi
-export EZSD_DISTRIBUTED=1
-echo "# $(date -u '+%F %T UTC') $(hostname) code $(cat SOURCE_REVISION 2>/dev/null || echo unknown)" > "$LOG"
+EOF
+  )
+  launch=$(
+    cat <<'EOF'
 nohup bash -c "exec $MAIN" >> "$LOG" 2>&1 < /dev/null &
 echo $! > "$PIDFILE"
 echo "$(hostname): started $RUN_NAME (pid $!), log ~/$REMOTE_DIR/$LOG"
 EOF
   )
 else
-  body=$(
+  run=""
+  launch=$(
     cat <<'EOF'
-cd "$REMOTE_DIR"
-mkdir -p logs
-if [ -n "$MOUNT" ] && ! mountpoint -q "$MOUNT"; then
-  echo "$(hostname): $MOUNT is not mounted: run launch/tpu_setup.sh with GCS_BUCKET set" >&2
-  exit 1
-fi
-export EZSD_DISTRIBUTED=1
-echo "# $(date -u '+%F %T UTC') $(hostname) code $(cat SOURCE_REVISION 2>/dev/null || echo unknown)" > "$LOG"
 bash -c "exec $MAIN" 2>&1 | tee -a "$LOG"
 EOF
   )
 fi
+body="${prelude}
+${run}
+${header}
+${launch}"
 tpu_ssh all "$(remote_script "$body" "REMOTE_DIR=$REMOTE_DIR" "RUN_NAME=$RUN_NAME" "LOG=$LOG" "PIDFILE=$PIDFILE" "MOUNT=$MOUNT" "MAIN=$MAIN")"
 if is_true "${DETACH:-1}"; then
   note "follow it with: TPU_NAME=${TPU_NAME} ZONE=${ZONE} PROJECT=${PROJECT} RUN_NAME=${RUN_NAME} launch/tpu_logs.sh"
