@@ -15,12 +15,17 @@ def spec_from_config(s) -> SyntheticSpec:
         clutter=s.clutter)
 
 
+def coco_layout(root: str) -> dict:
+    """The COCO-style layout of a generated set under `root` (annotations/ + images)."""
+    return {"train_ann": os.path.join(root, "annotations", "instances_train.json"),
+            "train_images": os.path.join(root, "train"),
+            "val_ann": os.path.join(root, "annotations", "instances_val.json"),
+            "val_images": os.path.join(root, "val"), "root": root}
+
+
 def dataset_paths(cfg, workdir: str) -> dict:
-    out = cfg.synth.out_dir or os.path.join(workdir, "synthetic")
-    return {"train_ann": os.path.join(out, "annotations", "instances_train.json"),
-            "train_images": os.path.join(out, "train"),
-            "val_ann": os.path.join(out, "annotations", "instances_val.json"),
-            "val_images": os.path.join(out, "val"), "root": out}
+    """coco_layout of config.synth.out_dir ('' = <workdir>/synthetic)."""
+    return coco_layout(cfg.synth.out_dir or os.path.join(workdir, "synthetic"))
 
 
 def point_data_config(cfg, workdir: str) -> None:

@@ -36,6 +36,7 @@ from PIL import Image
 
 from ezsd_jax.data.synthetic import (CategorySpec, _background, _clutter, _shape_mask,
                                      append_coco_image, object_record, place_shape)
+from ezsd_jax.data.synthetic_stage import coco_layout
 from ezsd_jax.io_utils import atomic_savez, atomic_write_json
 
 # name -> (shape, rgb). Colours and shapes are pairwise distinct within the catalogue.
@@ -207,14 +208,10 @@ def render_caption_image(spec: WorldSpec, k: int, rng: np.random.Generator) -> n
 # ----------------------------------------------------------------------------- writing
 
 def detection_paths(root: str) -> dict:
-    """The synthetic_stage.dataset_paths layout under `root`."""
-    return {"train_ann": os.path.join(root, "annotations", "instances_train.json"),
-            "train_images": os.path.join(root, "train"),
-            "val_ann": os.path.join(root, "annotations", "instances_val.json"),
-            "val_images": os.path.join(root, "val"),
-            "captions_train": os.path.join(root, "captions", "train.npz"),
-            "captions_heldout": os.path.join(root, "captions", "heldout.npz"),
-            "root": root}
+    """The synthetic sets' COCO layout under `root` + the caption sets."""
+    return dict(coco_layout(root),
+                captions_train=os.path.join(root, "captions", "train.npz"),
+                captions_heldout=os.path.join(root, "captions", "heldout.npz"))
 
 
 def _split_rng(seed: int, split: str, i: int) -> np.random.Generator:
