@@ -12,7 +12,6 @@ RoI heads share one interface, so EZSD's head plugs in where the plain one sits:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -229,9 +228,11 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
     return total, out
 
 
-def forward_infer(model: FasterRCNN, variables: dict, batch: dict,
-                  class_embeddings=None) -> dict:
-    """Detections in padded-input pixels: boxes [B,D,4], scores, classes, valid."""
+def infer_parts(model: FasterRCNN, variables: dict, batch: dict,
+                class_embeddings=None) -> dict:
+    """The test-time forward with its intermediates (for callers that need more than
+    detections, e.g. ISAL): feats (FPN levels), rpn_objectness / rpn_deltas, proposals
+    [B,P,4] + proposal_valid, head (the box head's outputs) and detections (forward_infer)."""
     c = model.cfg
     hw = valid_hw(batch)
 
@@ -242,13 +243,21 @@ def forward_infer(model: FasterRCNN, variables: dict, batch: dict,
             obj, dlt, c.anchors(), hw, c.rpn_pre_nms_topk_test, c.rpn_post_nms_topk_test,
             c.rpn_nms_threshold)
         head_out = m.head(m.roi_features(feats, props), None, class_embeddings)
-        return props, pvalid, head_out
+        return {"feats": feats, "rpn_objectness": obj, "rpn_deltas": dlt,
+                "proposals": props, "proposal_valid": pvalid, "head": head_out}
 
-    props, pvalid, head_out = nn.apply(fn, model)(variables)
+    parts = nn.apply(fn, model)(variables)
     det = postprocess.detections(
-        head_out["logits"], head_out["deltas"], props, pvalid, hw,
-        score_threshold=c.test_score_threshold, nms_threshold=c.test_nms_threshold,
-        max_detections=c.test_max_detections, topk_candidates=c.test_topk_candidates,
-        bbox_reg_weights=c.bbox_reg_weights)
+        parts["head"]["logits"], parts["head"]["deltas"], parts["proposals"],
+        parts["proposal_valid"], hw, score_threshold=c.test_score_threshold,
+        nms_threshold=c.test_nms_threshold, max_detections=c.test_max_detections,
+        topk_candidates=c.test_topk_candidates, bbox_reg_weights=c.bbox_reg_weights)
     det["valid"] &= batch["valid"][:, None]
-    return det
+    parts["detections"] = det
+    return parts
+
+
+def forward_infer(model: FasterRCNN, variables: dict, batch: dict,
+                  class_embeddings=None) -> dict:
+    """Detections in padded-input pixels: boxes [B,D,4], scores, classes, valid."""
+    return infer_parts(model, variables, batch, class_embeddings)["detections"]

@@ -67,7 +67,7 @@ import numpy as np
 import optax
 
 from ezsd_jax.models import detector as det
-from ezsd_jax.models import losses, postprocess, proposal_generator
+from ezsd_jax.models import losses, proposal_generator
 from ezsd_jax.ops import boxes as box_ops
 from ezsd_jax.ops.matching import match_boxes, sample_balanced
 from isal_jax import influence as infl
@@ -240,28 +240,13 @@ class DetectionTask:
         c = self.cfg
         hw = det.valid_hw(batch)
         level = self.feature_level
-
-        def fn(m: det.FasterRCNN):
-            feats = m.features(batch["image"])
-            obj, dlt = m.rpn_outputs(feats)
-            props, _, pvalid = proposal_generator.rpn_proposals(
-                obj, dlt, c.anchors(), hw, c.rpn_pre_nms_topk_test, c.rpn_post_nms_topk_test,
-                c.rpn_nms_threshold)
-            head = m.head(m.roi_features(feats, props), None, None)
-            return obj, dlt, feats[level], props, pvalid, head
-
-        obj, dlt, fmap, props, pvalid, head = nn.apply(fn, self.model)(
-            {"params": params, **model_state})
-        out = postprocess.detections(
-            head["logits"], head["deltas"], props, pvalid, hw,
-            score_threshold=c.test_score_threshold, nms_threshold=c.test_nms_threshold,
-            max_detections=c.test_max_detections, topk_candidates=c.test_topk_candidates,
-            bbox_reg_weights=c.bbox_reg_weights)
-        out["valid"] &= batch["valid"][:, None]
+        parts = det.infer_parts(self.model, {"params": params, **model_state}, batch)
+        head, props, pvalid = parts["head"], parts["proposals"], parts["proposal_valid"]
+        out = parts["detections"]
         out["entropy"] = _detection_entropy(head["logits"], head["deltas"], props, pvalid, hw,
                                             out, c.bbox_reg_weights)
-        out["features"] = _masked_mean_pool(fmap, hw, c.strides[level])
-        return obj, dlt, out
+        out["features"] = _masked_mean_pool(parts["feats"][level], hw, c.strides[level])
+        return parts["rpn_objectness"], parts["rpn_deltas"], out
 
     def infer(self, params, model_state, batch) -> dict:
         """Test-time detections plus what selection needs, all [B, ...] (jittable):
