@@ -24,6 +24,11 @@ class UsageError(SystemExit):
         super().__init__(2)
 
 
+class MissingInput(FileNotFoundError):
+    """A stage's input is missing (what an earlier stage writes or the user provides);
+    the message says what to run or set. The entry points report it as a UsageError."""
+
+
 def define_flags(workdir_required: bool = True) -> None:
     config_flags.DEFINE_config_file(
         "config", None, "ml_collections config file (get_config()); fields overridable "

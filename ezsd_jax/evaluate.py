@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from ezsd_jax import sharding
+from ezsd_jax import cli, sharding
 from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.metrics import Progress
 
@@ -165,7 +165,7 @@ def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detect
     ckpt = Checkpointer(os.path.join(workdir, f"ckpt_{name}"))
     step = ckpt.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no detector checkpoint in {workdir}/ckpt_{name}: run the "
+        raise cli.MissingInput(f"no detector checkpoint in {workdir}/ckpt_{name}: run the "
                                 "train stage first")
     state = ckpt.restore(step, target)
     ckpt.close()

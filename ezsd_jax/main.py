@@ -66,7 +66,10 @@ def main(argv):
     for name, fn in fns:
         t0 = time.perf_counter()
         print(f"=== stage {name} ===", flush=True)
-        fn(cfg, workdir)
+        try:
+            fn(cfg, workdir)
+        except cli.MissingInput as e:
+            raise cli.UsageError(f"stage {name}: {e}") from None
         logging.info("stage %s done in %.1f s", name, time.perf_counter() - t0)
         print(f"=== stage {name} done in {time.perf_counter() - t0:.1f} s ===", flush=True)
 

@@ -36,6 +36,13 @@ def test_unknown_stage(tmp_path):
     assert r.returncode == 2 and "unknown stage 'bogus'" in r.stderr and "toy" in r.stderr
 
 
+def test_stage_input_missing(tmp_path):
+    """A stage run before the stage that writes its input: one line naming what to run."""
+    r = _main("--config=configs/demo.py", f"--workdir={tmp_path}", "--stages=proposals")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "stage proposals:" in r.stderr and "run the 'renorm' stage first" in r.stderr
+
+
 def test_workdir_not_creatable(tmp_path):
     f = tmp_path / "a_file"
     f.write_text("x")

@@ -27,6 +27,8 @@ import os
 
 import numpy as np
 
+from ezsd_jax import cli
+
 PRETRAIN_DIR = "clip_pretrain"
 RENORM_DIR = "clip_renorm"
 PROPOSALS_DIR = "proposals"
@@ -63,7 +65,7 @@ def clip_source(cfg, workdir: str) -> str:
         return src
     d = os.path.join(workdir, PRETRAIN_DIR, "model")
     if not os.path.exists(os.path.join(d, "config.json")):
-        raise FileNotFoundError(f"config.clip.model is empty and {d} holds no CLIP: run the "
+        raise cli.MissingInput(f"config.clip.model is empty and {d} holds no CLIP: run the "
                                 "'clip_pretrain' stage first or set config.clip.model")
     return d
 
@@ -332,7 +334,7 @@ def proposals(cfg, workdir: str) -> dict:
     _point_data(cfg, workdir)
     clip_dir = os.path.join(workdir, RENORM_DIR, "adapted_clip")
     if not os.path.exists(os.path.join(clip_dir, "config.json")):
-        raise FileNotFoundError(f"{clip_dir} holds no CLIP: run the 'renorm' stage first")
+        raise cli.MissingInput(f"{clip_dir} holds no CLIP: run the 'renorm' stage first")
     out = cfg.ezsd.get("proposals_dir", "") or os.path.join(workdir, PROPOSALS_DIR)
     stats = generate_proposals(cfg, workdir, clip_dir, text_embeddings_path(cfg, workdir),
                                out)

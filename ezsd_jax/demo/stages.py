@@ -21,6 +21,8 @@ import os
 
 import ml_collections
 
+from ezsd_jax import cli
+
 ABLATION_DIR = "ablation"
 VARIANTS = ("no_renorm", "no_proposals", "no_semantic_regression", "no_distillation")
 
@@ -34,6 +36,19 @@ def _read_json(path: str):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def _main_run_summary(cfg, workdir: str, stage: str) -> dict:
+    """Points config.data at the world (also when a stage is called directly) and returns
+    the main run's eval/ezsd_summary.json; missing -> an error naming what to run."""
+    from ezsd_jax.data.synthetic_stage import point_data_config
+    if "synth" in cfg:
+        point_data_config(cfg, workdir)
+    summary = _read_json(os.path.join(workdir, "eval", "ezsd_summary.json"))
+    if summary is None:
+        raise cli.MissingInput(f"{workdir}/eval/ezsd_summary.json missing: run the stages "
+                                f"through ezsd_eval before '{stage}'")
+    return summary
 
 
 def _is_main() -> bool:
@@ -136,7 +151,6 @@ def run_variant(cfg, variant: str, workdir: str) -> dict:
 
 def ablation(cfg, workdir: str) -> dict | None:
     """Stage 'ablation' (see module docstring); a no-op unless config.ablation.enabled."""
-    from ezsd_jax.data.synthetic_stage import point_data_config
     from ezsd_jax.demo import report
     from ezsd_jax.io_utils import atomic_write_json
     a = cfg.get("ablation")
@@ -144,12 +158,7 @@ def ablation(cfg, workdir: str) -> dict | None:
         _log("[ablation] config.ablation.enabled is False: skipping (--config.ablation."
              "enabled=True runs it)")
         return None
-    if "synth" in cfg:
-        point_data_config(cfg, workdir)
-    full = _read_json(os.path.join(workdir, "eval", "ezsd_summary.json"))
-    if full is None:
-        raise FileNotFoundError(f"{workdir}/eval/ezsd_summary.json missing: run the main "
-                                "stages (through ezsd_eval) before 'ablation'")
+    full = _main_run_summary(cfg, workdir, "ablation")
     acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}
     results = {"full": {"summary": full, "crop_accuracy": acc.get("after")}}
     for v in a.variants:
@@ -207,15 +216,9 @@ def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> st
 
 def demo_report(cfg, workdir: str) -> dict:
     """Stage 'demo_report' (see module docstring). Returns the gathered results."""
-    from ezsd_jax.data.synthetic_stage import point_data_config
     from ezsd_jax.demo import report
     from ezsd_jax.io_utils import atomic_write_json, atomic_write_text
-    if "synth" in cfg:
-        point_data_config(cfg, workdir)
-    summary = _read_json(os.path.join(workdir, "eval", "ezsd_summary.json"))
-    if summary is None:
-        raise FileNotFoundError(f"{workdir}/eval/ezsd_summary.json missing: run stages "
-                                "through ezsd_eval first")
+    summary = _main_run_summary(cfg, workdir, "demo_report")
     crop = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json"))
     clean = _read_json(os.path.join(workdir, "clip_pretrain", "clean_accuracy.json"))
     abl = _read_json(os.path.join(workdir, ABLATION_DIR, "results.json"))

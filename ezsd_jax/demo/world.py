@@ -34,6 +34,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from ezsd_jax import cli
 from ezsd_jax.data.synthetic import (CategorySpec, _background, _clutter, _shape_mask,
                                      append_coco_image, object_record, place_shape)
 from ezsd_jax.data.synthetic_stage import coco_layout
@@ -282,7 +283,7 @@ def load_caption_set(path: str) -> dict:
     """-> {'images' uint8 [N,S,S,3], 'labels' [N] (-1: no object), 'captions' list,
     'names' list}."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"caption set {path} does not exist (run stage demo_data)")
+        raise cli.MissingInput(f"caption set {path} does not exist (run stage demo_data)")
     with np.load(path, allow_pickle=False) as z:
         missing = {"images", "labels", "captions", "names"} - set(z.files)
         if missing:

@@ -23,6 +23,8 @@ import os
 
 import numpy as np
 
+from ezsd_jax import cli
+
 # what the renorm stage (clip/stages.py) writes: the one default place
 DEFAULT_TEXT_EMBEDDINGS = "clip_renorm/text_embeddings.npz"
 DEFAULT_PROPOSALS = "proposals"
@@ -36,11 +38,11 @@ def text_embeddings_path(cfg, workdir: str) -> str:
     p = cfg.ezsd.get("text_embeddings", "")
     if p:
         if not os.path.exists(p):
-            raise FileNotFoundError(f"config.ezsd.text_embeddings: {p} does not exist")
+            raise cli.MissingInput(f"config.ezsd.text_embeddings: {p} does not exist")
         return p
     p = os.path.join(workdir, DEFAULT_TEXT_EMBEDDINGS)
     if not os.path.exists(p):
-        raise FileNotFoundError(f"no text embeddings: {p} does not exist; run the 'renorm' "
+        raise cli.MissingInput(f"no text embeddings: {p} does not exist; run the 'renorm' "
                                 "stage first or set config.ezsd.text_embeddings")
     return p
 
@@ -81,7 +83,7 @@ def open_store(cfg, workdir: str):
     try:
         store = ProposalStore(d)
     except StoreError as e:
-        raise FileNotFoundError(f"{e}: run the 'proposals' stage first or set "
+        raise cli.MissingInput(f"{e}: run the 'proposals' stage first or set "
                                 "config.ezsd.proposals_dir") from None
     return store
 
