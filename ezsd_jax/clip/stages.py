@@ -2,8 +2,7 @@
 drivers of this package, write their outputs into the workdir, skip work already done.
 
   clip_pretrain  (demo only) toy CLIP contrastive pretraining on a caption set
-                 -> <workdir>/clip_pretrain/{model/, text_embeddings.npz,
-                    clean_accuracy.json}
+                 -> <workdir>/clip_pretrain/{model/, clean_accuracy.json}
   renorm         LayerNorm-only re-normalization of the teacher (config.clip.model, or
                  the toy CLIP of clip_pretrain when empty) on BASE GT crops of the
                  training set -> <workdir>/clip_renorm/{adapted_clip/,
@@ -100,7 +99,6 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     import json
 
     from ezsd_jax.clip import pretrain
-    from ezsd_jax.clip.text import save_text_embeddings, text_embeddings
     from ezsd_jax.clip.toy import load_clip
     from ezsd_jax.demo.world import load_caption_set
     from ezsd_jax.io_utils import atomic_write_json
@@ -108,9 +106,7 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     out = os.path.join(workdir, PRETRAIN_DIR)
     model_dir = os.path.join(out, "model")
     acc_path = os.path.join(out, "clean_accuracy.json")
-    emb_path = os.path.join(out, "text_embeddings.npz")
-    if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), acc_path,
-                                        emb_path)):
+    if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), acc_path)):
         _log(f"[clip_pretrain] {model_dir} exists, skipping")
         with open(acc_path) as f:
             return json.load(f)
@@ -126,10 +122,6 @@ def clip_pretrain(cfg, workdir: str) -> dict:
                               train["names"], model_dir, workdir, cfg.clip.pretrain, log=_log)
     model, params, tok, _, mean, std = load_clip(model_dir)
     templates = _templates(cfg)
-    # text embeddings of ALL names from the pretrained (not re-normalized) text tower:
-    # the classifier of the 'no re-normalization' ablation
-    save_text_embeddings(emb_path, names, text_embeddings(model, params, tok, names,
-                                                          templates), templates)
     held = load_caption_set(ho_path)
     pos = {n: i for i, n in enumerate(names)}
     labels = np.asarray([pos.get(held["names"][k], -1) if k >= 0 else -1
@@ -151,9 +143,9 @@ def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
     if c:
         return os.path.join(c, "train.npz"), os.path.join(c, "heldout.npz")
     from ezsd_jax.data.synthetic_stage import dataset_paths
-    root = dataset_paths(cfg, workdir)["root"]
-    return (os.path.join(root, "captions", "train.npz"),
-            os.path.join(root, "captions", "heldout.npz"))
+    from ezsd_jax.demo.world import detection_paths
+    p = detection_paths(dataset_paths(cfg, workdir)["root"])
+    return p["captions_train"], p["captions_heldout"]
 
 
 # ----------------------------------------------------------------------------- renorm
