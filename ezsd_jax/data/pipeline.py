@@ -24,9 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image
-
 from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
+from ezsd_jax.data.images import decode_image
 from ezsd_jax.data.transforms import example_info, prepare_example
 from ezsd_jax.sharding import process_slice
 
@@ -36,17 +35,6 @@ BATCH_KEYS = ("image", "boxes", "classes", "box_mask", "image_id", "scale", "ori
               "image_hw", "flipped", "valid")
 
 ExtraFn = Callable[[ImageRecord, dict], dict]
-
-
-def load_image(path: str) -> np.ndarray:
-    """Decodes an image file to uint8 HxWx3 RGB; failure is a DataError naming the file."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 class _BatchJob:
@@ -279,7 +267,7 @@ class DetectionPipeline:
     def _fill_record(self, arrays: dict, slot: int, rec: ImageRecord, key: int) -> None:
         rng = np.random.default_rng((self.seed, key)) if self.train else None
         flip = bool(rng.random() < self.flip_prob) if self.train else False
-        image = load_image(rec.path)
+        image = decode_image(rec.path)
         ex = prepare_example(rec, image, self.image_size, self.short_side, self.max_side,
                              flip, out=arrays["image"][slot])
         boxes, classes, info = ex["boxes"], ex["classes"], ex["info"]

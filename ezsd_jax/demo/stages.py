@@ -179,7 +179,7 @@ def _val_images_to_draw(val: dict, novel_ids: set, n: int) -> list[int]:
 
 
 def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> str | None:
-    from ezsd_jax.data.pipeline import load_image
+    from ezsd_jax.data.images import decode_image
     from ezsd_jax.demo import report
     from ezsd_jax.io_utils import atomic_write_bytes
     dets = _read_json(os.path.join(workdir, "eval", "ezsd_eval_detections.json"))
@@ -201,7 +201,7 @@ def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> st
     files = {im["id"]: im["file_name"] for im in val["images"]}
     panels = []
     for iid in _val_images_to_draw(val, novel_ids, n):
-        img = load_image(os.path.join(cfg.data.val_images, files[iid]))
+        img = decode_image(os.path.join(cfg.data.val_images, files[iid]))
         panels.append(report.draw_detections(
             img, by_image.get(iid, []), names, novel_ids, gt.get(iid, []),
             score_threshold=float(r.get("score_threshold", 0.3)),

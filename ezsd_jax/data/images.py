@@ -1,0 +1,115 @@
+"""The one image decoder: file or bytes -> upright uint8 HxWx3 RGB (every stage reads this).
+
+Training, evaluation, the CLIP stages and predict all decode through `decode_image`, so
+an image looks the same to each of them:
+  - EXIF orientation is applied (`ImageOps.exif_transpose`): annotations, as COCO tools
+    assume, are in the upright frame a viewer shows;
+  - 16-bit and 32-bit grayscale (PIL modes I;16*, I, F) are scaled by their own range
+    convention (I;16: /257; I and F: /257 when any value exceeds 255, i.e. 16-bit data
+    stored as 32-bit; otherwise taken as 0..255) instead of PIL's clip to 255 (which
+    turns a 16-bit PNG all white);
+  - palette, gray, gray+alpha, RGBA, CMYK and YCbCr become RGB; transparency is
+    composited over black (the zero value of the detector's padding);
+  - failure is a `DataError` naming the file and the cause (missing, empty, truncated,
+    not an image, too large for PIL's decompression-bomb guard).
+
+`image_size(path)` reads only the header (PIL's lazy open) and returns the upright
+(height, width): the cheap check of a file against its annotation before training.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ezsd_jax.data.coco import DataError
+
+Source = Union[str, os.PathLike, bytes]
+
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 or 270 degrees
+
+
+def _name(src: Source) -> str:
+    return "<bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src)
+
+
+def _open(src: Source) -> Image.Image:
+    if isinstance(src, (bytes, bytearray)):
+        if not src:
+            raise DataError("<bytes>: empty image data")
+        return Image.open(io.BytesIO(src))
+    path = os.fspath(src)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not an image file")
+    if os.path.exists(path) and os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    return Image.open(path)
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (a.size and np.nanmax(a) > 255.0):
+            a = a / 257.0
+        g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        return np.repeat(g[..., None], 3, axis=-1)
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        return np.rint(rgba[..., :3] * alpha).astype(np.uint8)
+    if mode != "RGB":
+        im = im.convert("RGB")
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode_image(src: Source) -> np.ndarray:
+    """Decodes an image file (or its bytes) to upright uint8 [H, W, 3] RGB.
+
+    Raises DataError naming the file for anything that is not a readable image.
+    """
+    name = _name(src)
+    try:
+        with _open(src) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            out = _to_rgb(upright)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: image file not found") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{name}: image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    if out.ndim != 3 or out.shape[2] != 3 or min(out.shape[:2]) < 1:
+        raise DataError(f"{name}: decoded to an unusable array of shape {out.shape}")
+    return np.ascontiguousarray(out)
+
+
+def image_size(src: Source) -> tuple[int, int]:
+    """The upright (height, width) from the header alone; DataError if unreadable."""
+    name = _name(src)
+    try:
+        with _open(src) as im:
+            w, h = im.size
+            try:
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception:  # a broken EXIF block: the decoder ignores it as well
+                orientation = 1
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: image file not found") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{name}: image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
+        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+    return (w, h) if orientation in _SWAPS_AXES else (h, w)
