@@ -51,13 +51,14 @@ def main(argv):
     if not stages:
         raise cli.UsageError("no stages: set config.stages or pass --stages")
     fns = [(s, resolve_stage(s)) for s in stages]  # validate all names before any work
-    workdir = cli.prepare_workdir(flags.FLAGS.workdir)
+    workdir = cli.prepare_workdir(flags.FLAGS.workdir, lock=False)
     from ezsd_jax import sharding
     d = cfg.distributed
     sharding.maybe_initialize_distributed(
         d.enabled or None, coordinator_address=d.coordinator_address,
         num_processes=d.num_processes, process_id=d.process_id)
     import jax
+    cli.lock_workdir(workdir, jax.process_index())
     if "synth" in cfg:  # data generated into the workdir: later stages read it from there
         from ezsd_jax.data.synthetic_stage import point_data_config
         point_data_config(cfg, workdir)

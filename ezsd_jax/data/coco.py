@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ezsd_jax.data.errors import DataError
+from ezsd_jax.data.errors import ON_ERROR, DataError
 from ezsd_jax.data.images import check_image
 from ezsd_jax.io_utils import atomic_write_json
 
@@ -182,8 +182,8 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
     entirely outside, zero-area or negative boxes are bad input. iscrowd=1 annotations
     are ignored (counted as 'crowd').
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     data = read_json(ann_file)
     id_to_name, _ = _parse_categories(data, ann_file)
     cat_ids, cat_names = _select_categories(id_to_name, category_names, ann_file)

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
+from ezsd_jax.data.errors import ON_ERROR
 from ezsd_jax.data.images import decode_image
 from ezsd_jax.data.transforms import example_info, prepare_example
 from ezsd_jax.sharding import process_slice
@@ -89,8 +90,8 @@ class DetectionPipeline:
                              f"{prefetch}")
         if len(image_size) != 2 or min(image_size) < 1:
             raise ValueError(f"image_size must be (H, W) > 0, got {image_size}")
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.dataset = dataset
