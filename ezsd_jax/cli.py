@@ -119,19 +119,21 @@ def get_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def lock_workdir(workdir: str, process_index: int = 0) -> str:
-    """Takes the workdir's lock (one run per workdir); UsageError naming the holder's PID."""
+def lock_workdir(workdir: str, key: str = "") -> str:
+    """Takes the workdir's lock (one run per workdir and key); UsageError naming the
+    holder's PID."""
     from ezsd_jax.workdir_lock import WorkdirInUse, acquire
     try:
-        return acquire(workdir, process_index)
+        return acquire(workdir, key)
     except WorkdirInUse as e:
         raise UsageError(str(e)) from None
 
 
 def prepare_workdir(path: str | None, lock: bool = True) -> str:
     """Creates the workdir (and parents) or fails with a clear message; returns its abspath.
-    lock: take the workdir's lock as process 0 (a multi-host entry point passes False and
-    calls `lock_workdir(workdir, jax.process_index())` after jax.distributed starts)."""
+    lock: take the workdir's lock now (an entry point whose runs may share a workdir,
+    e.g. multi-host, passes False and calls `lock_workdir(workdir, key)` once it knows
+    the key)."""
     if not path:
         raise UsageError("--workdir is required")
     if "://" in path:

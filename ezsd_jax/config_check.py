@@ -6,14 +6,17 @@ Every entry point (ezsd_jax.main, isal_jax.main, isal_jax.select) gets its confi
 field's LEAF name wherever it sits (`batch_size` covers train.batch_size, eval.batch_size,
 clip.pretrain.batch_size, ...), enums by full path; a rule applies only when the config
 has that field, so one table serves every config in configs/. The modules that consume a
-field still check their own arguments (they are also called from Python).
+field still check their own arguments (they are also called from Python). This module
+imports nothing of the project's, so a rejected value costs no jax import.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Iterator
 
-from ezsd_jax.data.errors import ON_ERROR
+# data.on_error: 'raise' -> DataError at the first bad record or file; 'skip' -> dropped
+# and counted (coco.CocoDataset.skipped, pipeline.DetectionPipeline.num_unreadable).
+ON_ERROR = ("raise", "skip")
 
 # Leaf names that are counts, sizes or schedule periods: integers >= 1.
 POSITIVE_INT = frozenset({
@@ -106,6 +109,12 @@ def validate(cfg: Any) -> None:
         elif leaf in PROBABILITY:
             if not _is_num(value) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{where}: must be a probability in [0, 1]")
+    present, shard = _get(cfg, "clip.proposal_shard")
+    if present and shard:
+        i, _, n = str(shard).partition("/")
+        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+            raise ConfigError(f"config.clip.proposal_shard={shard!r}: must be 'i/n' with "
+                              "0 <= i < n, or '' (one shard per process)")
     for path, allowed in ENUMS.items():
         present, value = _get(cfg, path)
         if present and value not in allowed:

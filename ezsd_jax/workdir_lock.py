@@ -3,7 +3,8 @@
 `cli.prepare_workdir` (ezsd_jax.main, isal_jax.main, isal_jax.select) calls `acquire`;
 a second run on the same workdir stops with one line, "workdir DIR in use by PID N",
 instead of two processes writing the same checkpoints. The lock is `flock` on
-`<workdir>/.lock` (`.lock.<process index>` on the other processes of a multi-host job):
+`<workdir>/.lock`, or `.lock.<key>` for runs meant to share a workdir (the other
+processes of a multi-host job, `clip.proposal_shard` jobs: ezsd_jax.main picks the key):
 the kernel releases it when the holding process dies, however it dies (SIGKILL included),
 so a killed run never leaves a stale lock; the PID in the file is only for the message.
 The file descriptor is close-on-exec, so subprocesses never hold the lock.
@@ -21,15 +22,14 @@ class WorkdirInUse(RuntimeError):
 _held: dict[str, int] = {}  # lock path -> open fd, for the life of this process
 
 
-def lock_path(workdir: str, process_index: int = 0) -> str:
-    name = ".lock" if process_index == 0 else f".lock.{process_index}"
-    return os.path.join(os.path.abspath(workdir), name)
+def lock_path(workdir: str, key: str = "") -> str:
+    return os.path.join(os.path.abspath(workdir), f".lock.{key}" if key else ".lock")
 
 
-def acquire(workdir: str, process_index: int = 0) -> str:
+def acquire(workdir: str, key: str = "") -> str:
     """Takes the workdir's lock for the rest of this process (idempotent); returns the
     lock file's path. Raises WorkdirInUse naming the holder's PID."""
-    path = lock_path(workdir, process_index)
+    path = lock_path(workdir, key)
     if path in _held:
         return path
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -47,9 +47,9 @@ def acquire(workdir: str, process_index: int = 0) -> str:
     return path
 
 
-def release(workdir: str, process_index: int = 0) -> None:
+def release(workdir: str, key: str = "") -> None:
     """Drops the lock early (normally it lasts until the process exits)."""
-    fd = _held.pop(lock_path(workdir, process_index), None)
+    fd = _held.pop(lock_path(workdir, key), None)
     if fd is not None:
         os.close(fd)
 

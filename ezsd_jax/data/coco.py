@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ezsd_jax.data.errors import ON_ERROR, DataError
+from ezsd_jax.config_check import ON_ERROR
+from ezsd_jax.data.errors import DataError
 from ezsd_jax.data.images import check_image
 from ezsd_jax.io_utils import atomic_write_json
 
@@ -230,11 +231,6 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
             continue
         imgs[iid] = {"path": path, "h": int(h), "w": int(w)}
         order.append(iid)
-    if check_files:
-        for iid, reason, msg in _check_image_files(imgs, order, num_threads):
-            bad(reason, msg)
-            bad_images.add(iid)
-            order.remove(iid)
 
     # Annotations.
     ann_ids: set = set()
@@ -300,6 +296,12 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
             clipped += 1
         boxes[iid].append((x1, y1, x2, y2))
         classes[iid].append(cat_to_class[int(cid)])
+
+    if check_files:  # after the cheap checks: only files of images still kept
+        kept = [iid for iid in order if iid not in bad_images]
+        for iid, reason, msg in _check_image_files(imgs, kept, num_threads):
+            bad(reason, msg)
+            order.remove(iid)
 
     records: list[ImageRecord] = []
     for iid in order:

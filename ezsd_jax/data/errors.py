@@ -7,7 +7,3 @@ Every entry point reports a DataError as one line naming the file and exits with
 
 class DataError(ValueError):
     """Bad input data: the message names the file and the record."""
-
-# data.on_error: 'raise' -> DataError at the first bad record or file; 'skip' -> dropped
-# and counted (CocoDataset.skipped, DetectionPipeline.num_unreadable).
-ON_ERROR = ("raise", "skip")

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
-from ezsd_jax.data.errors import ON_ERROR
+from ezsd_jax.config_check import ON_ERROR
 from ezsd_jax.data.images import decode_image
 from ezsd_jax.data.transforms import example_info, prepare_example
 from ezsd_jax.sharding import process_slice
