@@ -11,8 +11,12 @@ The file descriptor is close-on-exec, so subprocesses never hold the lock.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 
 class WorkdirInUse(RuntimeError):
@@ -35,7 +39,13 @@ def acquire(workdir: str, key: str = "") -> str:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            # a filesystem without flock (some FUSE mounts): run, but say it is unguarded
+            os.close(fd)
+            log.warning("workdir lock %s not supported here (%s): concurrent runs on "
+                        "this workdir are not detected", path, e.strerror)
+            return path
         holder = _read_pid(fd)
         os.close(fd)
         who = f"PID {holder}" if holder else "another process"
