@@ -87,7 +87,8 @@ def _local_pipeline(dataset, cfg, batch_size: int, train: bool = False):
                              image_size=tuple(cfg.model.image_size), max_boxes=d.max_boxes,
                              train=train, short_side=d.short_side, max_side=d.max_side,
                              flip_prob=0.0, seed=cfg.train.seed, num_threads=d.num_threads,
-                             prefetch=d.prefetch, process_index=0, process_count=1)
+                             prefetch=d.prefetch, process_index=0, process_count=1,
+                             on_error=d.on_error)
 
 
 # ----------------------------------------------------------------------------- pretrain
