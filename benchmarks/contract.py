@@ -7,6 +7,7 @@ benchmarks/accelerator_suite.py can run any of them the same way:
   --profile=DIR  after the timed part, jax.profiler-trace a few more calls of the
                  benchmark's hot function into DIR and report the top XLA ops
                  (benchmarks/top_ops.py); --profile_steps=N calls
+  --check_args   parse the flags, print them, exit 0 (tests check the suite's commands)
 
 and `finish()` adds to every result: "env" (device kind, platform, device count,
 jax/jaxlib/python versions), "peak_device_mem_bytes" / "device_mem_limit_bytes" from
@@ -42,6 +43,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", default="",
                    help="trace a few calls of the hot function into this dir; top ops")
     g.add_argument("--profile_steps", type=int, default=3)
+    g.add_argument("--check_args", action="store_true",
+                   help="parse the flags, print them as JSON and exit 0 (nothing run)")
 
 
 def parse(ap: argparse.ArgumentParser, argv=None, smoke: dict | None = None):
@@ -50,6 +53,9 @@ def parse(ap: argparse.ArgumentParser, argv=None, smoke: dict | None = None):
     if args.smoke and smoke:
         ap.set_defaults(**smoke)
         args = ap.parse_args(argv)
+    if args.check_args:
+        print(json.dumps(vars(args)))
+        ap.exit(0)
     return args
 
 
