@@ -26,9 +26,9 @@ Benchmarks (ENTRIES, run in this order; goals from the issues, all for ONE devic
                     + 1000 NMS survivors + 8 GT = 16,758 crops per image). Goal: >= 30k
                     crops/s (full function).
   isal_resnet18     benchmarks/bench_influence.py: CIFAR ResNet-18 (11.2M params) pool
-                    scoring, pool 4096 in batches of 256: forward, JVP variants, and the
-                    reference's per-sample-gradient loop (256 samples). Goal: jvp_fused
-                    >= 20x the loop.
+                    scoring, pool 4096 in batches of 256: forward, JVP (fused, the
+                    select.py default; bf16) and the reference's per-sample-gradient loop
+                    (256 samples). Goal: jvp_fused >= 20x the loop.
 
 Batch search (train): each try is a fresh subprocess (an OOM cannot poison the next try).
 From `start`, the batch doubles until a try runs out of memory (RESOURCE_EXHAUSTED / out
@@ -48,7 +48,7 @@ a try that exceeds it is killed and recorded as "timeout", later entries still r
     train_832x1344_fp32     55 s   1 try
     clip_vitb32_bf16        90 s   model init ~10 s, 4 compiles (crops, scoring, tower,
                                    full) ~60 s, timed calls ~10 s (2 x 33.5k crops)
-    isal_resnet18           70 s   5 variant compiles ~8 s each, 2 timed passes ~5 s
+    isal_resnet18           70 s   4 variant compiles ~8 s each, 2 timed passes ~5 s
     reserve                 25 s   driver, process starts; 20 of it is for the predict
                                    benchmark (bench_predict.py) once it is added
     total                  480 s
@@ -127,7 +127,7 @@ class Entry:
 
 _TRAIN_FIGS = (("img/s", "images_per_s"), ("step ms", "step_ms"))
 _TRAIN = ("--model=r50", "--steps=5", "--warmup=1")
-_ISAL_VARIANTS = "--variants=forward,jvp_sep,jvp_fused,jvp_bf16,loop"
+_ISAL_VARIANTS = "--variants=forward,jvp_fused,jvp_bf16,loop"
 ENTRIES = (
     Entry("train_1024_bf16", "bench_train_step.py", _TRAIN + ("--size=1024", "--dtype=bfloat16"),
           (), 130, _TRAIN_FIGS,
@@ -155,7 +155,6 @@ ENTRIES = (
           (_ISAL_VARIANTS,), 70,
           (("jvp_fused x loop", "speedup_vs_loop.jvp_fused"),
            ("jvp_bf16 x loop", "speedup_vs_loop.jvp_bf16"),
-           ("jvp_sep x loop", "speedup_vs_loop.jvp_sep"),
            ("jvp_fused ms/sample", "ms_per_sample.jvp_fused"),
            ("jvp_fused x fwd", "x_forward.jvp_fused")),
           Goal(">= 20x the per-sample loop (jvp_fused)", "speedup_vs_loop.jvp_fused", 20)),
