@@ -187,6 +187,14 @@ def _tail(path: str, n: int = 15) -> str:
         return ""
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_process(cmd: list, timeout_s: float, log: str, json_path: str, env: dict) -> Try:
     """Runs cmd in its own process group (killed whole on timeout); classifies the end."""
     for d in (log, json_path):
@@ -204,9 +212,11 @@ def run_process(cmd: list, timeout_s: float, log: str, json_path: str, env: dict
         try:
             rc = proc.wait(timeout=max(timeout_s, 0.1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
             rc = None
+        except BaseException:        # the driver is stopped: do not leave it running
+            _kill_group(proc)
+            raise
     wall = time.monotonic() - t0
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = ru.ru_utime + ru.ru_stime - cpu0
@@ -481,7 +491,15 @@ def run_suite(entries: Sequence[Entry], out: str, smoke: bool, budget_s: float,
                    "error": f"suite budget of {budget_s:.0f} s spent"}
         else:
             log(f"[{i + 1}/{len(todo)}] {e.name} (cap {cap:.0f} s) ...")
-            rec = run_entry(e, smoke, out, cap, env, e.name in profile)
+            t_e = time.monotonic()
+            try:
+                rec = run_entry(e, smoke, out, cap, env, e.name in profile)
+            except (KeyboardInterrupt, SystemExit):
+                suite["benchmarks"][e.name] = {
+                    "status": "interrupted", "cap_s": cap, "cpu_s": 0.0,
+                    "wall_s": round(time.monotonic() - t_e, 2), "error": "suite stopped"}
+                save()
+                raise
         suite["benchmarks"][e.name] = rec
         save()
         log("    " + one_line(e.name, rec))
@@ -506,6 +524,7 @@ def main(argv=None) -> int:
                          "compile_s then measures cache loads)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a `timeout` kill saves too
     names = [e.name for e in ENTRIES]
     only = [n for n in args.only.split(",") if n]
     prof = [n for n in args.profile.split(",") if n]

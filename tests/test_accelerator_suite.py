@@ -8,9 +8,11 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -80,6 +82,8 @@ FAKE = textwrap.dedent('''
     if a.mode == "fail":
         sys.exit("ValueError: broken benchmark")
     if a.mode == "hang":
+        if a.profile:
+            open(a.profile, "w").write(str(__import__("os").getpid()))
         time.sleep(60)
     if a.mode == "oom" and a.batch > 4:
         print("XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
@@ -147,6 +151,37 @@ def test_budget_spent_skips_the_rest(tmp_path):
     e = suite_mod.Entry("late", str(script), (), (), 30, (("img/s", "images_per_s"),))
     suite = suite_mod.run_suite([e], str(tmp_path / "o"), smoke=False, budget_s=0, log=str)
     assert suite["benchmarks"]["late"]["status"] == "skipped"
+
+
+def test_stopped_suite_kills_its_benchmark_and_saves(tmp_path):
+    """SIGTERM to the driver (a `timeout` around it) kills the running benchmark's process
+    group and leaves suite.json with the entry marked interrupted."""
+    script = tmp_path / "fake_bench.py"
+    script.write_text(FAKE)
+    pid_file, out = tmp_path / "child.pid", tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import importlib.util, signal, sys
+        spec = importlib.util.spec_from_file_location("s", {os.path.join(ROOT, "benchmarks",
+                                                        "accelerator_suite.py")!r})
+        m = importlib.util.module_from_spec(spec); sys.modules["s"] = m
+        spec.loader.exec_module(m)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        e = m.Entry("hangs", {str(script)!r}, ("--mode=hang", "--profile={pid_file}"), (), 60,
+                    (("img/s", "images_per_s"),))
+        m.run_suite([e], {str(out)!r}, smoke=False, budget_s=60, log=str)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    rec = json.loads((out / "suite.json").read_text())["benchmarks"]["hangs"]
+    assert rec["status"] == "interrupted"
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
 
 
 def test_accelerator_commands_parse(capsys):
