@@ -526,6 +526,61 @@ def top_eigenvalue(loss_fn: LossFn, params, subset: ParamSubset, batches, *,
     return lam, {"iters": len(lams), "rel_change": float(rel)}
 
 
+SOLVERS = ("lissa", "cg")
+DAMP_MODES = ("fixed", "top_eig")
+
+
+def solve_s_test(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
+                 solver: str = "lissa", damp: float = 0.01, scale=1e4,
+                 damp_mode: str = "fixed", damp_fraction: float = 0.1, eig_iters: int = 20,
+                 eig_batches: int = 8, cg_tol: float = 1e-3, cg_maxiter: int = 100,
+                 seed: int = 0, **lissa_kw) -> tuple[Vec, dict]:
+    """s_test for the selection: the damped system c0 (H + damp*c0 I)^-1 v solved by
+    `solver` ('lissa': the reference's recursion, `lissa_kw` = depth, repeats, ...;
+    'cg': `conjugate_gradient` on the stacked minibatches, the same fixed point).
+
+    The Hessian's top eigenvalue (power iteration, `eig_iters` steps over the first
+    `eig_batches` minibatches; 0 = skip) is reported with the effective damping ratio
+    damp*c0 / lambda_max in info. damp_mode='top_eig' sets damp = damp_fraction *
+    lambda_max / c0 (damping a fixed fraction of the spectrum's top); 'fixed' keeps `damp`
+    (the reference's). Stacked / list minibatches only for 'cg' and the eigenvalue."""
+    if solver not in SOLVERS:
+        raise ValueError(f"influence.solver must be one of {SOLVERS}, got {solver!r}")
+    if damp_mode not in DAMP_MODES:
+        raise ValueError(f"influence.damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}")
+    c0, _ = lissa_coefficients(scale, v, damp, lissa_kw.get("block_mode", "preconditioner"))
+    batches = None if callable(hvp_batches) else _as_list(hvp_batches)
+    top = None
+    if (eig_iters > 0 or damp_mode == "top_eig") and batches is not None:
+        top, _ = top_eigenvalue(loss_fn, params, subset, batches[:max(eig_batches, 1)],
+                                iters=max(eig_iters, 1), seed=seed)
+    if damp_mode == "top_eig":
+        if top is None or not (top > 0) or not math.isfinite(c0):
+            raise ValueError(f"damp_mode='top_eig' needs stacked HVP minibatches, a scalar "
+                             f"(or '*') scale and a positive top eigenvalue (got {top})")
+        damp = float(damp_fraction) * top / c0
+    if solver == "cg":
+        s, info = conjugate_gradient(loss_fn, params, subset, v, batches, damp=damp,
+                                     scale=scale, tol=cg_tol, maxiter=cg_maxiter,
+                                     block_mode=lissa_kw.get("block_mode", "preconditioner"))
+        hs = mean_hvp(loss_fn, params, subset, s, batches[:lissa_kw.get("residual_batches",
+                                                                        8)])
+        r = {k: hs[k] / c0 + damp * s[k] - v[k] for k in s}
+        info = {**info, "cg_residual": info["residual"], "damp": float(damp),
+                "scale": _scale_to_json(scale), "damp_scale": c0, "nan_resets": [],
+                "nan_resets_total": 0, "v_norm": float(tree_norm(v)),
+                "s_norm": float(tree_norm(s)),
+                "residual": float(tree_norm(r)) / max(float(tree_norm(v)), 1e-30)}
+    else:
+        s, info = lissa(loss_fn, params, subset, v, hvp_batches, damp=damp, scale=scale,
+                        seed=seed, **lissa_kw)
+    info.update({"solver": solver, "damp_mode": damp_mode, "top_eigenvalue": top,
+                 "damping_ratio": (damp * c0 / top) if top else None})
+    if damp_mode == "top_eig":
+        info["damp_fraction"] = float(damp_fraction)
+    return s, info
+
+
 # ----------------------------------------------------------------------------- validation solvers
 
 def hessian_matrix(loss_fn: LossFn, params, subset: ParamSubset, batches,

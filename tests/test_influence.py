@@ -340,3 +340,25 @@ def test_engine_compiles_once_and_weights_valid_rows(tiny):
     fc = np.asarray(jax.flatten_util.ravel_pytree(s_cg)[0])
     np.testing.assert_allclose(fc, fe, rtol=1e-3, atol=1e-3 * np.abs(fe).max())
     assert cg["converged"] and cg["hvp_batches"] == (cg["iterations"] + 1) * 2
+
+
+def test_one_call_api_and_user_arrays(tiny, rng):
+    """isal_jax.api on a user's arrays (ClassificationData.from_arrays, register_dataset)
+    selects the top-k of the engine's own scores."""
+    from isal_jax.api import select_by_influence
+    from isal_jax.data import ClassificationData, load_dataset, register_dataset
+    task, params, batches, loss, sub, v = tiny
+    x = rng.normal(size=(40, 4, 4, 1)).astype(np.float32)
+    data = ClassificationData.from_arrays(x, np.zeros(40, np.int64), ids=np.arange(100, 140),
+                                          num_classes=3)
+    register_dataset("user_arrays", lambda split, data_dir=None: data)
+    d = load_dataset("user_arrays", "all")
+    assert d.num_classes == 3 and d.image_shape == (4, 4, 1)
+    pool = [{k: b[k] for k in ("image", "label", "mask")} for b in d.batches(d.ids, 16)]
+    ids, scores, info = select_by_influence(
+        loss, params, batches, pool, d.ids, 5, pseudo_label_fn=task.pseudo_label_fn({}),
+        damp=0.1, scale=10.0, depth=20, repeats=1)
+    want = d.ids[np.lexsort((d.ids, info["pool_scores"]))[:5]]
+    assert ids.tolist() == want.tolist() and len(info["pool_scores"]) == 40
+    with pytest.raises(ValueError, match="ids must be unique"):
+        ClassificationData.from_arrays(x[:2], np.zeros(2, int), ids=[1, 1])
