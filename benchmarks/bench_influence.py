@@ -285,8 +285,8 @@ def s_test_main(argv=None):
         rows.append({"solver": f"lissa_stop(residual<={target:.3g})", "cpu_s": cpu,
                      "wall_s": wall, "hvp_batches": i_es["steps_run"] * args.repeats,
                      "cos_to_reference": cos(s_es), "residual": i_es["residual"]})
-    print(f"model {args.model} on {args.data}, {args.labeled} labeled, {n_batches} HVP minibatches of "
-          f"{args.hvp_batch}, top eigenvalue {lam:.4g}, damping damp*scale=100 "
+    print(f"model {args.model} on {args.data}, {args.labeled} labeled, {n_batches} HVP "
+          f"minibatches of {args.hvp_batch}, top eigenvalue {lam:.4g}, damping damp*scale=100 "
           f"(ratio {100 / lam:.3g}), |s_ref|/|v| = {i_ref['s_norm'] / i_ref['v_norm']:.4g}")
     print(f"{'solver':<34}{'cpu_s':>8}{'wall_s':>8}{'HVPs':>7}{'speedup':>9}{'cos':>10}"
           f"{'resid':>9}")

@@ -94,7 +94,7 @@ class ClassificationALTask:
             self._pool = np.sort(ids)
         else:
             self._pool = np.asarray(self.data.ids, np.int64)
-        self.model = sel._model(cfg)
+        self.model = sel.model_from_config(cfg)
         self.task = ClassificationTask(self.model, pseudo_label=cfg.influence.pseudo_label,
                                        topk=cfg.influence.topk)
         self.mesh = sharding.make_mesh(cfg.mesh)

@@ -50,7 +50,8 @@ def _no_ids(batches):
 
 # ----------------------------------------------------------------------------- setup
 
-def _model(cfg):
+def model_from_config(cfg):
+    """config.model -> the linen classifier (isal_jax.models.get_model)."""
     from isal_jax.models import get_model
     m = cfg.model
     kw = {"mlp": {"features": m.features}, "cnn": {"channels": m.channels},
@@ -397,8 +398,8 @@ def run_selection(cfg, workdir: str) -> str:
     if data.num_classes != cfg.model.num_classes:
         raise SelectError(f"config.model.num_classes={cfg.model.num_classes} but "
                           f"{data.name} has {data.num_classes} classes")
-    task = ClassificationTask(_model(cfg), pseudo_label=cfg.influence.pseudo_label,
-                              topk=cfg.influence.topk)
+    task = ClassificationTask(model_from_config(cfg),
+                              pseudo_label=cfg.influence.pseudo_label, topk=cfg.influence.topk)
     labeled, labeled_path = _labeled_ids(cfg, workdir, data)
     pool = _pool_ids(cfg, data, labeled)
     state, step, ckdir = _restore_state(cfg, workdir, task, data, labeled)
