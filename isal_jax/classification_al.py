@@ -76,6 +76,7 @@ class ClassificationALTask:
 
         self.cfg = cfg
         self.known_strategies = tuple(STRATEGIES)
+        sel.validate_influence(cfg)
         d = cfg.data
         try:
             self.data = load_dataset(d.dataset, d.pool_split, d.data_dir or None)

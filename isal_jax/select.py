@@ -68,6 +68,12 @@ def _validate(cfg) -> None:
         raise SelectError(f"config.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
     if int(cfg.budget) < 1:
         raise SelectError(f"config.budget must be >= 1, got {cfg.budget}")
+    validate_influence(cfg)
+
+
+def validate_influence(cfg) -> None:
+    """config.influence / config.reference, before any work (the select CLI and the AL
+    loop's classification task)."""
     inf = cfg.influence
     for k in ("depth", "repeats", "ref_batch_size", "hvp_batch_size", "pool_batch_size",
               "shard_size"):
@@ -78,12 +84,22 @@ def _validate(cfg) -> None:
     if not inf.scale > 0:
         raise SelectError(f"config.influence.scale must be > 0, got {inf.scale}")
     reference_source(cfg.reference)
+    from isal_jax.influence import DAMP_MODES, SOLVERS
+    for field, allowed in (("solver", SOLVERS), ("damp_mode", DAMP_MODES),
+                           ("diversity", ("none", "class_balanced"))):
+        if field in inf and inf[field] not in allowed:
+            raise SelectError(f"config.influence.{field}={inf[field]!r} is not one of "
+                              f"{allowed}")
+    if not float(inf.get("max_residual", 1.0)) > 0:
+        raise SelectError(f"config.influence.max_residual must be > 0, got "
+                          f"{inf.max_residual}")
 
 
 def _labeled_ids(cfg, workdir, data) -> tuple[np.ndarray, str]:
     path = cfg.labeled_ids_file or os.path.join(workdir, "labeled_ids.json")
     if not os.path.exists(path):
-        if not cfg.init_checkpoint_if_missing:
+        # random demo ids only into the default path; a given path that is missing is a typo
+        if cfg.labeled_ids_file or not cfg.init_checkpoint_if_missing:
             raise SelectError(f"config.labeled_ids_file: {path!r} does not exist (a JSON list "
                               "of labeled ids is needed)")
         n = int(cfg.init.num_labeled)

@@ -172,8 +172,12 @@ def test_bad_inputs(setup, monkeypatch):
     (d / "notalist.json").write_text('{"a": 1}')
     with pytest.raises(SelectError, match="JSON list of integer ids"):
         run_selection(_cfg(**{**flat, "labeled_ids_file": str(d / "notalist.json")}), w)
-    with pytest.raises(SelectError, match="does not exist"):
-        run_selection(_cfg(**{**flat, "labeled_ids_file": str(d / "missing.json")}), w)
+    with pytest.raises(SelectError, match="does not exist"):   # even with the demo flag
+        run_selection(_cfg(**{**flat, "labeled_ids_file": str(d / "missing.json"),
+                              "init_checkpoint_if_missing": True}), w)
+    assert not (d / "missing.json").exists()
+    with pytest.raises(SelectError, match="diversity='dpp' is not one of"):
+        run_selection(_cfg(**flat, **{"influence.diversity": "dpp"}), w)
     with pytest.raises(SelectError, match=r"budget=5000 is larger than the pool \(\d+"):
         run_selection(_cfg(**flat, budget=5000), w)
     with pytest.raises(SelectError, match="does not match"):
