@@ -222,5 +222,105 @@ def _one_grad_dot(loss_fn, subset, params, s_test, sample):
     return -infl.tree_vdot(g, s_test)
 
 
+# ----------------------------------------------------------------------------- s_test solvers
+
+def s_test_main(argv=None):
+    """`bench_influence.py s_test [...]`: the s_test solve on a digits model, the
+    reference's LiSSA (damp 0.01, scale 1e4, depth 250, 4 chains) vs faster solvers of
+    the same fixed point: CG (Python loop over the compiled HVP, on all labeled
+    minibatches) and LiSSA stopped early on its residual. Reports CPU seconds (process
+    time, warm: compile excluded by a first untimed call of each), HVP minibatch
+    evaluations and the cosine of each s_test to the reference LiSSA's."""
+    from isal_jax.data import load_digits
+    from isal_jax.models import get_model
+    from isal_jax.tasks import train_tiny_classifier
+    ap = argparse.ArgumentParser(description="s_test solvers")
+    ap.add_argument("--model", default="cnn",
+                    help="cnn (configs/isal_digits.py) | mlp | resnet18 (CIFAR ResNet-18)")
+    ap.add_argument("--widths", default="16,32,64,128", help="resnet18 widths")
+    ap.add_argument("--data", default="digits",
+                    help="digits | cifar_shaped (random 32x32x3 images, random labels)")
+    ap.add_argument("--labeled", type=int, default=140)
+    ap.add_argument("--hvp_batch", type=int, default=32)
+    ap.add_argument("--depth", type=int, default=250)
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--cg_tol", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if args.data == "digits":
+        data = load_digits("train")
+    else:
+        from isal_jax.data import ClassificationData
+        rng = np.random.default_rng(args.seed)
+        data = ClassificationData.from_arrays(
+            rng.normal(size=(args.labeled, 32, 32, 3)).astype(np.float32),
+            rng.integers(0, 10, args.labeled), num_classes=10, name="cifar_shaped")
+    ids = np.sort(np.random.default_rng(args.seed).choice(data.ids, args.labeled,
+                                                          replace=False))
+    kw = {"cnn": {"channels": (16, 32)}, "mlp": {"features": (64,)},
+          "resnet18": {"widths": tuple(int(w) for w in args.widths.split(","))}}[args.model]
+    task = ClassificationTask(get_model(args.model, num_classes=10, **kw))
+    b = data.get(ids)
+    state = train_tiny_classifier(task, b["image"], b["label"], steps=300, seed=args.seed)
+    params, ms = state["params"], task.model_state(state)
+    loss = task.loss_fn(ms)
+    sub = infl.make_subset(params)
+    ref = [{k: v for k, v in x.items() if k != "id"} for x in data.batches(ids, 64)]
+    order = np.random.default_rng([args.seed, 1]).permutation(ids)
+    hvp = infl.stack_batches([{k: v for k, v in x.items() if k != "id"}
+                              for x in data.batches(order, args.hvp_batch)])
+    n_batches = infl._num_steps(hvp)
+    v = infl.reference_gradient(loss, params, sub, ref)
+    lam, _ = infl.top_eigenvalue(loss, params, sub, hvp, iters=30)
+    flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)  # noqa
+    lkw = dict(damp=0.01, scale=1e4, repeats=args.repeats, seed=args.seed)
+
+    def timed(fn):
+        fn()                                  # compile (and warm caches)
+        t0, w0 = time.process_time(), time.perf_counter()
+        out = fn()
+        return out, time.process_time() - t0, time.perf_counter() - w0
+
+    (s_ref, i_ref), cpu_ref, wall_ref = timed(lambda: infl.lissa(
+        loss, params, sub, v, hvp, depth=args.depth, **lkw))
+    r = flat(s_ref)
+    cos = lambda s: float(np.dot(flat(s), r) / np.linalg.norm(flat(s)) / np.linalg.norm(r))  # noqa
+    rows = [{"solver": "lissa_reference", "cpu_s": cpu_ref, "wall_s": wall_ref,
+             "hvp_batches": args.depth * args.repeats, "cos_to_reference": 1.0,
+             "residual": i_ref["residual"]}]
+    (s_cg, i_cg), cpu, wall = timed(lambda: infl.conjugate_gradient(
+        loss, params, sub, v, hvp, damp=0.01, scale=1e4, tol=args.cg_tol))
+    rows.append({"solver": f"cg(tol={args.cg_tol})", "cpu_s": cpu, "wall_s": wall,
+                 "hvp_batches": i_cg["hvp_batches"], "cos_to_reference": cos(s_cg),
+                 "residual": i_cg["residual"], "iterations": i_cg["iterations"]})
+    for target in (1.5 * i_ref["residual"], 3.0 * i_ref["residual"]):
+        (s_es, i_es), cpu, wall = timed(lambda: infl.lissa(
+            loss, params, sub, v, hvp, depth=args.depth, loop="python",
+            stop_residual=target, check_every=10, **lkw))
+        rows.append({"solver": f"lissa_stop(residual<={target:.3g})", "cpu_s": cpu,
+                     "wall_s": wall, "hvp_batches": i_es["steps_run"] * args.repeats,
+                     "cos_to_reference": cos(s_es), "residual": i_es["residual"]})
+    print(f"model {args.model} on {args.data}, {args.labeled} labeled, {n_batches} HVP "
+          f"minibatches of {args.hvp_batch}, top eigenvalue {lam:.4g}, damping damp*scale=100 "
+          f"(ratio {100 / lam:.3g}), |s_ref|/|v| = {i_ref['s_norm'] / i_ref['v_norm']:.4g}")
+    print(f"{'solver':<34}{'cpu_s':>8}{'wall_s':>8}{'HVPs':>7}{'speedup':>9}{'cos':>10}"
+          f"{'resid':>9}")
+    for row in rows:
+        row["speedup_cpu"] = cpu_ref / max(row["cpu_s"], 1e-9)
+        print(f"{row['solver']:<34}{row['cpu_s']:8.2f}{row['wall_s']:8.2f}"
+              f"{row['hvp_batches']:7d}{row['speedup_cpu']:9.1f}{row['cos_to_reference']:10.6f}"
+              f"{row['residual']:9.3g}")
+    line = {"bench": "s_test", "model": args.model, "data": args.data,
+            "labeled": args.labeled,
+            "top_eigenvalue": lam, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "loadavg_1m": round(os.getloadavg()[0], 2), "rows": rows}
+    print(json.dumps(line))
+    return line
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["s_test"]:
+        s_test_main(sys.argv[2:])
+    else:
+        main()

@@ -65,6 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
     # ISAL settings (the reference's classification settings)
     isal_demo.add_isal_settings(c, ref_batch_size=256, hvp_batch_size=128,
                                 pool_batch_size=512, shard_size=8192)
+    # The reference's reference set: the CIFAR-10 TEST split (leaks the evaluation labels
+    # into the selection; configs/isal_digits.py uses the labeled set instead).
+    c.reference.source = "split:test"
+
+    c.allow_degenerate = False      # see configs/isal_demo.py
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

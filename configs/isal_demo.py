@@ -15,11 +15,12 @@ def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
                       hvp_batch_size: int, pool_batch_size: int, shard_size: int) -> None:
     """c.reference + c.influence: the reference's classification settings (shared by the
     ISAL classification configs); the batch sizes and shard size are per machine."""
-    # Reference set R for v = sum grad L(R): the labeled set, or an id list (held-out part
-    # of the labeled set). The ISAL reference code uses the test split (it leaks test
-    # labels): we do not.
+    # Reference set R for v = sum grad L(R) (isal_jax.selection_io.reference_source):
+    # 'labeled', 'ids_file' (an id list of the pool's split, e.g. a labeled part kept out of
+    # training) or 'split:<name>' (a whole split; the ISAL reference code uses the test
+    # split, which LEAKS the evaluation labels: only configs/isal_cifar10.py does that).
     c.reference = ml_collections.ConfigDict()
-    c.reference.source = "labeled"   # labeled | ids_file
+    c.reference.source = "labeled"   # labeled | ids_file | split:<name>
     c.reference.ids_file = ""
 
     c.influence = ml_collections.ConfigDict()
@@ -28,6 +29,17 @@ def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
     c.influence.depth = 250
     c.influence.repeats = 4
     c.influence.residual_batches = 8
+    # LiSSA must converge by its own residual (1.0 = what s_test = 0 gives); a larger or
+    # non-finite residual stops the selection (see isal_jax/degenerate.py).
+    c.influence.max_residual = 1.0
+    # Our additions (off / the reference's behaviour by default; see README "ISAL"):
+    c.influence.solver = "lissa"         # lissa | cg (same fixed point, fewer HVPs)
+    c.influence.cg_tol = 1e-3
+    c.influence.stop_residual = 0.0      # > 0: LiSSA stops once its residual is below this
+    c.influence.damp_mode = "fixed"      # fixed (damp) | top_eig (damp*scale = fraction*top)
+    c.influence.damp_fraction = 0.1
+    c.influence.eig_iters = 10           # power iterations for the top eigenvalue (0: off)
+    c.influence.diversity = "none"       # none | class_balanced (top-k per pseudo class)
     c.influence.subset = "ndim_gt1"     # ndim_gt1 (convs + FC weights) | all | regex:<pat>
     c.influence.pseudo_label = "argmax"  # argmax | expected
     c.influence.topk = 3                 # classes of the expected gradient
@@ -62,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.init.train_steps = 300
     c.init.batch_size = 64
     c.init.lr = 3e-3
+
+    # Degenerate inputs (NaN/constant model outputs or scores, LiSSA not converged) stop the
+    # selection with one line naming the cause; True selects anyway.
+    c.allow_degenerate = False
 
     c.labeled_ids_file = ""       # JSON list of ids; '' -> <workdir>/labeled_ids.json
 

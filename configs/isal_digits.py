@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.log_every = 100
     c.train.eval_batch_size = 360
 
+    c.reference.source = "labeled"    # not the test split the paper config leaks
     c.influence.ref_batch_size = 64
     c.influence.hvp_batch_size = 32
     c.influence.pool_batch_size = 256

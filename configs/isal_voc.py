@@ -51,8 +51,9 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
     c.data.pool_ids_file = ""       # optional JSON id list restricting the pool (train split)
 
-    # Reference set R of v = sum grad L(R): the labeled set (the reference code uses the
-    # evaluation split, which leaks its labels), or an id list of train-split images.
+    # Reference set R of v = sum grad L(R) (isal_jax.selection_io.reference_source):
+    # 'labeled' | 'ids_file' (train-split ids) | 'split:val' (the reference code's choice,
+    # which LEAKS the evaluation split's labels; the paper configs use it).
     c.reference = ml_collections.ConfigDict(dict(source="labeled", ids_file=""))
 
     i = c.influence = ml_collections.ConfigDict()
@@ -77,9 +78,13 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # Per-block LiSSA scales: ((key, scale), ...), key = exact path, 'regex:<pattern>' or
     # '*'; blocks no key names use `scale`. () = the scalar `scale` everywhere.
     i.block_scales = ()
+    # 'preconditioner': the blocks' scales precondition the damped system of the '*' scale
+    # (fixed point: the damped inverse-HVP); 'reference': the ISAL code's recursion.
+    i.block_mode = "preconditioner"
     i.depth = 250
     i.repeats = 4
     i.residual_batches = 8
+    i.max_residual = 1.0            # LiSSA must converge by its own residual (degenerate.py)
     i.ref_batch_size = 8
     i.hvp_batch_size = 8
     i.hvp_num_batches = 32          # LiSSA draws its minibatches from this many
@@ -96,6 +101,7 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint_workdir = ""
     c.labeled_ids_file = ""         # '' -> <workdir>/labeled_ids.json
     c.init_checkpoint_if_missing = False
+    c.allow_degenerate = False      # True: select even from degenerate outputs / LiSSA
     c.init = ml_collections.ConfigDict(dict(num_labeled=500))
 
     c.debug.kill_after_shard = -1   # SIGKILL after writing this ISAL score shard
@@ -112,4 +118,21 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.epochs = 12.0
     c.train.min_steps = 0
     c.eval = common.eval_config(batch_size=8)
-    return add_isal_fields(c)
+    return reference_isal_settings(add_isal_fields(c))
+
+
+def reference_isal_settings(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ISAL reference's detection settings (Faster R-CNN): v over the evaluation split
+    (leaks its labels), per-block LiSSA scales rpn_cls, rpn_reg, fc_cls, fc_reg = 1000,
+    1000, 5000, 1000 with the reference's recursion, ~1000 steps per chain over up to 1000
+    labeled images (8 per HVP minibatch x 125)."""
+    c.reference.source = "split:val"
+    i = c.influence
+    i.block_scales = (("regex:^rpn/objectness/", 1000.0), ("regex:^rpn/deltas/", 1000.0),
+                      ("regex:^roi_head/classifier/cls_score/", 5000.0),
+                      ("regex:^roi_head/regressor/bbox_pred/", 1000.0))
+    i.block_mode = "reference"
+    i.depth = 1000
+    i.hvp_batch_size = 8
+    i.hvp_num_batches = 125
+    return c

@@ -44,7 +44,6 @@ ENUMS: dict[str, tuple] = {
     "ezsd.eval.protocol": ("coco", "lvis"),                     # ezsd.stages
     "ezsd.distill.on_missing": ("raise", "empty"),              # ezsd.distill
     "clip.proposals.selection": ("top", "random"),              # clip.proposals
-    "reference.source": ("labeled", "ids_file"),                # isal_jax.select, detection_al
     "influence.pseudo_label": ("argmax", "expected"),           # isal_jax.tasks.classification
 }
 
@@ -115,6 +114,11 @@ def validate(cfg: Any) -> None:
         if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
             raise ConfigError(f"config.clip.proposal_shard={shard!r}: must be 'i/n' with "
                               "0 <= i < n, or '' (one shard per process)")
+    present, source = _get(cfg, "reference.source")          # isal_jax.selection_io
+    if present and not (source in ("labeled", "ids_file") or (
+            isinstance(source, str) and source.startswith("split:") and len(source) > 6)):
+        raise ConfigError(f"config.reference.source={source!r}: must be 'labeled', "
+                          "'ids_file' or 'split:<name>'")
     for path, allowed in ENUMS.items():
         present, value = _get(cfg, path)
         if present and value not in allowed:

@@ -108,6 +108,13 @@ def _write_csv(path, header, rows):
     os.replace(tmp, path)
 
 
+def report(msg: str) -> None:
+    """The one progress printer of long jobs: an INFO log record and the line on stdout
+    (where users and tests read it, whatever the log verbosity)."""
+    logging.info("%s", msg)
+    print(msg, flush=True)
+
+
 class Progress:
     """Rate and ETA for a loop of `total` steps that may start at `start` (resume)."""
 
@@ -125,8 +132,7 @@ class Progress:
         now = time.perf_counter()
         if not force and now - self._last_t < self.every_s and step < self.total:
             return False
-        logging.info("%s", self.line())
-        print(self.line(), flush=True)
+        report(self.line())
         self._last_t, self._last_step = now, step
         return True
 

@@ -69,31 +69,33 @@ class ClassificationALTask:
 
     def __init__(self, cfg: ml_collections.ConfigDict):
         from isal_jax import select as sel
+        from isal_jax import selection_io as sio
         from isal_jax.data import load_dataset
         from isal_jax.strategies import STRATEGIES
         from isal_jax.tasks import ClassificationTask
 
         self.cfg = cfg
         self.known_strategies = tuple(STRATEGIES)
+        sel.validate_influence(cfg)
         d = cfg.data
         try:
             self.data = load_dataset(d.dataset, d.pool_split, d.data_dir or None)
             self.eval_data = load_dataset(d.dataset, d.eval_split, d.data_dir or None)
         except (ValueError, FileNotFoundError) as e:
-            raise sel.SelectError(f"config.data: {e}") from e
+            raise sio.SelectError(f"config.data: {e}") from e
         if self.data.num_classes != cfg.model.num_classes:
-            raise sel.SelectError(f"config.model.num_classes={cfg.model.num_classes} but "
+            raise sio.SelectError(f"config.model.num_classes={cfg.model.num_classes} but "
                                   f"{self.data.name} has {self.data.num_classes} classes")
         if d.pool_ids_file:
-            ids = sel.read_id_list(d.pool_ids_file, "config.data.pool_ids_file")
+            ids = sio.read_id_list(d.pool_ids_file, "config.data.pool_ids_file")
             try:
                 self.data.positions(ids, what=f"config.data.pool_ids_file {d.pool_ids_file!r}")
             except ValueError as e:
-                raise sel.SelectError(str(e)) from e
+                raise sio.SelectError(str(e)) from e
             self._pool = np.sort(ids)
         else:
             self._pool = np.asarray(self.data.ids, np.int64)
-        self.model = sel._model(cfg)
+        self.model = sel.model_from_config(cfg)
         self.task = ClassificationTask(self.model, pseudo_label=cfg.influence.pseudo_label,
                                        topk=cfg.influence.topk)
         self.mesh = sharding.make_mesh(cfg.mesh)
@@ -101,7 +103,7 @@ class ClassificationALTask:
         try:
             sharding.check_batch_divisible(int(t.batch_size), self.mesh)
         except ValueError as e:
-            raise sel.SelectError(f"config.train.batch_size: {e}") from e
+            raise sio.SelectError(f"config.train.batch_size: {e}") from e
         augment(np.zeros((1, *self.data.image_shape), np.float32),
                 np.random.default_rng(0), t.augment, int(t.crop_pad))   # validates the mode
         self._steps_cache: dict = {}
@@ -239,6 +241,8 @@ class ClassificationALTask:
         c = self.cfg
         scfg = ml_collections.ConfigDict({
             "strategy": strategy, "budget": int(budget), "seed": int(seed),
+            "allow_degenerate": bool(c.get("allow_degenerate", False)),
+            "pool": {"data_dir": c.data.data_dir},
             "model": c.model.to_dict(), "influence": c.influence.to_dict(),
             "reference": c.reference.to_dict(), "mesh": c.mesh.to_dict(),
             "debug": {"kill_after_shard": int(c.debug.kill_after_shard)}})

@@ -11,6 +11,9 @@ is checked against them.
   seed-0 permutation; 'all' is everything.
 * cifar10: `tfds.data_source('cifar10', data_dir=...)` over ALREADY-PREPARED array_record
   files; never downloads (see `CIFAR10_HOWTO`). Images normalized with the CIFAR mean/std.
+* folder: an image folder, <data_dir>/<split>/<class>/<image> (`load_image_folder`).
+* a user's own: `ClassificationData.from_arrays(images, labels, ids)`, made loadable by
+  name with `register_dataset(name, loader)`.
 """
 from __future__ import annotations
 
@@ -45,6 +48,32 @@ class ClassificationData:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def from_arrays(cls, images, labels, ids=None, *, name: str = "arrays", split: str = "all",
+                    num_classes: int | None = None) -> "ClassificationData":
+        """A user's in-memory data set: images [N, H, W, C] (already normalized as the
+        model expects), integer labels [N] in [0, num_classes), optional unique int ids
+        (default 0..N-1)."""
+        images = np.asarray(images, np.float32)
+        labels = np.asarray(labels)
+        if images.ndim != 4 or labels.shape != (len(images),):
+            raise ValueError(f"from_arrays: images must be [N, H, W, C] and labels [N], got "
+                             f"{images.shape} and {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+            raise ValueError("from_arrays: labels must be non-negative integers")
+        ids = np.arange(len(images), dtype=np.int64) if ids is None else np.asarray(ids)
+        if ids.shape != labels.shape or not np.issubdtype(ids.dtype, np.integer) or \
+                len(np.unique(ids)) != len(ids):
+            raise ValueError("from_arrays: ids must be unique integers, one per image")
+        k = int(num_classes) if num_classes is not None else int(labels.max(initial=-1)) + 1
+        if len(labels) and labels.max() >= k:
+            raise ValueError(f"from_arrays: label {int(labels.max())} >= num_classes={k}")
+        order = np.argsort(ids, kind="stable")
+        images, labels, ids = images[order], labels[order].astype(np.int32), \
+            ids[order].astype(np.int64)
+        return cls(name, split, ids, k, tuple(images.shape[1:]),
+                   lambda pos: (images[pos], labels[pos]))
 
     def positions(self, ids: Sequence[int], what: str = "ids") -> np.ndarray:
         """Ids -> row positions; unknown ids are an error naming a few of them."""
@@ -156,11 +185,71 @@ def load_cifar10(split: str = "train", data_dir: str | None = None) -> Classific
     return ClassificationData("cifar10", split, ids, 10, (32, 32, 3), fetch)
 
 
-DATASETS = {"digits": lambda split, data_dir=None: load_digits(split),
-            "cifar10": load_cifar10}
+# ----------------------------------------------------------------------------- image folder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_image_folder(split: str, data_dir: str | None = None, *,
+                      image_size: tuple[int, int] = (32, 32), mean=(0.5, 0.5, 0.5),
+                      std=(0.5, 0.5, 0.5)) -> ClassificationData:
+    """<data_dir>/<split>/<class name>/<image file>: one sub-folder per class (classes in
+    sorted name order = label 0, 1, ...), images decoded by ezsd_jax.data.images
+    (EXIF-upright RGB), resized to `image_size` (bilinear), scaled to [0, 1] and
+    normalized with mean/std. Ids: the index in the sorted file list of the split."""
+    from ezsd_jax.data.images import decode_image
+    if not data_dir:
+        raise ValueError("folder: set data_dir to the folder that holds <split>/<class>/")
+    root = os.path.join(os.path.expanduser(data_dir), split)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"folder: {root!r} does not exist (expected "
+                                "<data_dir>/<split>/<class>/<images>)")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    files, labels = [], []
+    for k, c in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(root, c))):
+            if f.lower().endswith(IMAGE_SUFFIXES):
+                files.append(os.path.join(root, c, f))
+                labels.append(k)
+    if not files:
+        raise FileNotFoundError(f"folder: no images under {root!r}/<class>/")
+    labels = np.asarray(labels, np.int32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    h, w = int(image_size[0]), int(image_size[1])
+
+    def fetch(pos):
+        import jax
+        out = []
+        for p in pos:
+            img = decode_image(files[int(p)]).astype(np.float32) / 255.0
+            if img.shape[:2] != (h, w):
+                img = np.asarray(jax.image.resize(img, (h, w, 3), "bilinear"))
+            out.append((img - mean) / std)
+        return np.stack(out), labels[np.asarray(pos, np.int64)]
+    return ClassificationData(f"folder:{data_dir}", split, np.arange(len(files), dtype=np.int64),
+                              len(classes), (h, w, 3), fetch)
+
+
+# ----------------------------------------------------------------------------- registry
+
+DATASETS: dict[str, Callable[..., ClassificationData]] = {
+    "digits": lambda split, data_dir=None: load_digits(split),
+    "cifar10": load_cifar10,
+    "folder": load_image_folder,
+}
+
+
+def register_dataset(name: str, loader: Callable[..., ClassificationData]) -> None:
+    """Makes `loader(split, data_dir=None) -> ClassificationData` loadable by name (e.g.
+    config.data.dataset / config.pool.dataset) in this process; for data in memory use
+    `ClassificationData.from_arrays` inside the loader."""
+    if not callable(loader):
+        raise TypeError("register_dataset: loader must be callable")
+    DATASETS[str(name)] = loader
 
 
 def load_dataset(name: str, split: str, data_dir: str | None = None) -> ClassificationData:
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or "
+                         "isal_jax.data.register_dataset)")
     return DATASETS[name](split, data_dir=data_dir)

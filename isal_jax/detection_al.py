@@ -39,6 +39,10 @@ import numpy as np
 
 from ezsd_jax import sharding
 from ezsd_jax.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.metrics import report
+from isal_jax.degenerate import check_lissa
+from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, load_cached,
+                                   read_id_list, reference_source, score_dir)
 
 STRATEGIES = ("random", "least_confidence", "entropy", "coreset", "isal")
 
@@ -127,83 +131,59 @@ def _host_state(state) -> dict:
 
 # ----------------------------------------------------------------------------- ISAL
 
-def _fingerprint(obj) -> str:
-    from isal_jax.select import _fingerprint as fp
-    return fp(obj)
-
-
-def _ids_hash(ids) -> str:
-    from isal_jax.select import _ids_hash as h
-    return h(ids)
-
-
-def _load_npz(path: str, fingerprint: str, ids=None) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != fingerprint:
-                raise KeyError("fingerprint")
-            if ids is not None and not np.array_equal(z["ids"], ids):
-                raise KeyError("ids")
-            return {k: np.asarray(z[k]) for k in z.files}
-    except (OSError, ValueError, KeyError):
-        print(f"{path}: stale or unreadable, recomputing", flush=True)
-        return None
-
-
 def detection_isal(cfg, workdir: str, dtask, state: dict, data: DetectionData,
-                   labeled: np.ndarray, pool: np.ndarray, fingerprint: str, mesh=None
-                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+                   labeled: np.ndarray, pool: np.ndarray, fingerprint: str, mesh=None,
+                   split_data=None) -> tuple[np.ndarray, np.ndarray, dict]:
     """ISAL scores of `pool` (in its order): (scores float64 with NaN where unscored,
-    scored bool, LiSSA info). s_test and score shards are cached in workdir/isal_scores."""
+    scored bool, LiSSA info). s_test and score shards are cached in workdir/isal_scores.
+    split_data(name) -> DetectionData of split `name` ('val'), for reference 'split:NAME'."""
     from isal_jax import influence as infl
     from isal_jax.tasks import detection as dt
     icfg = cfg.influence
     params, ms = state["params"], dtask.model_state(state)
     subset = infl.make_subset(params, icfg.subset)
-    sdir = os.path.join(workdir, "isal_scores")
-    os.makedirs(sdir, exist_ok=True)
-    for name in os.listdir(sdir):
-        if ".tmp." in name:
-            os.remove(os.path.join(sdir, name))
+    sdir = score_dir(workdir)
 
     s_path = os.path.join(sdir, "s_test.npz")
-    z = _load_npz(s_path, fingerprint)
+    z = load_cached(s_path, fingerprint)
     if z is not None:
         s_test = {k: z[f"s/{k}"] for k in subset.keys}
         info = json.loads(str(z["info"]))
-        print(f"resume: loaded s_test from {s_path}", flush=True)
+        report(f"resume: loaded s_test from {s_path}")
     else:
-        if cfg.reference.source == "labeled":
+        kind, arg = reference_source(cfg.reference)
+        ref_data = data
+        if kind == "labeled":
             ref_ids = labeled
-        elif cfg.reference.source == "ids_file":
-            from isal_jax.select import read_id_list
-            ref_ids = data.check(read_id_list(cfg.reference.ids_file,
-                                              "config.reference.ids_file"),
+        elif kind == "ids_file":
+            ref_ids = data.check(read_id_list(arg, "config.reference.ids_file"),
                                  "config.reference.ids_file")
         else:
-            raise ValueError(f"config.reference.source must be 'labeled' or 'ids_file', got "
-                             f"{cfg.reference.source!r}")
+            if split_data is None:
+                raise SelectError(f"config.reference.source={cfg.reference.source!r}: this "
+                                  "entry point has no other split to read")
+            ref_data = split_data(arg)
+            ref_ids = ref_data.ids
         t0 = time.perf_counter()
         order = np.random.default_rng([int(cfg.seed), 1]).permutation(labeled)
         n_hvp = int(icfg.hvp_batch_size) * int(icfg.hvp_num_batches)
         hvp_batches = list(data.batches(order[:n_hvp], icfg.hvp_batch_size, "labeled ids"))
         s_test, info = dt.isal_s_test(
-            dtask, params, ms, subset, data.batches(ref_ids, icfg.ref_batch_size, "reference"),
+            dtask, params, ms, subset,
+            ref_data.batches(ref_ids, icfg.ref_batch_size, "reference"),
             hvp_batches, damp=float(icfg.damp),
             scale=dt.block_scale(icfg.scale, icfg.block_scales), depth=int(icfg.depth),
+            block_mode=str(icfg.get("block_mode", "preconditioner")),
             repeats=int(icfg.repeats), seed=int(cfg.seed),
             residual_batches=int(icfg.residual_batches))
         s_test = {k: np.asarray(x) for k, x in s_test.items()}
         info["num_reference"] = int(len(ref_ids))
         info["num_hvp_images"] = int(min(n_hvp, len(labeled)))
-        print(f"lissa: {time.perf_counter() - t0:.1f}s  |v|={info['v_norm']:.4g} "
-              f"|s|={info['s_norm']:.4g} residual={info['residual']:.3g} "
-              f"nan_resets={info['nan_resets_total']}", flush=True)
-        if not all(np.all(np.isfinite(x)) for x in s_test.values()):
-            raise FloatingPointError(f"LiSSA s_test is NaN/inf (nan_resets="
-                                     f"{info['nan_resets']}); increase influence.scale or damp")
+        report(f"lissa: {time.perf_counter() - t0:.1f}s  |v|={info['v_norm']:.4g} "
+               f"|s|={info['s_norm']:.4g} residual={info['residual']:.3g} "
+               f"nan_resets={info['nan_resets_total']}")
+        check_lissa(info, s_test, max_residual=float(icfg.get("max_residual", 1.0)),
+                    allow=bool(cfg.get("allow_degenerate", False)))
         atomic_savez(s_path, fingerprint=np.asarray(fingerprint),
                      info=np.asarray(json.dumps(info)),
                      **{f"s/{k}": x for k, x in s_test.items()})
@@ -219,7 +199,7 @@ def detection_isal(cfg, workdir: str, dtask, state: dict, data: DetectionData,
     for i, st in enumerate(range(0, len(pool), shard)):
         ids = pool[st:st + shard]
         path = os.path.join(sdir, f"shard_{i:05d}.npz")
-        z = _load_npz(path, fingerprint, ids)
+        z = load_cached(path, fingerprint, ids)
         if z is None:
             got, sc, ok = dt.isal_pool_scores(dtask, params, ms, subset, s_test,
                                               data.batches(ids, bs, "pool"), mesh=mesh,
@@ -234,8 +214,7 @@ def detection_isal(cfg, workdir: str, dtask, state: dict, data: DetectionData,
             atomic_savez(path, fingerprint=np.asarray(fingerprint), ids=ids, scores=sc,
                          scored=ok)
             z = {"scores": sc, "scored": ok}
-            print(f"isal scores: shard {i} ({len(ids)} images, {int(ok.sum())} scored)",
-                  flush=True)
+            report(f"isal scores: shard {i} ({len(ids)} images, {int(ok.sum())} scored)")
             if kill == i:
                 import signal
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -249,7 +228,8 @@ def detection_isal(cfg, workdir: str, dtask, state: dict, data: DetectionData,
 
 def run_detection_strategy(cfg, workdir: str, dtask, state: dict, data: DetectionData,
                            labeled: np.ndarray, pool: np.ndarray, *, strategy: str,
-                           budget: int, seed: int, checkpoint: tuple[str, int], mesh=None):
+                           budget: int, seed: int, checkpoint: tuple[str, int], mesh=None,
+                           split_data=None):
     """Selects `budget` ids of `pool` with `strategy`. Returns (Selection, info dict)."""
     from isal_jax import strategies as st
     from isal_jax.tasks import detection as dt
@@ -276,16 +256,18 @@ def run_detection_strategy(cfg, workdir: str, dtask, state: dict, data: Detectio
                          mesh=mesh, infer_fn=infer_fn)
         return st.select_coreset(pool, budget, features=pred.features,
                                  labeled_features=lab.features, seed=seed), info
-    fp = _fingerprint({"influence": cfg.influence.to_dict(), "seed": int(seed),
+    fp = fingerprint({"influence": cfg.influence.to_dict(), "seed": int(seed),
                        "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
                        "checkpoint": list(checkpoint), "data": data.dataset.ann_file,
-                       "pool": _ids_hash(pool), "labeled": _ids_hash(labeled)})
+                       "pool": ids_hash(pool), "labeled": ids_hash(labeled)})
     scfg = ml_collections.ConfigDict({"influence": cfg.influence.to_dict(),
                                       "reference": cfg.reference.to_dict(), "seed": int(seed),
+                                      "allow_degenerate": bool(cfg.get("allow_degenerate",
+                                                                       False)),
                                       "debug": {"kill_after_shard": int(
                                           cfg.debug.get("kill_after_shard", -1))}})
     scores, scored, info = detection_isal(scfg, workdir, dtask, state, data, labeled, pool,
-                                          fp, mesh)
+                                          fp, mesh, split_data=split_data)
     info["fingerprint"] = fp
     return dt.select_isal_detection(pool, scores, scored, budget, seed=seed), info
 
@@ -308,7 +290,6 @@ class DetectionALTask:
         self.eval_data = DetectionData(cfg, "val", category_names=self.data.dataset.cat_names)
         pool_file = cfg.data.get("pool_ids_file", "")
         if pool_file:
-            from isal_jax.select import read_id_list
             self._pool = np.sort(self.data.check(read_id_list(pool_file,
                                                               "config.data.pool_ids_file"),
                                                  "config.data.pool_ids_file"))
@@ -322,6 +303,14 @@ class DetectionALTask:
 
     def pool_ids(self) -> np.ndarray:
         return self._pool
+
+    def _split_data(self, name: str) -> DetectionData:
+        if name == "val":
+            return self.eval_data
+        if name == "train":
+            return self.data
+        raise SelectError(f"config.reference.source='split:{name}': detection has the "
+                          "splits 'train' and 'val'")
 
     def train(self, labeled_ids: np.ndarray, seed: int, workdir: str) -> Any:
         from ezsd_jax.train import train_detector
@@ -347,7 +336,8 @@ class DetectionALTask:
         sel, info = run_detection_strategy(
             self.cfg, workdir, self.task, state, self.data, labeled_ids, unlabeled_ids,
             strategy=strategy, budget=int(budget), seed=int(seed),
-            checkpoint=state.get("checkpoint", ("", -1)), mesh=self.mesh)
+            checkpoint=state.get("checkpoint", ("", -1)), mesh=self.mesh,
+            split_data=self._split_data)
         if info:
             atomic_write_json(os.path.join(workdir, f"select_{strategy}_info.json"),
                               {k: v for k, v in info.items() if k != "norm_trace"})
@@ -355,7 +345,6 @@ class DetectionALTask:
 
 
 def build_task(cfg: ml_collections.ConfigDict, workdir: str) -> DetectionALTask:
-    from isal_jax.select import SelectError
     if "synth" in cfg:   # the synthetic set is generated into the workdir once
         from ezsd_jax.data import synthetic_stage
         synthetic_stage.run(cfg, workdir)
@@ -373,7 +362,6 @@ def _restore(cfg, workdir: str, model, data: DetectionData, labeled: np.ndarray
     init_checkpoint_if_missing) a tiny detector trained there on the labeled ids."""
     from ezsd_jax.evaluate import restore_variables
     from ezsd_jax.train import train_detector
-    from isal_jax.select import SelectError
     ckwd = os.path.abspath(cfg.checkpoint_workdir or workdir)
     ckdir = os.path.join(ckwd, "ckpt_detector")
     has = os.path.isdir(ckdir) and any(d.isdigit() for d in os.listdir(ckdir))
@@ -381,8 +369,8 @@ def _restore(cfg, workdir: str, model, data: DetectionData, labeled: np.ndarray
         if not cfg.init_checkpoint_if_missing:
             raise SelectError(f"config.checkpoint_workdir: no detector checkpoint in {ckdir} "
                               "(train one with `python -m ezsd_jax.main --stages=train`)")
-        print(f"no checkpoint in {ckdir}: training the detector on {len(labeled)} labeled "
-              "images (init_checkpoint_if_missing=True)", flush=True)
+        report(f"no checkpoint in {ckdir}: training the detector on {len(labeled)} labeled "
+               "images (init_checkpoint_if_missing=True)")
         c = cycle_config(cfg, int(cfg.seed), len(labeled))
         train_detector(c, ckwd, data.subset(labeled, "labeled ids"), name="detector")
         cfg = c
@@ -397,7 +385,6 @@ def run_detection_selection(cfg, workdir: str) -> str:
     workdir/selection_<strategy>.json ({'selected': [{'id', 'score', 'scored'}], ...})."""
     from ezsd_jax.models import detector as det
     from ezsd_jax.train import detector_config
-    from isal_jax.select import SelectError, read_id_list
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     if cfg.strategy not in STRATEGIES:
@@ -417,7 +404,7 @@ def run_detection_selection(cfg, workdir: str) -> str:
             ids = np.sort(np.random.default_rng(int(cfg.seed)).choice(data.ids, n,
                                                                       replace=False))
             atomic_write_json(path, [int(i) for i in ids])
-            print(f"wrote {n} random labeled ids to {path}", flush=True)
+            report(f"wrote {n} random labeled ids to {path}")
         labeled = data.check(read_id_list(path, "config.labeled_ids_file"),
                              "config.labeled_ids_file")
         pool = data.ids
@@ -432,13 +419,15 @@ def run_detection_selection(cfg, workdir: str) -> str:
         dtask = detection_task(cfg, model)
         state, step, ckdir = _restore(cfg, workdir, model, data, labeled)
         mesh = sharding.make_mesh(cfg.mesh)
-        print(f"{cfg.strategy}: pool {len(pool)}, labeled {len(labeled)}, budget "
-              f"{cfg.budget}, checkpoint {ckdir} step {step}", flush=True)
+        report(f"{cfg.strategy}: pool {len(pool)}, labeled {len(labeled)}, budget "
+               f"{cfg.budget}, checkpoint {ckdir} step {step}")
         t0 = time.perf_counter()
         sel, info = run_detection_strategy(cfg, workdir, dtask, state, data, labeled, pool,
                                            strategy=cfg.strategy, budget=int(cfg.budget),
                                            seed=int(cfg.seed), checkpoint=(ckdir, step),
-                                           mesh=mesh)
+                                           mesh=mesh, split_data=lambda name: DetectionData(
+                                               cfg, name,
+                                               category_names=data.dataset.cat_names))
     except ValueError as e:
         if isinstance(e, SelectError):
             raise
@@ -455,6 +444,6 @@ def run_detection_selection(cfg, workdir: str) -> str:
            "info": {k: v for k, v in info.items() if k != "norm_trace"}}
     path = os.path.join(workdir, f"selection_{cfg.strategy}.json")
     atomic_write_json(path, out)
-    print(f"{cfg.strategy}: selected {len(sel.ids)} in {elapsed:.1f}s", flush=True)
+    report(f"{cfg.strategy}: selected {len(sel.ids)} in {elapsed:.1f}s")
     print(path, flush=True)
     return path

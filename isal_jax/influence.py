@@ -12,23 +12,28 @@ ndim > 1 -- convolution kernels and FC weights, no BN, no biases).
 
 * Vectors (v, s_test, HVP tangents) live only on the subset: a flat dict
   {'/'-joined param path: array}; the other params stay fixed inside the loss closure.
-* HVPs are forward-over-reverse, `jax.jvp(jax.grad(f), (p,), (h,))`, where f is the MEAN
-  loss over the (valid rows of the) minibatch, as in the reference implementation.
-  So H below is always the mean-loss Hessian; for LiSSA with stacked minibatches it is the
-  average of the per-minibatch mean-loss Hessians (the expectation the recursion sees).
+* HVPs are forward-over-reverse, `jax.jvp(jax.grad(f), (p,), (h,))`. H below is always
+  the MEAN-loss Hessian over every VALID row of the HVP batches (padded rows and a short
+  last batch carry their true weight, see `lissa`).
 * Pool scores never materialize per-sample gradients: the JVP of the per-sample loss
   VECTOR in direction s_test gives all B dot products <G_z, s_test> in one forward-mode pass.
+* Compiled once: the engine's jitted pieces are module-level and take the loss function as
+  a pytree argument (`as_pytree_fn`) and the subset as a hashable static argument, so the
+  same problem shape reuses one executable across calls and AL cycles.
 
 LiSSA fixed point. h_{j+1} = v + (1 - damp) h_j - H_j h_j / scale converges (when the
 spectrum of (1-damp) I - H/scale lies inside (-1, 1), i.e. -damp*scale < lambda(H) <
-(2-damp)*scale) to h* = scale * (H + damp*scale*I)^-1 v; with per-block scales S
-(a diagonal matrix, one scale per parameter block) to h* = (H + damp*S)^-1 S v. `lissa`
-returns h (NOT h/scale, like the ISAL reference; Koh & Liang divide by scale -- a positive
-constant that does not change rankings for a scalar scale).
+(2-damp)*scale) to h* = scale * (H + damp*scale*I)^-1 v. Per-block scales S (one per
+parameter block) act as a diagonal preconditioner of the same damped system, so the fixed
+point stays c0 * (H + damp*c0*I)^-1 v (c0: the mapping's '*' scale); the reference's
+per-block recursion, whose fixed point (H + damp*S)^-1 S v is not a damped inverse-HVP, is
+block_mode='reference' (`lissa_coefficients`). `lissa` returns h (NOT h/scale, like the
+ISAL reference; Koh & Liang divide by scale -- a positive constant, same rankings).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -75,10 +80,11 @@ def get_predicate(name: str | Predicate | None) -> Predicate:
     return PREDICATES[name]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class ParamSubset:
     """Which leaves of a param tree take part. `take` -> the subset as a flat dict,
-    `put` -> params with the subset leaves replaced; `split`/`merge` for (subset, rest)."""
+    `put` -> params with the subset leaves replaced; `split`/`merge` for (subset, rest).
+    Hashable by value: a static argument of the engine's compiled functions."""
     treedef: Any
     names: tuple[str, ...]          # every leaf's path, in flatten order
     selected: tuple[int, ...]       # indices of the subset leaves
@@ -175,6 +181,17 @@ def _scale_to_json(scale):
 
 # ----------------------------------------------------------------------------- losses
 
+def as_pytree_fn(fn):
+    """A callable as a jit ARGUMENT, so that the engine compiles once per shape and reuses
+    the executable across calls and AL cycles. A `jax.tree_util.Partial` is a pytree: its
+    bound arguments (e.g. a model's batch_stats) are traced leaves and its function is part
+    of the cache key; any other callable is wrapped in an empty Partial (cache key: the
+    function object, so pass the same object to reuse a compile, not a fresh lambda)."""
+    if fn is None or isinstance(fn, jax.tree_util.Partial):
+        return fn
+    return jax.tree_util.Partial(fn)
+
+
 def _mask(batch, n: int):
     if isinstance(batch, Mapping) and "mask" in batch:
         return jnp.asarray(batch["mask"]).astype(jnp.float32)
@@ -190,15 +207,39 @@ def masked_mean(losses: jax.Array, batch) -> jax.Array:
     return jnp.sum(losses * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def valid_rows(batch) -> int:
+    """Number of valid rows of a host batch (its 'mask', else its length)."""
+    if isinstance(batch, Mapping) and "mask" in batch:
+        return int(np.sum(np.asarray(batch["mask"], bool)))
+    return int(len(jax.tree_util.tree_leaves(batch)[0]))
+
+
 def _sub_loss(loss_fn: LossFn, subset: ParamSubset, params, batch, reduce):
     """f(sub) = reduce(loss_fn(params with the subset replaced by sub, batch))."""
     return lambda sub: reduce(loss_fn(subset.put(params, sub), batch), batch)
 
 
-def hvp(loss_fn: LossFn, params, subset: ParamSubset, h: Vec, batch) -> Vec:
-    """Hessian(of the MEAN loss over the minibatch, on the subset) @ h, forward-over-reverse."""
-    f = _sub_loss(loss_fn, subset, params, batch, masked_mean)
+def _hvp_sum(loss_fn, subset: ParamSubset, params, h: Vec, batch) -> Vec:
+    """Hessian of the SUMMED (masked) loss of the batch, on the subset, @ h."""
+    f = _sub_loss(loss_fn, subset, params, batch, masked_sum)
     return jax.jvp(jax.grad(f), (subset.take(params),), (h,))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("subset",))
+def _hvp_sum_jit(loss_fn, subset, params, h, batch):
+    return _hvp_sum(loss_fn, subset, params, h, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("subset",))
+def _grad_sum_jit(loss_fn, subset, params, batch):
+    return jax.grad(_sub_loss(loss_fn, subset, params, batch, masked_sum))(subset.take(params))
+
+
+def hvp(loss_fn: LossFn, params, subset: ParamSubset, h: Vec, batch) -> Vec:
+    """Hessian(of the MEAN loss over the batch's valid rows, on the subset) @ h."""
+    hs = _hvp_sum(loss_fn, subset, params, h, batch)
+    n = jnp.maximum(jnp.sum(_mask(batch, len(jax.tree_util.tree_leaves(batch)[0]))), 1.0)
+    return {k: x / n for k, x in hs.items()}
 
 
 # ----------------------------------------------------------------------------- batches
@@ -219,20 +260,30 @@ def _index(stacked, j):
     return jax.tree_util.tree_map(lambda x: x[j], stacked)
 
 
+def _as_list(batches) -> list:
+    if isinstance(batches, (list, tuple)):
+        return list(batches)
+    return [_index(batches, j) for j in range(_num_steps(batches))]
+
+
+def _total_valid(batches: list) -> int:
+    n = sum(valid_rows(b) for b in batches)
+    if n == 0:
+        raise ValueError("the HVP batches have no valid row")
+    return n
+
+
 # ----------------------------------------------------------------------------- v
 
 def reference_gradient(loss_fn: LossFn, params, subset: ParamSubset,
                        batches: Iterable[Any]) -> Vec:
     """v = SUM over all (valid) reference samples of grad loss, on the subset.
-    Per batch: grad of the masked SUMMED loss; accumulated over batches (jit once)."""
-    @jax.jit
-    def grad_sum(params, batch):
-        return jax.grad(_sub_loss(loss_fn, subset, params, batch, masked_sum))(
-            subset.take(params))
-
+    Per batch: grad of the masked SUMMED loss; accumulated over batches (compiled once per
+    batch shape, reused across calls)."""
+    loss_fn = as_pytree_fn(loss_fn)
     v = None
     for batch in batches:
-        g = grad_sum(params, batch)
+        g = _grad_sum_jit(loss_fn, subset, params, batch)
         v = g if v is None else jax.tree_util.tree_map(jnp.add, v, g)
     if v is None:
         raise ValueError("reference_gradient: the reference set is empty")
@@ -259,112 +310,178 @@ def _resolve_loop(loop: str) -> str:
     return loop
 
 
+BLOCK_MODES = ("preconditioner", "reference")
+
+
+def lissa_coefficients(scale, like: Vec, damp: float, block_mode: str = "preconditioner"
+                       ) -> tuple[float, dict]:
+    """The recursion h' = (1 - d) h + a v - H h / S (per block) for a scalar or per-block
+    `scale`. Returns (damping scale c0, {'a', 'd', 'inv_s'}: per-block floats).
+
+    scalar scale s: a = 1, d = damp, S = s (the reference's LiSSA), c0 = s.
+    per-block S, block_mode 'preconditioner' (default): S is a diagonal preconditioner of
+      the Richardson iteration for (H + damp*c0 I) x = v with c0 = the mapping's '*'
+      entry: a = c0/S, d = damp*c0/S, so the fixed point is h* = c0 (H + damp*c0 I)^-1 v,
+      the same damped inverse-HVP as the scalar scale c0; S only changes how fast (and
+      whether) the chain gets there.
+    per-block S, block_mode 'reference': a = 1, d = damp (the ISAL detection code); its
+      fixed point (H + damp S)^-1 S v is not a damped inverse-HVP (kept to reproduce it).
+    """
+    if block_mode not in BLOCK_MODES:
+        raise ValueError(f"lissa: block_mode must be one of {BLOCK_MODES}, got {block_mode!r}")
+    s_t = _scale_tree(scale, like)
+    if any(not (s > 0) for s in s_t.values()):
+        raise ValueError(f"lissa: scale must be > 0, got {scale}")
+    if isinstance(scale, Mapping) and block_mode == "preconditioner":
+        if "*" not in scale:
+            raise ValueError("per-block LiSSA scales need a '*' entry: the scale c0 of the "
+                             "damped system (H + damp*c0 I) (block_mode='preconditioner')")
+        c0 = float(scale["*"])
+        a = {k: c0 / s for k, s in s_t.items()}
+    else:
+        c0 = float(scale["*"]) if isinstance(scale, Mapping) and "*" in scale else \
+            (float(scale) if not isinstance(scale, Mapping) else float("nan"))
+        a = {k: 1.0 for k in s_t}
+    coef = {"a": a, "d": {k: damp * a[k] for k in s_t},
+            "inv_s": {k: 1.0 / s for k, s in s_t.items()}}
+    return c0, coef
+
+
+def _lissa_step(loss_fn, subset, sampler, params, v, h, data, x, coef, norm):
+    b = sampler(x) if sampler is not None else _index(data, x)
+    hs = _hvp_sum(loss_fn, subset, params, h, b)
+    # norm > 0: S/N for stacked minibatches (so that E[step HVP] is the mean-loss Hessian
+    # over ALL valid rows, whatever each minibatch's padding); else the batch's own mean.
+    nb = jnp.maximum(jnp.sum(_mask(b, len(jax.tree_util.tree_leaves(b)[0]))), 1.0)
+    w = jnp.where(norm > 0, norm, 1.0 / nb)
+    new = {k: (1.0 - coef["d"][k]) * h[k] + coef["a"][k] * v[k]
+           - coef["inv_s"][k] * w * hs[k] for k in h}
+    ok = tree_all_finite(new)
+    new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, v)
+    diff = tree_norm(jax.tree_util.tree_map(jnp.subtract, new, h))
+    return new, (tree_norm(new), ~ok, diff)
+
+
+_lissa_step_jit = jax.jit(_lissa_step, static_argnames=("subset",))
+
+
+@functools.partial(jax.jit, static_argnames=("subset",))
+def _lissa_chain_scan(loss_fn, subset, sampler, params, v, data, sel, coef, norm):
+    def body(h, x):
+        return _lissa_step(loss_fn, subset, sampler, params, v, h, data, x, coef, norm)
+    return jax.lax.scan(body, v, sel)
+
+
 def lissa(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
           damp: float = 0.01, scale: float | Mapping[str, float] = 1e4, depth: int = 250,
           repeats: int = 4, seed: int = 0, residual_batches: int = 8,
-          loop: str = "auto") -> tuple[Vec, dict]:
-    """LiSSA estimate of s_test = scale * (H + damp*scale*I)^-1 v (see module docstring).
+          loop: str = "auto", block_mode: str = "preconditioner",
+          stop_residual: float = 0.0, check_every: int = 0) -> tuple[Vec, dict]:
+    """LiSSA estimate of s_test = c0 * (H + damp*c0*I)^-1 v (module docstring;
+    `lissa_coefficients` for per-block scales).
 
     hvp_batches: either a pytree of arrays with a leading minibatch axis [S, B, ...] (or a
       list of equally shaped batches), which chain r visits in its own seeded random order,
       reshuffled every pass; or a jittable callable `key -> batch` that draws a minibatch
-      (a fresh key per step and chain). HVPs use the MEAN loss over the minibatch's valid rows.
+      (a fresh key per step and chain). H is the mean-loss Hessian over every VALID row of
+      the stacked minibatches (a step's HVP of the summed minibatch loss is weighted by
+      S/N, N the valid rows of all S minibatches, so padded rows and short batches do not
+      tilt it); for a callable, the mean over each drawn minibatch's valid rows.
     Each of the `repeats` chains runs `depth` steps; a step whose result is not finite
-    resets that chain to v (counted). The chains are averaged.
+      resets that chain to v (counted). The chains are averaged.
+    stop_residual > 0 (python loop only): every `check_every` steps (default 25) the
+      running average of the chains' current iterates is checked against the residual
+      below; the chains stop once it is <= stop_residual ('steps_run' in info).
     loop: 'scan' runs a chain as one lax.scan; 'python' runs one jitted step per call
       (same numbers). 'auto' = 'python' on CPU, 'scan' elsewhere: XLA:CPU leaves the
       weight-gradient convolutions of an HVP inside a while loop in a non-canonical layout
       and runs them ~10x slower (measured: 13-17 ms vs 1.2 ms per step, small CNN).
+    Every piece is compiled once per (loss function, subset, shapes) and reused across
+      calls (pass a stable `loss_fn`, e.g. a jax.tree_util.Partial over the model state).
 
-    info: damp, scale, depth, repeats, nan_resets (per chain), norm_trace ([repeats][depth]
+    info: damp, scale, depth, repeats, nan_resets (per chain), norm_trace ([repeats][steps]
       ||h_j||), v_norm, s_norm, last_rel_change (per chain, ||h_d - h_{d-1}|| / ||h_d||), and
-      residual = || H_bar s / scale + damp s - v || / ||v|| (per-block: H_bar s is divided
-      block-wise by its scale), where H_bar is the mean-loss Hessian averaged over the first
-      `residual_batches` HVP minibatches (or that many draws of the callable with a fixed
-      key). residual is 0 exactly at the fixed point for H_bar; it measures both truncation
-      (depth) and the minibatch noise of the average of the chains.
+      residual = || (H_bar s / S + d s) / a - v || / ||v|| (= ||H_bar s / c0 + damp s - v||
+      / ||v|| for a scalar scale or preconditioner blocks), H_bar the mean-loss Hessian over
+      the valid rows of the first `residual_batches` HVP minibatches (or that many draws of
+      the callable with a fixed key). residual is 0 exactly at the fixed point for H_bar;
+      it measures both truncation (depth) and the minibatch noise of the chains' average.
     """
     if depth < 1 or repeats < 1:
         raise ValueError(f"lissa: depth ({depth}) and repeats ({repeats}) must be >= 1")
     loop = _resolve_loop(loop)
-    scale_t = _scale_tree(scale, v)
-    if any(not (s > 0) for s in scale_t.values()):
-        raise ValueError(f"lissa: scale must be > 0, got {scale}")
+    if stop_residual > 0 and loop != "python":
+        raise ValueError("lissa: stop_residual needs loop='python'")
     v = {k: jnp.asarray(x) for k, x in v.items()}
     if set(v) != set(subset.keys):
         raise ValueError("lissa: v is not a vector on this parameter subset")
-    callable_batches = callable(hvp_batches)
-    if isinstance(hvp_batches, (list, tuple)):
-        hvp_batches = stack_batches(hvp_batches)
-    get_batch = hvp_batches if callable_batches else (lambda j: _index(hvp_batches, j))
-
-    def step_fn(params, v, h, batch):
-        hv = hvp(loss_fn, params, subset, h, batch)
-        new = {k: v[k] + (1.0 - damp) * h[k] - hv[k] / scale_t[k] for k in h}
-        ok = tree_all_finite(new)
-        new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, v)
-        diff = tree_norm(jax.tree_util.tree_map(jnp.subtract, new, h))
-        return new, (tree_norm(new), ~ok, diff)
-
-    # Per-step "selectors": minibatch index (stacked) or PRNG key (callable).
-    if callable_batches:
+    c0, coef = lissa_coefficients(scale, v, damp, block_mode)
+    coef = jax.tree_util.tree_map(lambda c: jnp.asarray(c, jnp.float32), coef)
+    loss_fn = as_pytree_fn(loss_fn)
+    sampler = as_pytree_fn(hvp_batches) if callable(hvp_batches) else None
+    if sampler is None:
+        if isinstance(hvp_batches, (list, tuple)):
+            hvp_batches = stack_batches(hvp_batches)
+        num = _num_steps(hvp_batches)
+        norm = jnp.float32(num / _total_valid(_as_list(hvp_batches)))
+        selectors = list(_chain_orders(num, depth, repeats, seed))
+        data = jax.device_put(hvp_batches)        # minibatches go to the device once
+    else:
+        norm = jnp.float32(-1.0)
         base = jax.random.PRNGKey(seed)
         selectors = [np.asarray(jax.random.split(jax.random.fold_in(base, r), depth))
                      for r in range(repeats)]
+        data = None
+    if sampler is not None:
+        keys = jax.random.split(jax.random.PRNGKey(seed + 7919), max(residual_batches, 1))
+        res_batches = [jax.jit(hvp_batches)(k) for k in keys]
     else:
-        selectors = list(_chain_orders(_num_steps(hvp_batches), depth, repeats, seed))
-    # Minibatches go to the device once (not once per step).
-    data = None if callable_batches else jax.device_put(hvp_batches)
+        n = min(max(residual_batches, 1), _num_steps(hvp_batches))
+        res_batches = [_index(hvp_batches, j) for j in range(n)]
 
+    def residual(s):
+        hs = mean_hvp(loss_fn, params, subset, s, res_batches)
+        r = {k: (coef["inv_s"][k] * hs[k] + coef["d"][k] * s[k]) / coef["a"][k] - v[k]
+             for k in s}
+        return float(tree_norm(r)) / max(float(tree_norm(v)), 1e-30)
+
+    check_every = int(check_every) or 25
+    hs_ = [v] * repeats
+    outs = [[] for _ in range(repeats)]
+    steps_run = depth
     if loop == "scan":
-        @jax.jit
-        def chain(params, v, data, sel):
-            def body(h, x):
-                b = hvp_batches(x) if callable_batches else _index(data, x)
-                return step_fn(params, v, h, b)
-            return jax.lax.scan(body, v, sel)
+        for r in range(repeats):
+            hs_[r], o = _lissa_chain_scan(loss_fn, subset, sampler, params, v, data,
+                                          selectors[r], coef, norm)
+            outs[r] = [tuple(z[j] for z in o) for j in range(depth)]
     else:
-        @jax.jit
-        def step(params, v, h, data, x):
-            b = hvp_batches(x) if callable_batches else _index(data, x)
-            return step_fn(params, v, h, b)
-
-        def chain(params, v, data, sel):
-            h, outs = v, []
-            for x in sel:
-                h, o = step(params, v, h, data, x)
-                outs.append(o)
-            return h, tuple(jnp.stack(z) for z in zip(*outs))
-
-    total = None
+        # The chains advance in lockstep, so that the running average can be checked.
+        for j in range(depth):
+            for r in range(repeats):
+                hs_[r], o = _lissa_step_jit(loss_fn, subset, sampler, params, v, hs_[r], data,
+                                            selectors[r][j], coef, norm)
+                outs[r].append(o)
+            if stop_residual > 0 and (j + 1) % check_every == 0 and j + 1 < depth:
+                avg = jax.tree_util.tree_map(lambda *xs: sum(xs) / repeats, *hs_)
+                if residual(avg) <= stop_residual:
+                    steps_run = j + 1
+                    break
     traces, resets, rel = [], [], []
     for r in range(repeats):
-        h, (norms, bad, diff) = chain(params, v, data, selectors[r])
-        total = h if total is None else jax.tree_util.tree_map(jnp.add, total, h)
-        norms, bad, diff = np.asarray(norms), np.asarray(bad), np.asarray(diff)
+        norms, bad, diff = (np.asarray(jax.device_get(list(z))) for z in zip(*outs[r]))
         traces.append([float(x) for x in norms])
         resets.append(int(bad.sum()))
         with np.errstate(invalid="ignore", divide="ignore"):
             rel.append(float(diff[-1] / max(norms[-1], 1e-30)))
-    s = jax.tree_util.tree_map(lambda x: x / repeats, total)
-
-    # Residual of the fixed-point equation against the mean Hessian of a few minibatches.
-    if callable_batches:
-        keys = jax.random.split(jax.random.PRNGKey(seed + 7919), max(residual_batches, 1))
-        res_batches = [hvp_batches(k) for k in keys]
-    else:
-        n = min(max(residual_batches, 1), _num_steps(hvp_batches))
-        res_batches = [get_batch(j) for j in range(n)]
-    hs = mean_hvp(loss_fn, params, subset, s, res_batches)
-    resid = {k: hs[k] / scale_t[k] + damp * s[k] - v[k] for k in s}
-    v_norm = float(tree_norm(v))
+    s = jax.tree_util.tree_map(lambda *xs: sum(xs) / repeats, *hs_)
     info = {
-        "damp": float(damp), "scale": _scale_to_json(scale), "depth": int(depth),
+        "damp": float(damp), "scale": _scale_to_json(scale), "damp_scale": c0,
+        "block_mode": block_mode if isinstance(scale, Mapping) else "scalar",
+        "depth": int(depth), "steps_run": int(steps_run),
         "repeats": int(repeats), "seed": int(seed), "loop": loop,
         "nan_resets": resets, "nan_resets_total": int(sum(resets)),
-        "v_norm": v_norm, "s_norm": float(tree_norm(s)),
-        "residual": float(tree_norm(resid)) / max(v_norm, 1e-30),
-        "residual_batches": len(res_batches),
+        "v_norm": float(tree_norm(v)), "s_norm": float(tree_norm(s)),
+        "residual": residual(s), "residual_batches": len(res_batches),
         "last_rel_change": rel, "norm_trace": traces,
     }
     if not all(math.isfinite(x) for x in (info["s_norm"], info["residual"])):
@@ -373,126 +490,252 @@ def lissa(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
 
 
 def mean_hvp(loss_fn: LossFn, params, subset: ParamSubset, h: Vec, batches) -> Vec:
-    """Average over `batches` (a list, or a stacked pytree) of the mean-loss HVPs H_j h.
-    A Python loop over one jitted HVP (see `lissa`'s note on loops on CPU)."""
-    if not isinstance(batches, (list, tuple)):
-        batches = [_index(batches, j) for j in range(_num_steps(batches))]
-    f = jax.jit(lambda params, h, b: hvp(loss_fn, params, subset, h, b))
+    """The mean-loss Hessian over every VALID row of `batches` (a list, or a stacked
+    pytree) @ h: the sum of the summed-loss HVPs divided by the number of valid rows.
+    A Python loop over one compiled HVP (see `lissa`'s note on loops on CPU)."""
+    batches = _as_list(batches)
+    n = _total_valid(batches)
+    loss_fn = as_pytree_fn(loss_fn)
     acc = None
     for b in batches:
-        hv = f(params, h, b)
+        hv = _hvp_sum_jit(loss_fn, subset, params, h, b)
         acc = hv if acc is None else jax.tree_util.tree_map(jnp.add, acc, hv)
-    return jax.tree_util.tree_map(lambda x: x / len(batches), acc)
+    return jax.tree_util.tree_map(lambda x: x / n, acc)
+
+
+def top_eigenvalue(loss_fn: LossFn, params, subset: ParamSubset, batches, *,
+                   iters: int = 20, seed: int = 0) -> tuple[float, dict]:
+    """Largest-magnitude eigenvalue of the mean-loss Hessian over `batches` (the H of
+    `mean_hvp`) by power iteration from a seeded random start. Returns (lambda, info:
+    iters, rel_change of the last step)."""
+    sub = subset.take(params)
+    key = jax.random.PRNGKey(seed)
+    h = {k: jax.random.normal(jax.random.fold_in(key, i), np.shape(x), jnp.float32)
+         for i, (k, x) in enumerate(sub.items())}
+    lams = []
+    for _ in range(max(int(iters), 1)):
+        nrm = tree_norm(h)
+        h = {k: x / nrm for k, x in h.items()}
+        hv = mean_hvp(loss_fn, params, subset, h, batches)
+        lams.append(float(tree_vdot(h, hv)))
+        if not math.isfinite(lams[-1]):
+            break
+        h = hv
+    lam = lams[-1]
+    rel = abs(lam - lams[-2]) / max(abs(lam), 1e-30) if len(lams) > 1 else float("nan")
+    return lam, {"iters": len(lams), "rel_change": float(rel)}
+
+
+SOLVERS = ("lissa", "cg")
+DAMP_MODES = ("fixed", "top_eig")
+
+
+def solve_s_test(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
+                 solver: str = "lissa", damp: float = 0.01, scale=1e4,
+                 damp_mode: str = "fixed", damp_fraction: float = 0.1, eig_iters: int = 20,
+                 eig_batches: int = 8, cg_tol: float = 1e-3, cg_maxiter: int = 100,
+                 seed: int = 0, **lissa_kw) -> tuple[Vec, dict]:
+    """s_test for the selection: the damped system c0 (H + damp*c0 I)^-1 v solved by
+    `solver` ('lissa': the reference's recursion, `lissa_kw` = depth, repeats, ...;
+    'cg': `conjugate_gradient` on the stacked minibatches, the same fixed point).
+
+    The Hessian's top eigenvalue (power iteration, `eig_iters` steps over the first
+    `eig_batches` minibatches; 0 = skip) is reported with the effective damping ratio
+    damp*c0 / lambda_max in info. damp_mode='top_eig' sets damp = damp_fraction *
+    lambda_max / c0 (damping a fixed fraction of the spectrum's top); 'fixed' keeps `damp`
+    (the reference's). Stacked / list minibatches only for 'cg' and the eigenvalue."""
+    if solver not in SOLVERS:
+        raise ValueError(f"influence.solver must be one of {SOLVERS}, got {solver!r}")
+    if damp_mode not in DAMP_MODES:
+        raise ValueError(f"influence.damp_mode must be one of {DAMP_MODES}, got {damp_mode!r}")
+    c0, _ = lissa_coefficients(scale, v, damp, lissa_kw.get("block_mode", "preconditioner"))
+    batches = None if callable(hvp_batches) else _as_list(hvp_batches)
+    top = None
+    if (eig_iters > 0 or damp_mode == "top_eig") and batches is not None:
+        top, _ = top_eigenvalue(loss_fn, params, subset, batches[:max(eig_batches, 1)],
+                                iters=max(eig_iters, 1), seed=seed)
+    if damp_mode == "top_eig":
+        if top is None or not (top > 0) or not math.isfinite(c0):
+            raise ValueError(f"damp_mode='top_eig' needs stacked HVP minibatches, a scalar "
+                             f"(or '*') scale and a positive top eigenvalue (got {top})")
+        damp = float(damp_fraction) * top / c0
+    if solver == "cg":
+        s, info = conjugate_gradient(loss_fn, params, subset, v, batches, damp=damp,
+                                     scale=scale, tol=cg_tol, maxiter=cg_maxiter,
+                                     block_mode=lissa_kw.get("block_mode", "preconditioner"))
+        hs = mean_hvp(loss_fn, params, subset, s, batches[:lissa_kw.get("residual_batches",
+                                                                        8)])
+        r = {k: hs[k] / c0 + damp * s[k] - v[k] for k in s}
+        info = {**info, "cg_residual": info["residual"], "damp": float(damp),
+                "scale": _scale_to_json(scale), "damp_scale": c0, "nan_resets": [],
+                "nan_resets_total": 0, "v_norm": float(tree_norm(v)),
+                "s_norm": float(tree_norm(s)),
+                "residual": float(tree_norm(r)) / max(float(tree_norm(v)), 1e-30)}
+    else:
+        s, info = lissa(loss_fn, params, subset, v, hvp_batches, damp=damp, scale=scale,
+                        seed=seed, **lissa_kw)
+    info.update({"solver": solver, "damp_mode": damp_mode, "top_eigenvalue": top,
+                 "damping_ratio": (damp * c0 / top) if top else None})
+    if damp_mode == "top_eig":
+        info["damp_fraction"] = float(damp_fraction)
+    return s, info
 
 
 # ----------------------------------------------------------------------------- validation solvers
 
 def hessian_matrix(loss_fn: LossFn, params, subset: ParamSubset, batches,
                    max_params: int = 4096) -> tuple[jax.Array, Callable]:
-    """Dense mean-loss Hessian on the flattened subset, averaged over `batches` (same H as
-    `mean_hvp`). Returns (H [n, n], unravel: flat -> Vec). For small models only."""
+    """Dense mean-loss Hessian on the flattened subset over every valid row of `batches`
+    (same H as `mean_hvp`). Returns (H [n, n], unravel: flat -> Vec). Small models only."""
     sub0 = subset.take(params)
     flat0, unravel = ravel_pytree(sub0)
     n = flat0.shape[0]
     if n > max_params:
         raise ValueError(f"hessian_matrix: the subset has {n} parameters (> max_params="
                          f"{max_params}); use conjugate_gradient or lissa")
-    stacked = stack_batches(batches) if isinstance(batches, (list, tuple)) else batches
+    blist = _as_list(batches)
+    total = _total_valid(blist)
+    stacked = stack_batches(blist)
 
     @jax.jit
     def dense(params, stacked):
         def one(b):
-            f = lambda flat: masked_mean(loss_fn(subset.put(params, unravel(flat)), b), b)  # noqa
+            f = lambda flat: masked_sum(loss_fn(subset.put(params, unravel(flat)), b), b)  # noqa
             return jax.hessian(f)(flat0)
         hs = jax.lax.map(one, stacked)
-        return jnp.mean(hs, axis=0)
+        return jnp.sum(hs, axis=0) / total
     return dense(params, stacked), unravel
+
+
+@dataclasses.dataclass
+class ExactHessian:
+    """A dense Hessian with its eigendecomposition computed once (lazily) and reused by
+    every `solve` (any v, damp, scalar or preconditioner scale)."""
+    H: np.ndarray                  # [n, n] float64, symmetrized
+    unravel: Callable
+    _eig: tuple | None = None
+
+    @classmethod
+    def compute(cls, loss_fn, params, subset, batches, max_params: int = 4096):
+        H, unravel = hessian_matrix(loss_fn, params, subset, batches, max_params)
+        H = np.asarray(H, np.float64)
+        return cls(0.5 * (H + H.T), unravel)
+
+    @property
+    def eig(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._eig is None:
+            self._eig = np.linalg.eigh(self.H)
+        return self._eig
+
+    def solve(self, v: Vec, *, damp: float, scale, block_mode: str = "preconditioner"
+              ) -> tuple[Vec, dict]:
+        flat_v, _ = ravel_pytree(v)
+        fv = np.asarray(flat_v, np.float64)
+        c0, coef = lissa_coefficients(scale, v, damp, block_mode)
+        lam, Q = self.eig
+        S = np.concatenate([np.full(np.size(x), 1.0 / coef["inv_s"][k]) for k, x in v.items()])
+        if block_mode == "reference" and isinstance(scale, Mapping):
+            sol = np.linalg.solve(self.H + damp * np.diag(S), S * fv)
+            conv = bool(lam[0] > -damp * S.min() and lam[-1] < (2 - damp) * S.max())
+        else:   # c0 (H + damp c0 I)^-1 v from the cached eigendecomposition
+            sol = Q @ ((c0 / (lam + damp * c0)) * (Q.T @ fv))
+            a = np.concatenate([np.full(np.size(x), coef["a"][k]) for k, x in v.items()])
+            if isinstance(scale, Mapping):   # spectrum of the preconditioned iteration
+                M = np.sqrt(a)[:, None] * (damp * np.eye(len(fv)) + self.H / c0) * np.sqrt(a)
+                mu = np.linalg.eigvalsh(M)
+                conv = bool(mu[0] > 0 and mu[-1] < 2)
+            else:
+                conv = bool(lam[0] > -damp * c0 and lam[-1] < (2 - damp) * c0)
+        info = {"lambda_min": float(lam[0]), "lambda_max": float(lam[-1]),
+                "n": int(len(fv)), "lissa_converges": conv}
+        return self.unravel(jnp.asarray(sol, flat_v.dtype)), info
 
 
 def exact_inverse_hvp(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, batches, *,
                       damp: float = 0.01, scale: float | Mapping[str, float] = 1e4,
-                      max_params: int = 4096) -> tuple[Vec, dict]:
-    """LiSSA's fixed point by a dense solve: (H + damp*S) s = S v, S = scale (scalar or
-    per-block diagonal), H the mean-loss Hessian averaged over `batches`. info reports
-    H's extreme eigenvalues and whether LiSSA would converge on this H."""
-    H, unravel = hessian_matrix(loss_fn, params, subset, batches, max_params)
-    flat_v, _ = ravel_pytree(v)
-    flat_s_scale, _ = ravel_pytree({k: jnp.full(np.shape(x), c, flat_v.dtype)
-                                    for (k, x), c in zip(v.items(),
-                                                         _scale_tree(scale, v).values())})
-    H64 = np.asarray(H, np.float64)
-    H64 = 0.5 * (H64 + H64.T)
-    S = np.asarray(flat_s_scale, np.float64)
-    A = H64 + damp * np.diag(S)
-    sol = np.linalg.solve(A, S * np.asarray(flat_v, np.float64))
-    eig = np.linalg.eigvalsh(H64)
-    smin, smax = float(S.min()), float(S.max())
-    info = {"lambda_min": float(eig[0]), "lambda_max": float(eig[-1]), "n": int(H.shape[0]),
-            "lissa_converges": bool(eig[0] > -damp * smin and eig[-1] < (2 - damp) * smax)}
-    return unravel(jnp.asarray(sol, flat_v.dtype)), info
+                      max_params: int = 4096, block_mode: str = "preconditioner",
+                      hessian: ExactHessian | None = None) -> tuple[Vec, dict]:
+    """LiSSA's fixed point by a dense solve (`lissa_coefficients`): c0 (H + damp*c0 I)^-1 v,
+    or for block_mode='reference' (H + damp*S)^-1 S v; H the mean-loss Hessian over the
+    valid rows of `batches`. Pass `hessian` (ExactHessian.compute) to reuse H and its
+    eigendecomposition across calls. info: H's extreme eigenvalues and whether LiSSA
+    converges on this H."""
+    if hessian is None:
+        hessian = ExactHessian.compute(loss_fn, params, subset, batches, max_params)
+    return hessian.solve(v, damp=damp, scale=scale, block_mode=block_mode)
 
 
 def conjugate_gradient(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, batches, *,
                        damp: float = 0.01, scale: float | Mapping[str, float] = 1e4,
-                       maxiter: int = 200, tol: float = 1e-6) -> tuple[Vec, dict]:
-    """Matrix-free CG for the same system as `exact_inverse_hvp`, (H + damp*S) s = S v,
-    with H h = the average of the mean-loss HVPs over `batches` (list or stacked).
-    Needs H + damp*S positive definite (true when lambda_min(H) > -damp*min(S)).
-    info: iterations, relative residual ||A s - S v|| / ||S v||, converged.
-    A validation path: the iteration is one lax.while_loop, which on XLA:CPU runs conv
-    HVPs slowly (see `lissa`); fine for the small models it is meant to check."""
-    stacked = stack_batches(batches) if isinstance(batches, (list, tuple)) else batches
-    scale_t = _scale_tree(scale, v)
-    v = {k: jnp.asarray(x) for k, x in v.items()}
+                       maxiter: int = 200, tol: float = 1e-6,
+                       block_mode: str = "preconditioner") -> tuple[Vec, dict]:
+    """Matrix-free CG for LiSSA's fixed point (same answer as `exact_inverse_hvp`):
+    (H + damp*c0 I) x = v, s = c0 x (scalar scale or preconditioner blocks; for
+    block_mode='reference', (H + damp*S) s = S v). H h = `mean_hvp` over `batches`.
+    Needs the system matrix positive definite (true when lambda_min(H) > -damp*c0).
+    A Python loop over the compiled HVP (fast on XLA:CPU, see `lissa`).
+    info: iterations, hvp_batches (HVP minibatch evaluations), relative residual
+    ||A x - b|| / ||b||, converged."""
+    blist = _as_list(batches)
+    v = {k: jnp.asarray(x, jnp.float32) for k, x in v.items()}
+    c0, coef = lissa_coefficients(scale, v, damp, block_mode)
+    ref_blocks = block_mode == "reference" and isinstance(scale, Mapping)
+    S = {k: 1.0 / coef["inv_s"][k] for k in v}
 
-    @jax.jit
-    def solve(params, v, stacked):
-        def matvec(h):
-            def body(acc, b):
-                hv = hvp(loss_fn, params, subset, h, b)
-                return jax.tree_util.tree_map(jnp.add, acc, hv), None
-            acc, _ = jax.lax.scan(body, jax.tree_util.tree_map(jnp.zeros_like, h), stacked)
-            n = _num_steps(stacked)
-            return {k: acc[k] / n + damp * scale_t[k] * h[k] for k in h}
+    def matvec(h):
+        hv = mean_hvp(loss_fn, params, subset, h, blist)
+        if ref_blocks:
+            return {k: hv[k] + damp * S[k] * h[k] for k in h}
+        return {k: hv[k] + damp * c0 * h[k] for k in h}
 
-        b = {k: scale_t[k] * v[k] for k in v}
-        b_norm = tree_norm(b)
-        x = jax.tree_util.tree_map(jnp.zeros_like, b)
-        r = b
-        p = r
-        rs = tree_vdot(r, r)
-
-        def cond(c):
-            _, r, _, rs, i = c
-            return (i < maxiter) & (jnp.sqrt(rs) > tol * b_norm)
-
-        def body(c):
-            x, r, p, rs, i = c
-            ap = matvec(p)
-            alpha = rs / tree_vdot(p, ap)
-            x = {k: x[k] + alpha * p[k] for k in x}
-            r = {k: r[k] - alpha * ap[k] for k in r}
-            rs_new = tree_vdot(r, r)
-            p = {k: r[k] + (rs_new / rs) * p[k] for k in p}
-            return x, r, p, rs_new, i + 1
-
-        x, r, p, rs, i = jax.lax.while_loop(cond, body, (x, r, p, rs, jnp.int32(0)))
-        ax = matvec(x)
-        res = tree_norm({k: ax[k] - b[k] for k in b}) / jnp.maximum(b_norm, 1e-30)
-        return x, i, res
-
-    x, iters, res = solve(params, v, stacked)
-    return x, {"iterations": int(iters), "residual": float(res),
-               "converged": bool(float(res) <= max(tol, 1e-30) * 10)}
+    b = {k: S[k] * v[k] for k in v} if ref_blocks else v
+    b_norm = float(tree_norm(b))
+    x = jax.tree_util.tree_map(jnp.zeros_like, b)
+    r, p = b, b
+    rs = tree_vdot(r, r)
+    it = 0
+    while it < maxiter and math.sqrt(max(float(rs), 0.0)) > tol * b_norm:
+        ap = matvec(p)
+        alpha = rs / tree_vdot(p, ap)
+        x = {k: x[k] + alpha * p[k] for k in x}
+        r = {k: r[k] - alpha * ap[k] for k in r}
+        rs_new = tree_vdot(r, r)
+        p = {k: r[k] + (rs_new / rs) * p[k] for k in p}
+        rs = rs_new
+        it += 1
+    ax = matvec(x)
+    res = float(tree_norm({k: ax[k] - b[k] for k in b})) / max(b_norm, 1e-30)
+    s = x if ref_blocks else {k: c0 * x[k] for k in x}
+    return s, {"iterations": it, "hvp_batches": (it + 1) * len(blist), "residual": res,
+               "converged": bool(res <= max(tol, 1e-30) * 10)}
 
 
 # ----------------------------------------------------------------------------- pool scores
 
+def _score(loss_fn, pseudo_label_fn, subset, method, params, s_test, batch):
+    if pseudo_label_fn is not None:
+        batch = jax.lax.stop_gradient(pseudo_label_fn(params, batch))
+    f = _sub_loss(loss_fn, subset, params, batch, lambda l, b: l)  # noqa: E741
+    sub = subset.take(params)
+    tangent = {k: s_test[k].astype(sub[k].dtype) for k in sub}
+    if method == "jvp":
+        _, dots = jax.jvp(f, (sub,), (tangent,))
+    else:
+        _, lin = jax.linearize(f, sub)
+        dots = lin(tangent)
+    m = _mask(batch, dots.shape[0])
+    return jnp.where(m > 0, -dots, 0.0)
+
+
+_score_jit = jax.jit(_score, static_argnames=("subset", "method"))
+
+
 def make_score_fn(loss_fn: LossFn, subset: ParamSubset,
                   pseudo_label_fn: Callable[[Any, Any], Any] | None = None, *,
                   mesh=None, method: str = "jvp") -> Callable:
-    """Jitted `score(params, s_test, batch) -> [B]` with I(z) = -<G_z, s_test> (0 on rows
-    whose mask is False).
+    """Compiled `score(params, s_test, batch) -> [B]` with I(z) = -<G_z, s_test> (0 on rows
+    whose mask is False). One module-level jit: the same (loss_fn, pseudo_label_fn,
+    subset, shapes) reuse one executable across calls (see `as_pytree_fn`).
 
     pseudo_label_fn(params, batch) -> batch with pseudo targets filled in; computed first,
     under stop_gradient. None: use the batch as given (or a `loss_fn` that labels itself
@@ -500,30 +743,13 @@ def make_score_fn(loss_fn: LossFn, subset: ParamSubset,
     method: 'jvp' (one forward-mode pass of the per-sample loss vector in direction s_test;
     the tangent is only on the subset, so the other params carry symbolic zeros) or
     'linearize' (jax.linearize then apply; same numbers, kept for the benchmark).
-    mesh: a ('data', ...) mesh -> batch split on 'data', params/s_test replicated.
+    mesh: accepted for the callers' symmetry; the placement is the inputs' (pool_scores
+    puts params/s_test replicated and the batch split on 'data'), which jit follows.
     """
     if method not in ("jvp", "linearize"):
         raise ValueError(f"make_score_fn: unknown method {method!r}")
-
-    def score(params, s_test, batch):
-        if pseudo_label_fn is not None:
-            batch = jax.lax.stop_gradient(pseudo_label_fn(params, batch))
-        f = _sub_loss(loss_fn, subset, params, batch, lambda l, b: l)  # noqa: E741
-        sub = subset.take(params)
-        tangent = {k: s_test[k].astype(sub[k].dtype) for k in sub}
-        if method == "jvp":
-            _, dots = jax.jvp(f, (sub,), (tangent,))
-        else:
-            _, lin = jax.linearize(f, sub)
-            dots = lin(tangent)
-        m = _mask(batch, dots.shape[0])
-        return jnp.where(m > 0, -dots, 0.0)
-
-    if mesh is None:
-        return jax.jit(score)
-    from ezsd_jax.sharding import data_sharding, replicated
-    return jax.jit(score, in_shardings=(replicated(mesh), replicated(mesh), data_sharding(mesh)),
-                   out_shardings=data_sharding(mesh))
+    return functools.partial(_score_jit, as_pytree_fn(loss_fn), as_pytree_fn(pseudo_label_fn),
+                             subset, method)
 
 
 def pool_scores(loss_fn: LossFn, params, subset: ParamSubset, s_test: Vec,
@@ -532,7 +758,7 @@ def pool_scores(loss_fn: LossFn, params, subset: ParamSubset, s_test: Vec,
     """Influence scores I(z) = -<G_z, s_test> for every VALID row of `batches`, in order,
     as float64 numpy [N]. Batches are host (numpy) pytrees with a fixed batch size (pad and
     set 'mask'); with a mesh the batch size must be divisible by the 'data' axis size.
-    `score_fn` (from make_score_fn) may be passed to reuse a compiled function."""
+    `score_fn` (from make_score_fn) may be passed instead of loss_fn/pseudo_label_fn."""
     if score_fn is None:
         score_fn = make_score_fn(loss_fn, subset, pseudo_label_fn, mesh=mesh, method=method)
     if mesh is not None:

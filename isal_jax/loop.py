@@ -47,6 +47,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from ezsd_jax.io_utils import atomic_write_json, atomic_write_text
+from ezsd_jax.metrics import report
 
 
 @runtime_checkable
@@ -231,7 +232,7 @@ def _maybe_kill(al_cfg, strategy: str, seed: int, cycle: int, phase: str) -> Non
         return
     want = f"{strategy}/{seed}/{cycle}" + ("" if phase == "done" else f"/{phase}")
     if spec == want:
-        print(f"al.debug_kill_after={spec}: SIGKILL", flush=True)
+        report(f"al.debug_kill_after={spec}: SIGKILL")
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -318,9 +319,9 @@ def run_experiment(task: ActiveLearningTask, al_cfg, workdir: str) -> str:
     total = len(strategies) * len(seeds) * cycles
     finished = sum(os.path.exists(os.path.join(cycle_dir(al_dir, st, se, c), "done.json"))
                    for st in strategies for se in seeds for c in range(cycles))
-    print(f"[al] {len(strategies)} strategies x {len(seeds)} seeds x {cycles} cycles "
-          f"(initial {spec['initial']}, +{budget}/cycle, pool {len(pool)}); "
-          f"{finished}/{total} cycles already done", flush=True)
+    report(f"[al] {len(strategies)} strategies x {len(seeds)} seeds x {cycles} cycles "
+           f"(initial {spec['initial']}, +{budget}/cycle, pool {len(pool)}); "
+           f"{finished}/{total} cycles already done")
     progress = Progress(total, start=finished, per_step=1, unit="cycle", every_s=0.0,
                         name="al")
     csv_path = os.path.join(al_dir, "results.csv")
@@ -349,19 +350,19 @@ def run_experiment(task: ActiveLearningTask, al_cfg, workdir: str) -> str:
                     if done["num_labeled"] != len(labeled):
                         raise LoopError(f"{done_path}: {done['num_labeled']} labels, expected "
                                         f"{len(labeled)} (settings changed?)")
-                    print(f"[al] {strategy} seed {seed} cycle {cycle}: done "
-                          f"({primary} {done['metrics'][primary]:.4f}), skipping", flush=True)
+                    report(f"[al] {strategy} seed {seed} cycle {cycle}: done "
+                           f"({primary} {done['metrics'][primary]:.4f}), skipping")
                 else:
-                    print(f"[al] {strategy} seed {seed} cycle {cycle}: training on "
-                          f"{len(labeled)} labels", flush=True)
+                    report(f"[al] {strategy} seed {seed} cycle {cycle}: training on "
+                           f"{len(labeled)} labels")
                     done = run_cycle(task, al_cfg, al_dir, strategy, seed, cycle, labeled,
                                      pool, budget)
                     t = done["timings"]
                     n_done += 1
-                    print(f"[al] {strategy} seed {seed} cycle {cycle}: {len(labeled)} labels "
-                          f"-> {primary} {done['metrics'][primary]:.4f} (train "
-                          f"{t['train_s']:.1f}s, eval {t['eval_s']:.1f}s, select "
-                          f"{t['select_s']:.1f}s)", flush=True)
+                    report(f"[al] {strategy} seed {seed} cycle {cycle}: {len(labeled)} labels "
+                           f"-> {primary} {done['metrics'][primary]:.4f} (train "
+                           f"{t['train_s']:.1f}s, eval {t['eval_s']:.1f}s, select "
+                           f"{t['select_s']:.1f}s)")
                     refresh(report=False)
                     progress.tick(n_done, force=True)
                     _maybe_kill(al_cfg, strategy, seed, cycle, "done")
@@ -369,5 +370,5 @@ def run_experiment(task: ActiveLearningTask, al_cfg, workdir: str) -> str:
                     sel = _read_json(os.path.join(cdir, "selection.json"))["ids"]
                     labeled = np.sort(np.concatenate([labeled, np.asarray(sel, np.int64)]))
         refresh(report=True)
-    print(f"[al] results: {csv_path}", flush=True)
+    report(f"[al] results: {csv_path}")
     return csv_path

@@ -19,14 +19,12 @@ influence engine itself takes any mesh, but this script feeds every process the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
-from typing import Any
 
 import numpy as np
 
@@ -34,54 +32,14 @@ from absl import flags
 
 from ezsd_jax import cli
 from ezsd_jax.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.metrics import report
+from isal_jax.degenerate import check_lissa, check_model_outputs
+from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, load_cached,
+                                   read_id_list, reference_source, score_dir)
 
 FLAGS = flags.FLAGS
 if "config" not in FLAGS:   # another entry point (isal_jax.main) may have defined them
     cli.define_flags()   # --config (e.g. configs/isal_demo.py), --workdir
-
-
-class SelectError(ValueError):
-    """Bad input (config, id files, checkpoint): reported without a traceback."""
-
-
-# ----------------------------------------------------------------------------- small I/O
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray, tuple)):
-        return o.tolist() if isinstance(o, np.ndarray) else list(o)
-    raise TypeError(f"not JSON serializable: {type(o)}")
-
-
-def read_id_list(path: str, field: str) -> np.ndarray:
-    if not os.path.exists(path):
-        raise SelectError(f"{field}: file {path!r} does not exist")
-    try:
-        with open(path) as f:
-            ids = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SelectError(f"{field}: {path!r} is not valid JSON ({e})") from e
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                            for i in ids):
-        raise SelectError(f"{field}: {path!r} must hold a JSON list of integer ids")
-    arr = np.asarray(ids, np.int64)
-    uniq, counts = np.unique(arr, return_counts=True)
-    if (counts > 1).any():
-        dup = uniq[counts > 1]
-        raise SelectError(f"{field}: {path!r} lists duplicate ids (e.g. {dup[:5].tolist()})")
-    return arr
-
-
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default)
-                          .encode()).hexdigest()[:16]
-
-
-def _ids_hash(ids: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest()[:16]
 
 
 def _no_ids(batches):
@@ -92,7 +50,8 @@ def _no_ids(batches):
 
 # ----------------------------------------------------------------------------- setup
 
-def _model(cfg):
+def model_from_config(cfg):
+    """config.model -> the linen classifier (isal_jax.models.get_model)."""
     from isal_jax.models import get_model
     m = cfg.model
     kw = {"mlp": {"features": m.features}, "cnn": {"channels": m.channels},
@@ -109,6 +68,12 @@ def _validate(cfg) -> None:
         raise SelectError(f"config.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
     if int(cfg.budget) < 1:
         raise SelectError(f"config.budget must be >= 1, got {cfg.budget}")
+    validate_influence(cfg)
+
+
+def validate_influence(cfg) -> None:
+    """config.influence / config.reference, before any work (the select CLI and the AL
+    loop's classification task)."""
     inf = cfg.influence
     for k in ("depth", "repeats", "ref_batch_size", "hvp_batch_size", "pool_batch_size",
               "shard_size"):
@@ -118,15 +83,23 @@ def _validate(cfg) -> None:
         raise SelectError(f"config.influence.damp must be in [0, 1), got {inf.damp}")
     if not inf.scale > 0:
         raise SelectError(f"config.influence.scale must be > 0, got {inf.scale}")
-    if cfg.reference.source not in ("labeled", "ids_file"):
-        raise SelectError(f"config.reference.source must be 'labeled' or 'ids_file', got "
-                          f"{cfg.reference.source!r}")
+    reference_source(cfg.reference)
+    from isal_jax.influence import DAMP_MODES, SOLVERS
+    for field, allowed in (("solver", SOLVERS), ("damp_mode", DAMP_MODES),
+                           ("diversity", ("none", "class_balanced"))):
+        if field in inf and inf[field] not in allowed:
+            raise SelectError(f"config.influence.{field}={inf[field]!r} is not one of "
+                              f"{allowed}")
+    if not float(inf.get("max_residual", 1.0)) > 0:
+        raise SelectError(f"config.influence.max_residual must be > 0, got "
+                          f"{inf.max_residual}")
 
 
 def _labeled_ids(cfg, workdir, data) -> tuple[np.ndarray, str]:
     path = cfg.labeled_ids_file or os.path.join(workdir, "labeled_ids.json")
     if not os.path.exists(path):
-        if not cfg.init_checkpoint_if_missing:
+        # random demo ids only into the default path; a given path that is missing is a typo
+        if cfg.labeled_ids_file or not cfg.init_checkpoint_if_missing:
             raise SelectError(f"config.labeled_ids_file: {path!r} does not exist (a JSON list "
                               "of labeled ids is needed)")
         n = int(cfg.init.num_labeled)
@@ -134,7 +107,7 @@ def _labeled_ids(cfg, workdir, data) -> tuple[np.ndarray, str]:
             raise SelectError(f"config.init.num_labeled={n} must be in (0, {len(data)})")
         ids = np.sort(np.random.default_rng(cfg.seed).choice(data.ids, n, replace=False))
         atomic_write_json(path, [int(i) for i in ids])
-        print(f"wrote {n} random labeled ids to {path}", flush=True)
+        report(f"wrote {n} random labeled ids to {path}")
     ids = read_id_list(path, "config.labeled_ids_file")
     if len(ids) == 0:
         raise SelectError(f"config.labeled_ids_file: {path!r} is empty")
@@ -175,13 +148,17 @@ def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
         steps = ck.all_steps()
         ck.close()
     if not steps:
-        if not cfg.init_checkpoint_if_missing:
-            raise SelectError(f"config.checkpoint_dir: no checkpoint in {ckdir!r} (write one "
-                              "with ezsd_jax.checkpoint.Checkpointer holding {'params', "
-                              "'batch_stats'}, or set --config.init_checkpoint_if_missing=True "
-                              "for a demo model)")
-        print(f"no checkpoint in {ckdir}: training a tiny {cfg.model.name} on "
-              f"{len(labeled)} labeled samples (init_checkpoint_if_missing=True)", flush=True)
+        # A demo model is trained only into the default <workdir>/model and only when asked
+        # for; a checkpoint_dir the user gave that holds nothing is a mistake to report.
+        if cfg.checkpoint_dir or not cfg.init_checkpoint_if_missing:
+            what = ("does not exist" if not os.path.exists(ckdir)
+                    else "holds no checkpoint")
+            raise SelectError(f"config.checkpoint_dir: {ckdir!r} {what} (write one with "
+                              "ezsd_jax.checkpoint.Checkpointer holding {'params', "
+                              "'batch_stats'}; a demo model is trained only with "
+                              "checkpoint_dir='' and init_checkpoint_if_missing=True)")
+        report(f"no checkpoint in {ckdir}: training a tiny {cfg.model.name} on "
+               f"{len(labeled)} labeled samples (init_checkpoint_if_missing=True)")
         b = data.get(labeled)
         state = train_tiny_classifier(task, b["image"], b["label"], steps=cfg.init.train_steps,
                                       batch_size=cfg.init.batch_size, lr=cfg.init.lr,
@@ -210,6 +187,37 @@ def _stacked_hvp_batches(data, ids, batch_size, seed):
     return stack_batches(list(_no_ids(data.batches(ids, batch_size))))
 
 
+def s_test_settings(icfg) -> dict:
+    """config.influence -> influence.solve_s_test's keyword arguments (fields that older
+    configs lack take the reference's behaviour)."""
+    kw = {"solver": str(icfg.get("solver", "lissa")), "damp": float(icfg.damp),
+          "scale": float(icfg.scale),
+          "damp_mode": str(icfg.get("damp_mode", "fixed")),
+          "damp_fraction": float(icfg.get("damp_fraction", 0.1)),
+          "eig_iters": int(icfg.get("eig_iters", 0)),
+          "eig_batches": int(icfg.residual_batches)}
+    if kw["solver"] == "lissa":
+        kw.update(depth=int(icfg.depth), repeats=int(icfg.repeats),
+                  residual_batches=int(icfg.residual_batches),
+                  stop_residual=float(icfg.get("stop_residual", 0.0)))
+        if kw["stop_residual"] > 0:
+            kw["loop"] = "python"
+    else:
+        kw.update(cg_tol=float(icfg.get("cg_tol", 1e-3)), residual_batches=int(
+            icfg.residual_batches))
+    return kw
+
+
+def s_test_line(info: dict, seconds: float) -> str:
+    """One log line on the s_test solve: norms, residual, resets, damping vs spectrum."""
+    ratio = info.get("damping_ratio")
+    spec = (f" top_eig={info['top_eigenvalue']:.4g} damping/top_eig={ratio:.3g}"
+            if ratio is not None else "")
+    return (f"s_test ({info.get('solver', 'lissa')}): {seconds:.1f}s  |v|={info['v_norm']:.4g}"
+            f" |s|={info['s_norm']:.4g} residual={info['residual']:.3g} "
+            f"nan_resets={info['nan_resets_total']} damp={info['damp']:.3g}{spec}")
+
+
 def run_isal(cfg, workdir, task, state, data, labeled, pool,
              fingerprint) -> tuple[np.ndarray, dict]:
     from ezsd_jax.metrics import MetricWriter, Progress
@@ -221,51 +229,53 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
     ms = task.model_state(state)
     subset = infl.make_subset(params, icfg.subset)
     loss_fn = task.loss_fn(ms)
-    sdir = os.path.join(workdir, "isal_scores")
-    os.makedirs(sdir, exist_ok=True)
-    for name in os.listdir(sdir):          # half-written files of a killed run
-        if ".tmp." in name:
-            os.remove(os.path.join(sdir, name))
+    sdir = score_dir(workdir)
 
     # ---- s_test (once; reused on resume)
     s_path = os.path.join(sdir, "s_test.npz")
     s_test, info = None, None
-    if os.path.exists(s_path):
-        try:
-            with np.load(s_path, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == fingerprint:
-                    s_test = {k: np.asarray(z[f"s/{k}"]) for k in subset.keys}
-                    info = json.loads(str(z["info"]))
-        except (OSError, ValueError, KeyError):
-            s_test = None
-        if s_test is not None and all(np.all(np.isfinite(x)) for x in s_test.values()):
-            print(f"resume: loaded s_test from {s_path}", flush=True)
+    z = load_cached(s_path, fingerprint)
+    if z is not None:
+        s_test = {k: z[f"s/{k}"] for k in subset.keys if f"s/{k}" in z}
+        info = json.loads(str(z["info"]))
+        if len(s_test) == len(subset.keys):
+            report(f"resume: loaded s_test from {s_path}")
         else:
             s_test = None
-            print(f"{s_path}: other settings, unreadable or not finite: recomputing", flush=True)
     if s_test is None:
-        if cfg.reference.source == "labeled":
+        kind, arg = reference_source(cfg.reference)
+        ref_data = data
+        if kind == "labeled":
             ref_ids = labeled
-        else:
-            ref_ids = read_id_list(cfg.reference.ids_file, "config.reference.ids_file")
+        elif kind == "ids_file":
+            ref_ids = read_id_list(arg, "config.reference.ids_file")
             try:
                 data.positions(ref_ids, what="config.reference.ids_file")
             except ValueError as e:
                 raise SelectError(str(e)) from e
+        else:
+            from isal_jax.data import load_dataset
+            try:
+                data_dir = (cfg.get("pool") or {}).get("data_dir", "") or None
+                ref_data = load_dataset(data.name, arg, data_dir)
+            except (ValueError, FileNotFoundError) as e:
+                raise SelectError(f"config.reference.source={cfg.reference.source!r}: {e}"
+                                  ) from e
+            ref_ids = ref_data.ids
         t0 = time.perf_counter()
         v = infl.reference_gradient(loss_fn, params, subset,
-                                    _no_ids(data.batches(ref_ids, icfg.ref_batch_size)))
+                                    _no_ids(ref_data.batches(ref_ids, icfg.ref_batch_size)))
         hvp_batches = _stacked_hvp_batches(data, labeled, icfg.hvp_batch_size, cfg.seed)
-        s_test, info = infl.lissa(loss_fn, params, subset, v, hvp_batches, damp=icfg.damp,
-                                  scale=icfg.scale, depth=icfg.depth, repeats=icfg.repeats,
-                                  seed=cfg.seed, residual_batches=icfg.residual_batches)
+        try:
+            s_test, info = infl.solve_s_test(loss_fn, params, subset, v, hvp_batches,
+                                             seed=cfg.seed, **s_test_settings(icfg))
+        except ValueError as e:
+            raise SelectError(f"config.influence: {e}") from e
+        info["num_reference"] = int(len(ref_ids))
         s_test = {k: np.asarray(x) for k, x in s_test.items()}
-        print(f"lissa: {time.perf_counter() - t0:.1f}s  |v|={info['v_norm']:.4g} "
-              f"|s|={info['s_norm']:.4g} residual={info['residual']:.3g} "
-              f"nan_resets={info['nan_resets_total']}", flush=True)
-        if not all(np.all(np.isfinite(x)) for x in s_test.values()):
-            raise SelectError(f"LiSSA s_test is NaN/inf (nan_resets={info['nan_resets']}); "
-                              "increase config.influence.scale or damp")
+        report(s_test_line(info, time.perf_counter() - t0))
+        check_lissa(info, s_test, max_residual=float(icfg.max_residual),
+                    allow=bool(cfg.get("allow_degenerate", False)))
         atomic_savez(s_path, fingerprint=np.asarray(fingerprint), info=np.asarray(
             json.dumps(info)), **{f"s/{k}": x for k, x in s_test.items()})
 
@@ -288,17 +298,8 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
         return os.path.join(sdir, f"shard_{i:05d}.npz")
 
     def load_shard(i, ids):
-        p = shard_path(i)
-        if not os.path.exists(p):
-            return None
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                if str(z["fingerprint"]) == fingerprint and np.array_equal(z["ids"], ids):
-                    return np.asarray(z["scores"], np.float64)
-        except (OSError, ValueError, KeyError):
-            pass
-        print(f"{p}: stale or unreadable, recomputing", flush=True)
-        return None
+        z = load_cached(shard_path(i), fingerprint, ids)
+        return None if z is None else np.asarray(z["scores"], np.float64)
 
     done = {}
     for i, st in enumerate(starts):
@@ -306,8 +307,8 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
         if sc is not None:
             done[i] = sc
     if done:
-        print(f"resume: {len(done)} of {len(starts)} score shards already done "
-              f"(skipping {sorted(done)})", flush=True)
+        report(f"resume: {len(done)} of {len(starts)} score shards already done "
+               f"(skipping {sorted(done)})")
     progress = Progress(total=len(starts), start=len(done), per_step=shard, unit="sample",
                         every_s=5.0, name="isal scores")
     writer = MetricWriter(workdir, "select", tensorboard=False)
@@ -332,7 +333,7 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
             if progress.tick(n_done, force=n_done == len(starts)):
                 writer.write(n_done, progress.rates())
             if int(cfg.debug.kill_after_shard) == i:
-                print(f"debug.kill_after_shard={i}: SIGKILL", flush=True)
+                report(f"debug.kill_after_shard={i}: SIGKILL")
                 os.kill(os.getpid(), signal.SIGKILL)
         out.append(done[i])
     return np.concatenate(out), info
@@ -351,26 +352,41 @@ def run_strategy(cfg, workdir: str, task, state, data, labeled: np.ndarray, pool
     ms = task.model_state(state)
     if cfg.strategy == "random":
         return fn(pool, cfg.budget, seed=cfg.seed), {}, None
+    allow = bool(cfg.get("allow_degenerate", False))
     if cfg.strategy in ("entropy", "margin", "least_confidence"):
         probs, _ = task.predict(state["params"], ms, data.batches(pool, bs))
-        return fn(pool, cfg.budget, probs=probs, seed=cfg.seed), {}, None
+        check_model_outputs(probs, "softmax probabilities", allow=allow)
+        return _strategy(fn, pool, cfg, probs=probs), {}, None
     if cfg.strategy == "coreset":
         _, feats = task.predict(state["params"], ms, data.batches(pool, bs))
         _, lab_feats = task.predict(state["params"], ms, data.batches(labeled, bs))
-        return fn(pool, cfg.budget, features=feats, labeled_features=lab_feats,
-                  seed=cfg.seed), {}, None
+        check_model_outputs(feats, "penultimate features (pool)", allow=allow)
+        check_model_outputs(lab_feats, "penultimate features (labeled set)", allow=allow)
+        return _strategy(fn, pool, cfg, features=feats, labeled_features=lab_feats), {}, None
     ckdir, step = checkpoint
-    fp = _fingerprint({"influence": cfg.influence.to_dict(), "seed": cfg.seed,
+    fp = fingerprint({"influence": cfg.influence.to_dict(), "seed": cfg.seed,
                        "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
                        "checkpoint": [ckdir, step], "pool": [data.name, data.split,
-                                                             _ids_hash(pool)],
-                       "labeled": _ids_hash(labeled)})
+                                                             ids_hash(pool)],
+                       "labeled": ids_hash(labeled)})
     scores, lissa_info = run_isal(cfg, workdir, task, state, data, labeled, pool, fp)
+    check_model_outputs(scores, "influence scores", allow=allow)
+    diversity = str(cfg.influence.get("diversity", "none"))
+    if diversity == "class_balanced":     # our addition: top-k per pseudo class
+        probs, _ = task.predict(state["params"], ms, data.batches(pool, bs))
+        return (_strategy(fn, pool, cfg, scores=scores, groups=np.argmax(probs, 1)),
+                lissa_info, fp)
+    if diversity != "none":
+        raise SelectError(f"config.influence.diversity={diversity!r} is not one of "
+                          "('none', 'class_balanced')")
+    return _strategy(fn, pool, cfg, scores=scores), lissa_info, fp
+
+
+def _strategy(fn, pool, cfg, **inputs):
     try:
-        sel = fn(pool, cfg.budget, scores=scores, seed=cfg.seed)
-    except ValueError as e:
-        raise SelectError(str(e)) from e
-    return sel, lissa_info, fp
+        return fn(pool, cfg.budget, seed=cfg.seed, **inputs)
+    except ValueError as e:      # e.g. NaN inputs that allow_degenerate let through
+        raise SelectError(f"config.strategy={cfg.strategy!r}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- main
@@ -398,16 +414,16 @@ def run_selection(cfg, workdir: str) -> str:
     if data.num_classes != cfg.model.num_classes:
         raise SelectError(f"config.model.num_classes={cfg.model.num_classes} but "
                           f"{data.name} has {data.num_classes} classes")
-    task = ClassificationTask(_model(cfg), pseudo_label=cfg.influence.pseudo_label,
-                              topk=cfg.influence.topk)
+    task = ClassificationTask(model_from_config(cfg),
+                              pseudo_label=cfg.influence.pseudo_label, topk=cfg.influence.topk)
     labeled, labeled_path = _labeled_ids(cfg, workdir, data)
     pool = _pool_ids(cfg, data, labeled)
     state, step, ckdir = _restore_state(cfg, workdir, task, data, labeled)
     resolved = {"workdir": workdir, "checkpoint_dir": ckdir, "checkpoint_step": step,
                 "labeled_ids_file": os.path.abspath(labeled_path), "num_labeled": len(labeled),
                 "pool_size": len(pool), "jax_devices": jax.device_count()}
-    print(f"{cfg.strategy}: pool {len(pool)} ({data.name}/{data.split}), labeled "
-          f"{len(labeled)}, budget {cfg.budget}, checkpoint {ckdir} step {step}", flush=True)
+    report(f"{cfg.strategy}: pool {len(pool)} ({data.name}/{data.split}), labeled "
+           f"{len(labeled)}, budget {cfg.budget}, checkpoint {ckdir} step {step}")
 
     t0 = time.perf_counter()
     sel, lissa_info, fp = run_strategy(cfg, workdir, task, state, data, labeled, pool,
@@ -422,8 +438,8 @@ def run_selection(cfg, workdir: str) -> str:
            "lissa": lissa_info}
     path = os.path.join(workdir, f"selection_{cfg.strategy}.json")
     atomic_write_json(path, out)
-    print(f"{cfg.strategy}: selected {len(sel.ids)} in {elapsed:.1f}s", flush=True)
-    print(path, flush=True)
+    report(f"{cfg.strategy}: selected {len(sel.ids)} in {elapsed:.1f}s")
+    print(path, flush=True)      # the result: the last stdout line is the selection's path
     return path
 
 

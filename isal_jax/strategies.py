@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from isal_jax.influence import select_top
+
 
 class Selection(NamedTuple):
     ids: np.ndarray       # [budget] selected ids, in selection order
@@ -94,12 +96,27 @@ def select_least_confidence(ids, budget: int, *, probs, seed: int = 0) -> Select
     return _top(ids, 1.0 - p.max(axis=1), budget, largest=True)
 
 
-def select_isal(ids, budget: int, *, scores, seed: int = 0) -> Selection:
+def select_isal(ids, budget: int, *, scores, seed: int = 0, groups=None) -> Selection:
+    """Plain top-k of the most negative influence (the reference). With `groups` (e.g.
+    the pool's pseudo classes; our addition against batches concentrated on a few
+    classes): class-balanced top-k -- rounds that take each group's most negative
+    remaining score, each round in score order, until the budget is spent."""
     scores = np.asarray(scores, np.float64)
     ids = _check(ids, budget, len(scores), "influence scores")
-    from isal_jax.influence import select_top
-    sel_ids, sel_scores = select_top(scores, budget, ids)
-    return Selection(sel_ids, sel_scores)
+    if groups is None:
+        sel_ids, sel_scores = select_top(scores, budget, ids)
+        return Selection(sel_ids, sel_scores)
+    groups = np.asarray(groups)
+    if groups.shape != ids.shape:
+        raise ValueError(f"groups has shape {groups.shape} but the pool has {len(ids)} ids")
+    select_top(scores, 0, ids)                                   # validates the scores
+    order = np.lexsort((ids, scores))                            # best first, ties by id
+    rank = np.empty(len(ids), np.int64)                          # rank within its group
+    for g in np.unique(groups):
+        members = order[groups[order] == g]
+        rank[members] = np.arange(len(members))
+    pick = np.lexsort((ids, scores, rank))[:budget]              # round, then score, id
+    return Selection(ids[pick], scores[pick])
 
 
 # ----------------------------------------------------------------------------- core-set

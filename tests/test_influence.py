@@ -184,14 +184,35 @@ def test_lissa_fixed_point_full_batch(tiny):
                                    atol=2e-3 * float(jnp.abs(s_exact[k]).max()))
     assert li["residual"] < 1e-3 and li["nan_resets_total"] == 0
     assert len(li["norm_trace"]) == 1 and len(li["norm_trace"][0]) == 600
-    # per-block scales (lax.scan loop): fixed point (H + damp*S) s = S v, S diagonal
-    blocks = {"Dense_0/kernel": scale, "*": 3.0 * scale}
-    s_b, _ = infl.lissa(loss, params, sub, v, full, damp=damp, scale=blocks, depth=800,
-                        repeats=1, loop="scan")
-    S = np.concatenate([np.full(np.size(v[k]), blocks.get(k, blocks["*"])) for k in sorted(v)])
-    want = np.linalg.solve(H + damp * np.diag(S), S * flat_v)
+    # per-block scales (lax.scan loop) as a preconditioner: the fixed point is still the
+    # damped inverse-HVP c0 (H + damp*c0 I)^-1 v of the '*' scale c0, on a model with
+    # several blocks with different scales
+    assert len(v) >= 2
+    blocks = {"Dense_0/kernel": 0.5 * scale, "*": scale}
+    s_b, lb = infl.lissa(loss, params, sub, v, full, damp=damp, scale=blocks, depth=800,
+                         repeats=1, loop="scan")
+    assert lb["block_mode"] == "preconditioner" and lb["damp_scale"] == scale
+    want = np.asarray(jax.flatten_util.ravel_pytree(s_exact)[0], np.float64)
     got = np.asarray(jax.flatten_util.ravel_pytree(s_b)[0], np.float64)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert lb["residual"] < 1e-3
+    # the exact path with the same blocks gives the same answer (cached eigendecomposition)
+    eh = infl.ExactHessian.compute(loss, params, sub, full)
+    s_eb, ib = eh.solve(v, damp=damp, scale=blocks)
+    eig_id = id(eh.eig[0])
+    s_e2, _ = infl.exact_inverse_hvp(loss, params, sub, v, full, damp=damp, scale=scale,
+                                     hessian=eh)
+    assert id(eh.eig[0]) == eig_id and ib["lissa_converges"]
+    np.testing.assert_allclose(np.asarray(jax.flatten_util.ravel_pytree(s_eb)[0]), want,
+                               rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # block_mode='reference' (the ISAL detection code): fixed point (H + damp*S) s = S v
+    s_r, _ = infl.lissa(loss, params, sub, v, full, damp=damp, scale=blocks, depth=800,
+                        repeats=1, loop="python", block_mode="reference")
+    S = np.concatenate([np.full(np.size(v[k]), blocks.get(k, blocks["*"])) for k in sorted(v)])
+    want_r = np.linalg.solve(H + damp * np.diag(S), S * flat_v)
+    got_r = np.asarray(jax.flatten_util.ravel_pytree(s_r)[0], np.float64)
+    np.testing.assert_allclose(got_r, want_r, rtol=2e-3, atol=2e-3 * np.abs(want_r).max())
+    assert np.abs(want_r - want).max() > 0.05 * np.abs(want).max()   # really another point
     # CG solves the same system as the dense solve
     s_cg, cg = infl.conjugate_gradient(loss, params, sub, v, full, damp=damp, scale=scale,
                                        tol=1e-7, maxiter=300)
@@ -267,3 +288,77 @@ def test_select_top_order_ties_and_errors():
         infl.select_top(np.array([0.0, 1.0, np.nan, 1.0, 2.0]), 2, ids)
     with pytest.raises(ValueError, match="larger than the pool"):
         infl.select_top(scores, 6, ids)
+
+
+def test_engine_compiles_once_and_weights_valid_rows(tiny):
+    """Same problem shapes reuse one executable across calls (a fresh task / model state /
+    subset object, as in the next AL cycle); padded and short minibatches carry the weight
+    of their valid rows in mean_hvp, hessian_matrix and LiSSA."""
+    task, params, batches, loss, sub, v = tiny
+    h = {k: jnp.ones_like(x) for k, x in v.items()}
+    infl.mean_hvp(loss, params, sub, h, batches)
+    infl.reference_gradient(loss, params, sub, batches)
+    n_hvp, n_grad = infl._hvp_sum_jit._cache_size(), infl._grad_sum_jit._cache_size()
+    sub2 = infl.make_subset(params)
+    p2 = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+    for _ in range(2):
+        infl.mean_hvp(task.loss_fn({}), p2, sub2, h, batches)
+        infl.reference_gradient(task.loss_fn({}), p2, sub2, batches)
+    assert infl._hvp_sum_jit._cache_size() == n_hvp
+    assert infl._grad_sum_jit._cache_size() == n_grad
+    # one full batch of 24 + one batch with 3 valid rows padded to 24 == the 27 rows
+    x = np.concatenate([b["image"] for b in batches])
+    y = np.concatenate([b["label"] for b in batches])
+    short = {"image": x[24:48].copy(), "label": y[24:48].copy(),
+             "mask": np.arange(24) < 3}
+    short["image"][3:] = 100.0                       # padding content must not matter
+    padded = [batches[0], short]
+    whole = [{"image": x[:27], "label": y[:27], "mask": np.ones(27, bool)}]
+    want = infl.mean_hvp(loss, params, sub, h, whole)
+    got = infl.mean_hvp(loss, params, sub, h, padded)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-6)
+    Hw, _ = infl.hessian_matrix(loss, params, sub, whole)
+    Hp, _ = infl.hessian_matrix(loss, params, sub, padded)
+    np.testing.assert_allclose(Hp, Hw, rtol=1e-4, atol=1e-6)
+    # LiSSA over the padded minibatches converges to the exact solve on the 27 rows
+    lam = np.linalg.eigvalsh(np.asarray(Hw, np.float64))
+    damp, scale = 0.2, float(2 * lam[-1])
+    s_ex, _ = infl.exact_inverse_hvp(loss, params, sub, v, whole, damp=damp, scale=scale)
+    s_l, li = infl.lissa(loss, params, sub, v, padded, damp=damp, scale=scale, depth=120,
+                         repeats=2, residual_batches=2, loop="scan")
+    fe = np.asarray(jax.flatten_util.ravel_pytree(s_ex)[0])
+    fl = np.asarray(jax.flatten_util.ravel_pytree(s_l)[0])
+    cos = np.dot(fe, fl) / np.linalg.norm(fe) / np.linalg.norm(fl)
+    assert cos > 0.99
+    # top eigenvalue by power iteration matches the dense spectrum
+    top, ti = infl.top_eigenvalue(loss, params, sub, whole, iters=30)
+    assert abs(top - lam[np.argmax(np.abs(lam))]) < 0.02 * np.abs(lam).max(), (top, lam)
+    # CG (Python loop over the compiled HVP) reaches the exact solution
+    s_cg, cg = infl.conjugate_gradient(loss, params, sub, v, padded, damp=damp, scale=scale,
+                                       tol=1e-6)
+    fc = np.asarray(jax.flatten_util.ravel_pytree(s_cg)[0])
+    np.testing.assert_allclose(fc, fe, rtol=1e-3, atol=1e-3 * np.abs(fe).max())
+    assert cg["converged"] and cg["hvp_batches"] == (cg["iterations"] + 1) * 2
+
+
+def test_one_call_api_and_user_arrays(tiny, rng):
+    """isal_jax.api on a user's arrays (ClassificationData.from_arrays, register_dataset)
+    selects the top-k of the engine's own scores."""
+    from isal_jax.api import select_by_influence
+    from isal_jax.data import ClassificationData, load_dataset, register_dataset
+    task, params, batches, loss, sub, v = tiny
+    x = rng.normal(size=(40, 4, 4, 1)).astype(np.float32)
+    data = ClassificationData.from_arrays(x, np.zeros(40, np.int64), ids=np.arange(100, 140),
+                                          num_classes=3)
+    register_dataset("user_arrays", lambda split, data_dir=None: data)
+    d = load_dataset("user_arrays", "all")
+    assert d.num_classes == 3 and d.image_shape == (4, 4, 1)
+    pool = [{k: b[k] for k in ("image", "label", "mask")} for b in d.batches(d.ids, 16)]
+    ids, scores, info = select_by_influence(
+        loss, params, batches, pool, d.ids, 5, pseudo_label_fn=task.pseudo_label_fn({}),
+        damp=0.1, scale=10.0, depth=20, repeats=1)
+    want = d.ids[np.lexsort((d.ids, info["pool_scores"]))[:5]]
+    assert ids.tolist() == want.tolist() and len(info["pool_scores"]) == 40
+    with pytest.raises(ValueError, match="ids must be unique"):
+        ClassificationData.from_arrays(x[:2], np.zeros(2, int), ids=[1, 1])

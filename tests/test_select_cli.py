@@ -108,16 +108,55 @@ def test_isal_kill_and_resume_equals_uninterrupted(setup):
     assert a["settings"]["resolved"]["pool_size"] == len(pool)
 
 
+def _numpy_mlp(params, x):
+    """The tiny MLP's forward pass in numpy (an independent reference): logits, features."""
+    p = params
+    h = np.maximum(x.reshape(len(x), -1) @ np.asarray(p["Dense_0"]["kernel"])
+                   + np.asarray(p["Dense_0"]["bias"]), 0.0)
+    return h @ np.asarray(p["Dense_1"]["kernel"]) + np.asarray(p["Dense_1"]["bias"]), h
+
+
+def _kcenter(x, lab, budget):
+    d = ((x[:, None] - lab[None]) ** 2).sum(-1).min(1)
+    out = []
+    for _ in range(budget):
+        j = int(np.argmax(d))
+        out.append(j)
+        d = np.minimum(d, ((x - x[j]) ** 2).sum(-1))
+        d[j] = -np.inf
+    return out
+
+
 @pytest.mark.parametrize("strategy", ["entropy", "coreset", "random", "margin"])
 def test_baseline_strategies(setup, strategy):
+    """The CLI's selection = the ranking a numpy re-implementation of the model and the
+    strategy gives (the known answer), not just some valid ids."""
+    from isal_jax.data import load_digits
     from isal_jax.select import run_selection
-    d, flat, labeled, pool, _ = setup
+    d, flat, labeled, pool, state = setup
     path = run_selection(_cfg(**flat, strategy=strategy), str(d / f"S_{strategy}"))
     out = json.loads(Path(path).read_text())
-    assert path.endswith(f"selection_{strategy}.json")
+    assert path.endswith(f"selection_{strategy}.json") and out["lissa"] == {}
     ids = [s["id"] for s in out["selected"]]
-    assert len(set(ids)) == 40 and set(ids) <= set(pool.tolist())
-    assert out["lissa"] == {}
+    data = load_digits("train")
+    logits, feats = _numpy_mlp(state["params"], data.get(pool)["image"].astype(np.float64))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    if strategy == "entropy":
+        want = pool[np.lexsort((pool, (p * np.log(p)).sum(1)))[:40]]
+    elif strategy == "margin":
+        top2 = -np.sort(-p, 1)[:, :2]
+        want = pool[np.lexsort((pool, top2[:, 0] - top2[:, 1]))[:40]]
+    elif strategy == "random":
+        u = [np.random.default_rng([0, int(i)]).random() for i in pool]
+        want = pool[np.argsort(u)[:40]]
+    else:
+        _, lab = _numpy_mlp(state["params"], data.get(labeled)["image"].astype(np.float64))
+        want = pool[_kcenter(feats, lab, 40)]
+    if strategy in ("entropy", "margin"):   # float32 vs float64: equal up to near-ties
+        assert len(set(ids) & set(want.tolist())) >= 38 and ids[:10] == want[:10].tolist()
+    else:
+        assert ids == want.tolist()
 
 
 def test_bad_inputs(setup, monkeypatch):
@@ -133,14 +172,22 @@ def test_bad_inputs(setup, monkeypatch):
     (d / "notalist.json").write_text('{"a": 1}')
     with pytest.raises(SelectError, match="JSON list of integer ids"):
         run_selection(_cfg(**{**flat, "labeled_ids_file": str(d / "notalist.json")}), w)
-    with pytest.raises(SelectError, match="does not exist"):
-        run_selection(_cfg(**{**flat, "labeled_ids_file": str(d / "missing.json")}), w)
+    with pytest.raises(SelectError, match="does not exist"):   # even with the demo flag
+        run_selection(_cfg(**{**flat, "labeled_ids_file": str(d / "missing.json"),
+                              "init_checkpoint_if_missing": True}), w)
+    assert not (d / "missing.json").exists()
+    with pytest.raises(SelectError, match="diversity='dpp' is not one of"):
+        run_selection(_cfg(**flat, **{"influence.diversity": "dpp"}), w)
     with pytest.raises(SelectError, match=r"budget=5000 is larger than the pool \(\d+"):
         run_selection(_cfg(**flat, budget=5000), w)
     with pytest.raises(SelectError, match="does not match"):
         run_selection(_cfg(**flat, **{"model.features": (32,)}), w)
-    with pytest.raises(SelectError, match="no checkpoint in"):
-        run_selection(_cfg(**{**flat, "checkpoint_dir": str(d / "empty_ckpt")}), w)
+    # a mistyped checkpoint path is an error even with init_checkpoint_if_missing=True:
+    # no demo model is trained into it
+    with pytest.raises(SelectError, match="checkpoint_dir: .*empty_ckpt' does not exist"):
+        run_selection(_cfg(**{**flat, "checkpoint_dir": str(d / "empty_ckpt"),
+                              "init_checkpoint_if_missing": True}), w)
+    assert not (d / "empty_ckpt").exists()
     with pytest.raises(SelectError, match="strategy='bald' is not one of"):
         run_selection(_cfg(**flat, strategy="bald"), w)
     with pytest.raises(SelectError, match="(?s)cifar10: no prepared dataset.*tfds build cifar10"):
@@ -166,8 +213,31 @@ def test_bad_inputs(setup, monkeypatch):
     from isal_jax.tasks import save_classifier_checkpoint
     bad = jax.tree_util.tree_map(lambda x: x * np.nan, state)
     save_classifier_checkpoint(str(d / "nan_ckpt"), bad)
-    with pytest.raises(SelectError, match="s_test is NaN/inf"):
+    with pytest.raises(SelectError, match="s_test is NaN/inf.*LiSSA settings"):
         run_selection(_cfg(**{**flat, "checkpoint_dir": str(d / "nan_ckpt")}), str(d / "nan2"))
+    # ... and the baselines name the model's outputs as the cause
+    with pytest.raises(SelectError, match="model's softmax probabilities are NaN/inf"):
+        run_selection(_cfg(**{**flat, "checkpoint_dir": str(d / "nan_ckpt"),
+                              "strategy": "entropy"}), str(d / "nan3"))
+    with pytest.raises(SelectError, match="model's penultimate features \\(pool\\) are NaN"):
+        run_selection(_cfg(**{**flat, "checkpoint_dir": str(d / "nan_ckpt"),
+                              "strategy": "coreset"}), str(d / "nan3"))
+    # a diverged but finite model (every weight 0): constant outputs, all-zero ISAL scores
+    zero = jax.tree_util.tree_map(np.zeros_like, state)
+    save_classifier_checkpoint(str(d / "zero_ckpt"), zero)
+    zflat = {**flat, "checkpoint_dir": str(d / "zero_ckpt")}
+    for strategy, what in [("margin", "softmax probabilities"),
+                           ("coreset", "penultimate features"),
+                           ("isal", "influence scores")]:
+        with pytest.raises(SelectError, match=f"model's {what}.* are the same for all"):
+            run_selection(_cfg(**zflat, strategy=strategy), str(d / f"zero_{strategy}"))
+    # unless the user allows it (then ties go to the smallest ids, as documented)
+    out = json.loads(Path(run_selection(_cfg(**zflat, strategy="margin", allow_degenerate=True),
+                                        str(d / "zero_ok"))).read_text())
+    assert [s["id"] for s in out["selected"]] == pool[:40].tolist()
+    # a LiSSA whose residual does not reach max_residual is stopped, naming LiSSA's settings
+    with pytest.raises(SelectError, match="LiSSA did not converge by its own residual"):
+        run_selection(_cfg(**flat, **{"influence.max_residual": 1e-9}), str(d / "res"))
 
 
 def test_cli_help_and_flag_errors(setup, tmp_path):

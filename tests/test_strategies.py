@@ -129,3 +129,18 @@ def test_input_errors(rng):
         S.select_coreset(ids, 2, features=rng.normal(size=(5, 3)),
                          labeled_features=rng.normal(size=(2, 4)))
     assert set(S.STRATEGIES) == set(S.REQUIRES)
+
+
+def test_isal_class_balanced_known_answer():
+    from isal_jax.strategies import select_isal
+    ids = np.array([10, 11, 12, 13, 14, 15, 16])
+    scores = np.array([-9.0, -8.0, -7.0, -1.0, -0.5, -6.0, -0.1])
+    groups = np.array([0, 0, 0, 1, 1, 0, 2])
+    plain = select_isal(ids, 3, scores=scores)
+    assert plain.ids.tolist() == [10, 11, 12]          # all of class 0
+    bal = select_isal(ids, 5, scores=scores, groups=groups)
+    # round 1: best of each class (10, 13, 16) in score order; round 2: 11, 14
+    assert bal.ids.tolist() == [10, 13, 16, 11, 14]
+    assert bal.scores.tolist() == [-9.0, -1.0, -0.1, -8.0, -0.5]
+    with pytest.raises(ValueError, match="NaN/inf"):
+        select_isal(ids, 2, scores=np.where(ids == 12, np.nan, scores), groups=groups)

@@ -69,8 +69,13 @@ class ClassificationTask:
         """Per-sample cross-entropy [B] (BN in inference mode)."""
         return self._ce(self.logits(params, model_state, batch["image"]), batch)
 
+    def _loss_with_state(self, model_state, params, batch) -> jax.Array:
+        return self.loss(params, model_state, batch)
+
     def loss_fn(self, model_state):
-        return lambda params, batch: self.loss(params, model_state, batch)
+        """(params, batch) -> [B]: a jax.tree_util.Partial over the model state (a pytree,
+        so the influence engine compiles it once per shape, across calls and AL cycles)."""
+        return jax.tree_util.Partial(self._loss_with_state, model_state)
 
     def targets_from_logits(self, logits, batch) -> dict:
         batch = dict(batch)
@@ -85,21 +90,24 @@ class ClassificationTask:
             batch["soft_label"] = w / jnp.sum(w, axis=-1, keepdims=True)
         return batch
 
+    def _pseudo_label_with_state(self, model_state, params, batch) -> dict:
+        return self.targets_from_logits(self.logits(params, model_state, batch["image"]), batch)
+
     def pseudo_label_fn(self, model_state):
-        """(params, batch) -> batch with pseudo targets from the current model."""
-        def fn(params, batch):
-            return self.targets_from_logits(self.logits(params, model_state, batch["image"]),
-                                            batch)
-        return fn
+        """(params, batch) -> batch with pseudo targets from the current model (a Partial,
+        like loss_fn)."""
+        return jax.tree_util.Partial(self._pseudo_label_with_state, model_state)
 
     def self_labeled_loss_fn(self, model_state):
         """Fused pseudo-label loss: one forward gives the logits, the targets are taken from
         them under stop_gradient, so d loss = d CE at fixed targets (argmax is piecewise
-        constant; the soft weights are stopped). Same scores as pseudo_label_fn + loss_fn."""
-        def fn(params, batch):
-            logits = self.logits(params, model_state, batch["image"])
-            return self._ce(logits, self.targets_from_logits(logits, batch))
-        return fn
+        constant; the soft weights are stopped). Same scores as pseudo_label_fn + loss_fn.
+        A Partial over the model state, like loss_fn."""
+        return jax.tree_util.Partial(self._self_labeled_with_state, model_state)
+
+    def _self_labeled_with_state(self, model_state, params, batch) -> jax.Array:
+        logits = self.logits(params, model_state, batch["image"])
+        return self._ce(logits, self.targets_from_logits(logits, batch))
 
     # ------------------------------------------------------------------ predictions
     def predict(self, params, model_state,

@@ -232,8 +232,13 @@ class DetectionTask:
         """Per-image detection loss [B] (0 on padding rows, valid=False)."""
         return self.loss_terms(params, model_state, batch)["loss"]
 
+    def _loss_with_state(self, model_state, params, batch) -> jax.Array:
+        return self.loss(params, model_state, batch)
+
     def loss_fn(self, model_state):
-        return lambda params, batch: self.loss(params, model_state, batch)
+        """The engine's `loss_fn(params, batch)`: a jax.tree_util.Partial over the model
+        state, so the engine compiles it once per shape across calls and cycles."""
+        return jax.tree_util.Partial(self._loss_with_state, model_state)
 
     # ------------------------------------------------------------------ inference
     def _infer_parts(self, params, model_state, batch) -> tuple[list, list, dict]:
@@ -452,7 +457,8 @@ def assigned_batches(task: DetectionTask, params, model_state, batches: Iterable
 def isal_s_test(task: DetectionTask, params, model_state, subset: infl.ParamSubset,
                 ref_batches: Iterable[dict], hvp_batches: list[dict], *, damp: float = 0.01,
                 scale: float | Mapping = 1e4, depth: int = 250, repeats: int = 4,
-                seed: int = 0, residual_batches: int = 8) -> tuple[dict, dict]:
+                seed: int = 0, residual_batches: int = 8,
+                block_mode: str = "preconditioner") -> tuple[dict, dict]:
     """v = sum of per-image gradients (true GT) over `ref_batches`, then the engine's LiSSA
     over the labeled `hvp_batches` (a list of equally shaped host batches; each gets its
     fixed assignment once, before the chains). Params should be host/single-device
@@ -465,7 +471,8 @@ def isal_s_test(task: DetectionTask, params, model_state, subset: infl.ParamSubs
     if not hb:
         raise ValueError("isal_s_test: no HVP batches (empty labeled set?)")
     return infl.lissa(loss_fn, params, subset, v, hb, damp=damp, scale=scale, depth=depth,
-                      repeats=repeats, seed=seed, residual_batches=residual_batches)
+                      repeats=repeats, seed=seed, residual_batches=residual_batches,
+                      block_mode=block_mode)
 
 
 def isal_pool_scores(task: DetectionTask, params, model_state, subset: infl.ParamSubset,
