@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ezsd_jax.models.mask_head import MaskHead, mask_loss, select_channel
+from ezsd_jax.models.mask_head import MaskHead, mask_loss
 
 
 def np_conv3x3(x, k, b):
@@ -33,9 +33,10 @@ def test_mask_head_matches_numpy_forward(rng):
     k = 3
     head = MaskHead(num_classes=k, conv_dim=4)
     x = rng.standard_normal((1, 2, 4, 4, 3)).astype(np.float32)
-    params = jax.jit(head.init)(jax.random.PRNGKey(0), x)["params"]
-    # non-zero biases so that a missing bias would show
-    params = jax.tree_util.tree_map(lambda p: p + 0.1 if p.ndim == 1 else p, params)
+    # random parameters of the init's shapes (eval_shape: no init compile), biases non-zero
+    shapes = jax.eval_shape(head.init, jax.random.PRNGKey(0), x)["params"]
+    params = jax.tree_util.tree_map(
+        lambda a: (rng.standard_normal(a.shape) * 0.5).astype(np.float32), shapes)
     out = np.asarray(jax.jit(head.apply)({"params": params}, x))
     assert out.shape == (1, 2, 8, 8, k) and out.dtype == np.float32
     p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
@@ -71,18 +72,15 @@ def test_mask_loss_matches_numpy(rng):
     weight = np.zeros((b, r), np.float32)
     weight[0, :3] = 1
     weight[1, 1] = 1
-    got = float(mask_loss(jnp.asarray(logits, jnp.float32), targets, labels, weight))
+    loss_grad = jax.jit(jax.value_and_grad(mask_loss))     # one compile per K
+    got, g = loss_grad(logits, targets, labels, weight)
     sel = np.take_along_axis(logits, labels[..., None, None, None], -1)[..., 0]
     per = np_bce(sel, targets).mean(axis=(-2, -1))
     want = (per * weight).sum() / weight.sum()
-    assert got == pytest.approx(want, rel=1e-5)
-    # class-agnostic: channel 0 for every label (novel ones too)
-    agn = float(mask_loss(jnp.asarray(logits[..., :1], jnp.float32), targets, labels, weight))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    # class-agnostic: channel 0 whatever the label (novel ones too)
+    agn, _ = loss_grad(logits[..., :1], targets, labels + 100, weight)
     want0 = (np_bce(logits[..., 0], targets).mean(axis=(-2, -1)) * weight).sum() / weight.sum()
-    assert agn == pytest.approx(want0, rel=1e-5)
-    np.testing.assert_array_equal(np.asarray(select_channel(jnp.asarray(logits[..., :1]),
-                                                            labels + 100)), logits[..., 0])
-    assert float(mask_loss(jnp.asarray(logits, jnp.float32), targets, labels,
-                           np.zeros((b, r)))) == 0.0
-    g = jax.grad(lambda z: mask_loss(z, targets, labels, weight))(jnp.asarray(logits, jnp.float32))
+    assert float(agn) == pytest.approx(want0, rel=1e-5)
+    assert float(loss_grad(logits, targets, labels, np.zeros_like(weight))[0]) == 0.0
     assert np.all(np.asarray(g)[weight == 0] == 0) and np.abs(np.asarray(g)).sum() > 0
