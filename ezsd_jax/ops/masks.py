@@ -28,6 +28,7 @@ Reference semantics (mmdetection 2.x as used by EZAD, branch new_rpn of dragonlz
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import jax
@@ -87,7 +88,7 @@ def segmentation_rle(segm: Any, height: int, width: int, where: str) -> dict:
         polys = []
         for k, poly in enumerate(segm):
             if not isinstance(poly, (list, tuple)) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in poly):
                 raise DataError(f"{where}: polygon {k} is not a list of numbers")
             if len(poly) % 2 or len(poly) < 6:
                 raise DataError(f"{where}: polygon {k} has {len(poly)} coordinates (needs an "
@@ -157,11 +158,15 @@ def pad_instances(masks: np.ndarray, max_instances: int) -> tuple[np.ndarray, np
 
 def mask_targets(masks: jax.Array, valid: jax.Array, rois: jax.Array, gt_index: jax.Array,
                  positive: jax.Array, size: int = 28, sampling_ratio: int = 2,
-                 binarize: bool = True) -> tuple[jax.Array, jax.Array]:
+                 binarize: bool = True, roi_scale: jax.Array | float = 1.0
+                 ) -> tuple[jax.Array, jax.Array]:
     """Mask R-CNN targets of one image's sampled RoIs.
 
-    masks [M, H, W] (bool/uint8, padded, `valid` [M]); rois [R, 4] xyxy in the masks' pixel
-    frame; gt_index [R] matched GT slot per RoI; positive [R]. Returns targets [R, size,
+    masks [M, H, W] (bool/uint8, padded, `valid` [M]); rois [R, 4] xyxy, divided by
+    `roi_scale` (a scalar, may be traced) into the masks' pixel frame: RoIs of the resized
+    network input crop masks kept at the original resolution with roi_scale = the image's
+    resize factor (flip the mask stack with the image); gt_index [R] matched GT slot per
+    RoI; positive [R]. Returns targets [R, size,
     size] float32 (RoIAlign of the matched binary mask at the RoI clipped to [0, W] x
     [0, H], aligned, `sampling_ratio`**2 samples per bin, then >= 0.5 when `binarize`;
     0 where not counted) and weight [R] float32 (1 for a positive RoI with a valid GT).
@@ -176,7 +181,7 @@ def mask_targets(masks: jax.Array, valid: jax.Array, rois: jax.Array, gt_index: 
                          f"{sampling_ratio}")
     gt_index = jnp.clip(gt_index.astype(jnp.int32), 0, m - 1)
     weight = (positive.astype(bool) & valid.astype(bool)[gt_index]).astype(jnp.float32)
-    rois = rois.astype(jnp.float32)
+    rois = rois.astype(jnp.float32) / jnp.asarray(roi_scale, jnp.float32)
     x1 = jnp.clip(rois[:, 0], 0.0, w) - 0.5
     y1 = jnp.clip(rois[:, 1], 0.0, h) - 0.5
     x2 = jnp.clip(rois[:, 2], 0.0, w) - 0.5
