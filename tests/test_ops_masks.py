@@ -9,7 +9,7 @@ from pycocotools import mask as mask_utils
 
 from ezsd_jax.data.coco import DataError
 from ezsd_jax.ops.masks import (annotation_mask, encode_masks, instance_masks,
-                                mask_targets, pad_instances, paste_masks, segmentation_rle)
+                                mask_targets, pad_instances, paste_masks)
 from test_ops_roi_align import np_roi_align
 
 H, W = 48, 64
