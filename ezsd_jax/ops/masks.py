@@ -179,8 +179,9 @@ def mask_targets(masks: jax.Array, valid: jax.Array, rois: jax.Array, gt_index: 
     if g < 1 or int(size) < 1:
         raise ValueError(f"mask_targets: size and sampling_ratio must be >= 1, got {size}, "
                          f"{sampling_ratio}")
-    gt_index = jnp.clip(gt_index.astype(jnp.int32), 0, m - 1)
-    weight = (positive.astype(bool) & valid.astype(bool)[gt_index]).astype(jnp.float32)
+    gt_index = jnp.clip(jnp.asarray(gt_index, jnp.int32), 0, m - 1)
+    weight = (jnp.asarray(positive, bool) & jnp.asarray(valid, bool)[gt_index]
+              ).astype(jnp.float32)
     rois = rois.astype(jnp.float32) / jnp.asarray(roi_scale, jnp.float32)
     x1 = jnp.clip(rois[:, 0], 0.0, w) - 0.5
     y1 = jnp.clip(rois[:, 1], 0.0, h) - 0.5
@@ -195,7 +196,7 @@ def mask_targets(masks: jax.Array, valid: jax.Array, rois: jax.Array, gt_index: 
     ix, wx = _axis_weights(xs, jnp.full((r,), w, jnp.int32))
     idx = (gt_index[:, None, None, None, None] * (h * w)
            + iy[:, :, :, None, None] * w + ix[:, None, None, :, :])  # [R, S, 2, S, 2]
-    vals = jnp.take(masks.reshape(-1), idx, mode="clip").astype(jnp.float32)
+    vals = jnp.take(jnp.asarray(masks).reshape(-1), idx, mode="clip").astype(jnp.float32)
     vals = vals * (wy[:, :, :, None, None] * wx[:, None, None, :, :])
     t = vals.reshape(r, size, 2 * g, size, 2 * g).sum(axis=(2, 4)) / float(g * g)
     if binarize:
