@@ -49,8 +49,11 @@ def to_coco_results(det: dict, meta: dict, cat_ids: Sequence[int]) -> list[dict]
 
 
 def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
-              cat_ids: Sequence[int] | None = None, verbose: bool = False) -> dict:
-    """COCOeval bbox on `img_ids` (and `cat_ids` when given). Empty results -> all zeros.
+              cat_ids: Sequence[int] | None = None, verbose: bool = False,
+              iou_type: str = "bbox") -> dict:
+    """COCOeval `iou_type` ('bbox', or 'segm' for RLE 'segmentation' results; GT crowd
+    regions are ignore regions) on `img_ids` (and `cat_ids` when given). Empty results ->
+    all zeros.
 
     The standard protocol: at most 100 detections per image (maxDets 1/10/100; pycocotools'
     summary AP is read at 100, so other values would report AP as 0). A model's
@@ -63,7 +66,7 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.imgIds = list(img_ids)
         if cat_ids is not None:
             ev.params.catIds = list(cat_ids)

@@ -95,7 +95,8 @@ def test_toy_mask_branch_learns_and_scores_with_cocoeval(rng):
     from pycocotools.coco import COCO
 
     from ezsd_jax.ops.masks import annotation_mask, mask_targets, paste_masks
-    from ezsd_jax.segm_eval import coco_segm_eval, segm_results
+    from ezsd_jax.evaluate import coco_eval
+    from ezsd_jax.segm_eval import segm_results
     from test_ops_masks import rand_polygon
 
     h, w, n_img = 40, 48, 6
@@ -144,7 +145,7 @@ def test_toy_mask_branch_learns_and_scores_with_cocoeval(rng):
         coco.dataset = {"images": images, "annotations": [dict(a) for a in anns],
                         "categories": [{"id": 1, "name": "shape"}]}
         coco.createIndex()
-        return coco_segm_eval(coco, res, list(range(1, n_img + 1)))["AP"]
+        return coco_eval(coco, res, list(range(1, n_img + 1)), iou_type="segm")["AP"]
 
     losses, (untrained, trained) = run(params)
     assert float(losses[-1]) < 0.5 * float(losses[0])

@@ -1,6 +1,6 @@
 """Mask evaluation on random sets: LVIS mask AP vs pycocotools COCOeval(segm) where the two
 protocols coincide (every absent category verified negative, < 100 detections per image),
-the generic LVIS loop with box IoU vs ezsd_jax.ezsd.lvis_eval, and the segm results."""
+and the segm results."""
 import copy
 
 import numpy as np
@@ -10,8 +10,8 @@ from pycocotools.coco import COCO
 
 from ezsd_jax.data.coco import DataError
 from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
-from ezsd_jax.segm_eval import (coco_segm_eval, lvis_evaluate_iou, lvis_segm_evaluate,
-                                segm_results)
+from ezsd_jax.evaluate import coco_eval
+from ezsd_jax.segm_eval import lvis_segm_evaluate, segm_results
 from test_ezsd_splits_eval import _lvis_gt
 from test_ops_masks import rand_polygon
 
@@ -57,7 +57,7 @@ def test_lvis_mask_ap_equals_cocoeval_segm(rng):
     coco.dataset = {**copy.deepcopy(gt), "categories": [{"id": c["id"], "name": c["name"]}
                                                         for c in gt["categories"]]}
     coco.createIndex()
-    ref = coco_segm_eval(coco, results, [im["id"] for im in gt["images"]])
+    ref = coco_eval(coco, results, [im["id"] for im in gt["images"]], iou_type="segm")
     assert 0.1 < ref["AP"] < 0.95 and ref["AP50"] > ref["AP75"]
     ours = lvis_segm_evaluate(gt, results)
     for k, k_ref in [("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("APs", "APs"),
@@ -75,22 +75,6 @@ def test_lvis_mask_ap_equals_cocoeval_segm(rng):
         {"counts": r["segmentation"]["counts"].encode(), "size": r["segmentation"]["size"]}
     ).tolist()} for r in results]
     assert lvis_evaluate(gt, boxed)["AP"] != pytest.approx(ours["AP"], abs=1e-3)
-
-
-def test_generic_loop_with_box_iou_equals_lvis_eval(rng):
-    gt = _lvis_gt(rng, n_img=8)
-    results = []
-    for a in gt["annotations"]:
-        x, y, w, h = a["bbox"]
-        for _ in range(2):
-            j = rng.uniform(-8, 8, 4)
-            results.append({"image_id": a["image_id"], "category_id": int(rng.integers(1, 7)),
-                            "bbox": [x + j[0], y + j[1], max(w + j[2], 1), max(h + j[3], 1)],
-                            "score": float(rng.random())})
-    gt["images"][1]["not_exhaustive_category_ids"] = [gt["annotations"][2]["category_id"]]
-    want = lvis_evaluate(gt, results, max_dets=3)
-    got = lvis_evaluate_iou(gt, results, "bbox", max_dets=3)
-    assert got == want and 0 < want["AP"] < 1
 
 
 def test_segm_results_crop_and_errors():

@@ -28,8 +28,10 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from ezsd_jax.data.coco import DataError, read_json
+from ezsd_jax.ops.masks import segmentation_rle
 
 IOU_THRS = np.linspace(0.5, 0.95, 10)
 REC_THRS = np.linspace(0.0, 1.0, 101)
@@ -42,7 +44,6 @@ def _box_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """xywh [n,4], [m,4] -> IoU [n,m] (pycocotools' box IoU, no crowd)."""
     if len(dt) == 0 or len(gt) == 0:
         return np.zeros((len(dt), len(gt)))
-    from pycocotools import mask as mask_utils
     return np.asarray(mask_utils.iou(dt.astype(np.float64), gt.astype(np.float64),
                                      [0] * len(gt)), np.float64).reshape(len(dt), len(gt))
 
@@ -104,14 +105,28 @@ def _check_gt(gt: dict, where: str) -> None:
                             f"{c.get('frequency')!r}, expected one of {FREQ_GROUPS}")
 
 
+def _rle(segm, where: str) -> dict:
+    """A result's RLE with bytes counts (pycocotools wants bytes)."""
+    if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
+        raise DataError(f"{where}: segm results need an RLE 'segmentation'")
+    c = segm["counts"]
+    return {"counts": c.encode("ascii") if isinstance(c, str) else c,
+            "size": [int(v) for v in segm["size"]]}
+
+
 def lvis_evaluate(gt: dict | str, results: Sequence[dict], max_dets: int = 300,
                   img_ids: Sequence[int] | None = None,
-                  cat_ids: Sequence[int] | None = None) -> dict:
-    """LVIS bbox evaluation of COCO-format `results` (image_id, category_id, bbox xywh,
-    score) against LVIS ground truth (dict or JSON path). img_ids / cat_ids default to
-    all of the ground truth's. Returns {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'APr',
-    'APc', 'APf', f'AR@{max_dets}', 'ARs@..', 'ARm@..', 'ARl@..'} (-1: nothing to
-    evaluate), plus 'num_categories' evaluated per frequency group."""
+                  cat_ids: Sequence[int] | None = None, iou_type: str = "bbox") -> dict:
+    """LVIS evaluation of COCO-format `results` (image_id, category_id, score and bbox xywh
+    for iou_type='bbox', RLE 'segmentation' for 'segm') against LVIS ground truth (dict or
+    JSON path). img_ids / cat_ids default to all of the ground truth's. Returns {'AP',
+    'AP50', 'AP75', 'APs', 'APm', 'APl', 'APr', 'APc', 'APf', f'AR@{max_dets}', 'ARs@..',
+    'ARm@..', 'ARl@..'} (-1: nothing to evaluate), plus 'num_categories' evaluated per
+    frequency group. With 'segm' the IoU is mask IoU (GT segmentations rasterized at the
+    image's height/width, no crowd) and a detection's area is its mask area, as lvis-api's
+    LVISEval(iou_type='segm') does; everything else is the same."""
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"lvis_evaluate: iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     where = gt if isinstance(gt, str) else "<LVIS ground truth>"
     if isinstance(gt, str):
         gt = read_json(gt)
@@ -145,8 +160,12 @@ def lvis_evaluate(gt: dict | str, results: Sequence[dict], max_dets: int = 300,
         if c in neg[i] or c in pos[i]:
             dts[i, c].append(r)
 
+    def gt_rle(a):
+        im = imgs[a["image_id"]]
+        return segmentation_rle(a["segmentation"], int(im["height"]), int(im["width"]),
+                                f"{where}: annotation {a.get('id')!r}")
+
     areas = list(AREA_RNGS.values())
-    # per (category, area): lists over images (in image-id order) of per-image results
     acc: dict = defaultdict(lambda: {"scores": [], "tp": [], "ig": [], "num_gt": 0})
     for c in cat_ids:
         for i in img_ids:
@@ -155,10 +174,18 @@ def lvis_evaluate(gt: dict | str, results: Sequence[dict], max_dets: int = 300,
                 continue
             d_order = np.argsort([-x["score"] for x in d], kind="mergesort")
             d = [d[k] for k in d_order]
-            d_box = np.asarray([x["bbox"] for x in d], np.float64).reshape(-1, 4)
-            g_box = np.asarray([x["bbox"] for x in g], np.float64).reshape(-1, 4)
-            ious_all = _box_iou(d_box, g_box)
-            d_area = d_box[:, 2] * d_box[:, 3]
+            if iou_type == "bbox":
+                d_box = np.asarray([x["bbox"] for x in d], np.float64).reshape(-1, 4)
+                g_box = np.asarray([x["bbox"] for x in g], np.float64).reshape(-1, 4)
+                ious_all = _box_iou(d_box, g_box)
+                d_area = d_box[:, 2] * d_box[:, 3]
+            else:
+                d_rle = [_rle(x.get("segmentation"), f"results: image {i}") for x in d]
+                g_rle = [gt_rle(x) for x in g]
+                ious_all = (np.asarray(mask_utils.iou(d_rle, g_rle, [0] * len(g_rle)),
+                                       np.float64).reshape(len(d), len(g))
+                            if d and g else np.zeros((len(d), len(g))))
+                d_area = np.asarray([mask_utils.area(x) for x in d_rle], np.float64)
             g_area = np.asarray([x.get("area", x["bbox"][2] * x["bbox"][3]) for x in g],
                                 np.float64)
             g_flag = np.asarray([bool(x.get("ignore", 0)) for x in g], bool)

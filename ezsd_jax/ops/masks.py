@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ezsd_jax.data.coco import DataError
-from ezsd_jax.ops.roi_align import _axis_weights
+from ezsd_jax.ops.roi_align import bilinear_axis_weights
 
 
 # ------------------------------------------------------------------ host: COCO -> bitmaps
@@ -192,8 +192,8 @@ def mask_targets(masks: jax.Array, valid: jax.Array, rois: jax.Array, gt_index: 
     ys = y1[:, None] + pos * ((y2 - y1) / size)[:, None]           # [R, S]
     xs = x1[:, None] + pos * ((x2 - x1) / size)[:, None]
     r = rois.shape[0]
-    iy, wy = _axis_weights(ys, jnp.full((r,), h, jnp.int32))       # [R, S, 2]
-    ix, wx = _axis_weights(xs, jnp.full((r,), w, jnp.int32))
+    iy, wy = bilinear_axis_weights(ys, jnp.full((r,), h, jnp.int32))       # [R, S, 2]
+    ix, wx = bilinear_axis_weights(xs, jnp.full((r,), w, jnp.int32))
     idx = (gt_index[:, None, None, None, None] * (h * w)
            + iy[:, :, :, None, None] * w + ix[:, None, None, :, :])  # [R, S, 2, S, 2]
     vals = jnp.take(jnp.asarray(masks).reshape(-1), idx, mode="clip").astype(jnp.float32)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from ezsd_jax.ops.boxes import box_area
 
 
-def _axis_weights(c: jnp.ndarray, size: jnp.ndarray):
+def bilinear_axis_weights(c: jnp.ndarray, size: jnp.ndarray):
     """torchvision bilinear along one axis.
 
     c: [R, S] sample coordinates, size: [R] map extent (int). Returns low/high integer
@@ -65,8 +65,8 @@ def _roi_align_flat(flat, boxes, scale, height, width, offset, output_size,
     sub = (k % g).astype(jnp.float32) + 0.5    # sample index inside the bin (+0.5)
     ys = y1[:, None] + pb * bin_h[:, None] + sub * bin_h[:, None] / g     # [R, out*g]
     xs = x1[:, None] + pb * bin_w[:, None] + sub * bin_w[:, None] / g
-    iy, wy = _axis_weights(ys, height)          # [R, S, 2]
-    ix, wx = _axis_weights(xs, width)
+    iy, wy = bilinear_axis_weights(ys, height)          # [R, S, 2]
+    ix, wx = bilinear_axis_weights(xs, width)
     idx = (offset[:, None, None, None, None]
            + iy[:, :, :, None, None] * width[:, None, None, None, None]
            + ix[:, None, None, :, :])                                    # [R, S, 2, S, 2]
