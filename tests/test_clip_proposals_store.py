@@ -9,6 +9,7 @@ import pytest
 
 from ezsd_jax.clip import proposals as P
 from ezsd_jax.clip.crops import crop_boxes
+from ezsd_jax.ops import anchors as A
 from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import encode_image, text_embeddings
 from ezsd_jax.clip.toy import make_tiny_clip
@@ -57,13 +58,19 @@ def test_sliding_candidates_layout_and_clipping():
     assert (boxes[:, [0, 2]] <= 70).all() and (boxes[:, [1, 3]] <= 50).all()
     assert (boxes >= 0).all()
     np.testing.assert_array_equal(valid, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
-    try:
-        from ezsd_jax.ops.anchors import sliding_anchors
-    except ImportError:
-        return
-    full, fv = P.sliding_candidates((64, 96), jnp.array([64, 96]), 32)
-    ref = sliding_anchors((64, 96), 32)
-    np.testing.assert_allclose(np.asarray(full)[np.asarray(fv)], ref, atol=1e-4)
+    # the reference layout on 1333x800: ~15.7k boxes, every one inside and valid
+    full, fv = P.sliding_candidates((800, 1333), jnp.array([800, 1333]))
+    full, fv = np.asarray(full), np.asarray(fv)
+    assert full.shape == (25 * 42 * 15, 4) and fv.all()
+    raw = A.anchor_grid((25, 42), 32, (32, 64, 128, 256, 512), (0.5, 1, 2))
+    ref = np.stack([np.clip(raw[:, 0], 0, 1333), np.clip(raw[:, 1], 0, 800),
+                    np.clip(raw[:, 2], 0, 1333), np.clip(raw[:, 3], 0, 800)], -1)
+    np.testing.assert_array_equal(full, ref)
+    # a box clipped to nothing is invalid (centre offset 0.5 on a tiny image)
+    small, sv = P.sliding_candidates((10, 10), jnp.array([10, 10]), 32, (8, 64), (1.0,),
+                                     offset=0.5)
+    np.testing.assert_allclose(np.asarray(small)[np.asarray(sv)], [[0, 0, 10, 10]])
+    assert not np.asarray(sv)[0]
 
 
 def test_entropy_score_matches_numpy():

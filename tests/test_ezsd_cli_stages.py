@@ -38,7 +38,8 @@ def test_stages_from_main_with_a_clip_directory(tmp_path):
     from configs import demo
     from ezsd_jax.clip.store import ProposalStore
     from ezsd_jax.clip.text import load_text_embeddings
-    from ezsd_jax.clip.toy import load_clip, make_tiny_clip
+    from ezsd_jax.clip.loading import load_clip
+    from ezsd_jax.clip.toy import make_tiny_clip
     names = list(demo.BASE + demo.NOVEL)
     clip_dir = str(tmp_path / "tiny_clip")
     make_tiny_clip(clip_dir, names + ["a", "photo", "of"], seed=0, image_size=32, patch=8,

@@ -5,7 +5,7 @@ Place in the pipeline: the demo's stand-in for OpenAI's CLIP pretraining (stage
 knows nothing, so the demo trains its own teacher on a caption set (demo/world.py: one
 clean, centred object per image, "a photo of a {name}." for ALL categories). The result
 is saved with `save_pretrained` (+ tokenizer and preprocessor config) and read back by
-re-normalization and proposals with `toy.load_clip`, exactly like a real checkpoint.
+re-normalization and proposals with `loading.load_clip`, exactly like a real checkpoint.
 
 Loss: symmetric InfoNCE (image->text and text->image softmax cross-entropy over the
 batch, logits = exp(logit_scale) * cos). Many captions of a batch name the same category
@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ezsd_jax.clip.text import encode_image, encode_text, l2_normalize, tokenize
-from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
+from ezsd_jax.clip.text import encode_image, encode_text, tokenize
+from ezsd_jax.ops.vectors import l2_normalize
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
 
 MAX_LOGIT_SCALE = math.log(100.0)
 

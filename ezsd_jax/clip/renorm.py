@@ -2,7 +2,7 @@
 
 Place in the pipeline (method note section 1): first stage. Input: detection training
 batches (the data pipeline's format) with BASE annotations; output: the adapted CLIP
-(a `save_pretrained` directory that `toy.load_clip` reads like the original) and the
+(a `save_pretrained` directory that `loading.load_clip` reads like the original) and the
 adapted text embeddings of ALL names (base + novel), used by the proposal stage and the
 detector.
 
@@ -30,9 +30,9 @@ import optax
 
 from ezsd_jax.clip import crops as crops_lib
 from ezsd_jax.clip.text import (DEFAULT_TEMPLATES, encode_image, ensemble_text_embeddings,
-                                l2_normalize, prompt_tokens, save_text_embeddings,
-                                text_embeddings)
-from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
+                                prompt_tokens, save_text_embeddings, text_embeddings)
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD, save_preprocessor
+from ezsd_jax.ops.vectors import l2_normalize
 from ezsd_jax.optim import count_params
 from ezsd_jax.tree_paths import path_str
 
@@ -246,8 +246,6 @@ def save_adapted_clip(out_dir: str, model, params: Any, tokenizer,
     """Writes a `save_pretrained` directory (config, flax weights, tokenizer, preprocessor
     config) that `load_clip` reads exactly like the original. Atomic: written next to
     `out_dir` and renamed into place."""
-    from ezsd_jax.clip.toy import _save_preprocessor
-
     out_dir = os.path.abspath(out_dir)
     tmp = f"{out_dir}.tmp.{os.getpid()}"
     if os.path.exists(tmp):
@@ -255,7 +253,7 @@ def save_adapted_clip(out_dir: str, model, params: Any, tokenizer,
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(flax.core.unfreeze(params)))
     model.save_pretrained(tmp, params=host)
     tokenizer.save_pretrained(tmp)
-    _save_preprocessor(tmp, int(model.config.vision_config.image_size), mean, std)
+    save_preprocessor(tmp, int(model.config.vision_config.image_size), mean, std)
     old = f"{out_dir}.old.{os.getpid()}"
     if os.path.exists(out_dir):
         os.replace(out_dir, old)

@@ -64,7 +64,7 @@ def load_class_embeddings(path: str, names, embed_dim: int) -> np.ndarray:
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     if not np.all(np.isfinite(out)) or np.any(norm == 0):
         raise ValueError(f"{path}: non-finite or zero text embeddings")
-    return out / norm
+    return np.asarray(l2_normalize(out))
 
 
 def head_config(cfg, num_classes: int):
