@@ -17,10 +17,15 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from pycocotools.cocoeval import COCOeval
 
 from ezsd_jax import cli, sharding
+from ezsd_jax.checkpoint import Checkpointer
 from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.metrics import Progress
+from ezsd_jax.models import detector as det
+from ezsd_jax.train import detector_config, init_train_state, load_dataset, make_pipeline
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -55,7 +60,6 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
     The standard protocol: at most 100 detections per image (maxDets 1/10/100; pycocotools'
     summary AP is read at 100, so other values would report AP as 0). A model's
     test_max_detections only caps what it outputs."""
-    from pycocotools.cocoeval import COCOeval
     if cat_ids is not None:
         results = [r for r in results if r["category_id"] in set(cat_ids)]
     if not results:
@@ -102,7 +106,6 @@ def write_eval_outputs(workdir: str, name: str, results: list[dict], metrics: di
 
 
 def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None):
-    from ezsd_jax.models import detector as det
     consts = consts or {}
     rep = sharding.replicated(mesh)
 
@@ -117,7 +120,6 @@ def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None):
 
 def place_on_mesh(tree, mesh):
     """Leaves already sharded over `mesh` stay; anything else is replicated on it."""
-    from jax.sharding import NamedSharding
 
     def one(x):
         sh = getattr(x, "sharding", None)
@@ -132,7 +134,6 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
                       ) -> dict:
     """Runs inference over `dataset` and COCOeval per group of category ids
     (default: one group 'all'). Returns {group: stats}."""
-    from ezsd_jax.train import make_pipeline
     mesh = sharding.make_mesh(cfg.mesh)
     variables = place_on_mesh(variables, mesh)
     var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
@@ -154,8 +155,6 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
 
 def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detector"):
     """Latest checkpoint of the detector trained in `workdir` -> its variables (sharded)."""
-    from ezsd_jax.checkpoint import Checkpointer
-    from ezsd_jax.train import init_train_state
     mesh = sharding.make_mesh(cfg.mesh)
     init, state_sh, _, _ = init_train_state(model, cfg, mesh, jax.random.key(0), consts or {})
     # abstract target (shapes, dtypes, shardings): nothing is compiled or allocated
@@ -174,8 +173,6 @@ def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detect
 
 def run(cfg, workdir: str) -> dict:
     """Stage "eval": evaluates the trained plain detector on config.data (val split)."""
-    from ezsd_jax.models import detector as det
-    from ezsd_jax.train import detector_config, load_dataset
     train_ds = load_dataset(cfg.data, "train")
     dataset = load_dataset(cfg.data, "val", category_names=train_ds.cat_names)
     model = det.FasterRCNN(detector_config(cfg, dataset.num_classes))

@@ -9,20 +9,19 @@ terms through `extra_loss_fn` (EZSD distillation) and constants through `consts`
 """
 from __future__ import annotations
 
-import logging
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ezsd_jax import optim, sharding, train_loop
 from ezsd_jax.data.coco import CocoDataset, load_coco
 from ezsd_jax.data.pipeline import DetectionPipeline
 from ezsd_jax.models import detector as det
+from ezsd_jax.models.pretrained import load_state_dict, torchvision_to_flax
 from ezsd_jax.models.resnet import trainable_mask
 
 
@@ -54,7 +53,6 @@ def detector_config(cfg, num_classes: int) -> det.DetectorConfig:
 
 
 def load_pretrained_backbone(variables: dict, path: str, dcfg: det.DetectorConfig) -> dict:
-    from ezsd_jax.models.pretrained import load_state_dict, torchvision_to_flax
     conv = torchvision_to_flax(load_state_dict(path), stage_sizes=dcfg.stage_sizes,
                                bottleneck=dcfg.bottleneck)
     params = dict(variables["params"])

@@ -9,10 +9,10 @@ import pytest
 
 from ezsd_jax.clip import proposals as P
 from ezsd_jax.clip.crops import crop_boxes
-from ezsd_jax.ops import anchors as A
 from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import encode_image, text_embeddings
 from ezsd_jax.clip.toy import make_tiny_clip
+from ezsd_jax.ops import anchors as A
 
 BASE = ["person", "car", "dog"]
 NOVEL = ["cat", "kite", "cup"]

@@ -11,7 +11,6 @@ from configs import common
 from ezsd_jax import evaluate
 from ezsd_jax.models import detector as det
 from ezsd_jax.models import losses, postprocess
-from ezsd_jax.ops import boxes as box_ops
 
 
 def _cfg(**kw):

@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ezsd_jax import train_loop
 from ezsd_jax.clip import crops as crops_lib
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD, save_preprocessor
 from ezsd_jax.clip.text import (DEFAULT_TEMPLATES, encode_image, ensemble_text_embeddings,
                                 prompt_tokens, save_text_embeddings, text_embeddings)
-from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD, save_preprocessor
 from ezsd_jax.ops.vectors import l2_normalize
 from ezsd_jax.optim import count_params
 from ezsd_jax.tree_paths import path_str
@@ -374,7 +375,6 @@ def run_renorm(model, params, tokenizer,
     Writes `workdir/adapted_clip/` and `workdir/text_embeddings.npz` (all names, adapted
     text tower, cfg.templates). Returns {'params', 'clip_dir', 'text_embeddings', 'rows'}.
     """
-    from ezsd_jax import train_loop
 
     c = _cfg(cfg)
     # Crops are split in groups, one per data shard, each reading only its own images.

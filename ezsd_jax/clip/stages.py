@@ -21,12 +21,29 @@ DEFAULT_PROPOSALS).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
+import flax
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ezsd_jax import cli
+from ezsd_jax import cli, sharding
+from ezsd_jax.clip import pretrain
+from ezsd_jax.clip.proposals import run_proposals
+from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes, run_renorm
+from ezsd_jax.clip.store import ProposalStore
+from ezsd_jax.clip.text import load_text_embeddings, text_embeddings
+from ezsd_jax.clip.toy import load_clip
+from ezsd_jax.data.pipeline import DetectionPipeline
+from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
+from ezsd_jax.demo.world import detection_paths, load_caption_set
+from ezsd_jax.ezsd import splits
+from ezsd_jax.ezsd.stages import text_embeddings_path
+from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.train import load_dataset, make_pipeline
 
 PRETRAIN_DIR = "clip_pretrain"
 RENORM_DIR = "clip_renorm"
@@ -39,18 +56,15 @@ def _log(msg: str) -> None:
 
 def _point_data(cfg, workdir: str) -> None:
     if "synth" in cfg:
-        from ezsd_jax.data.synthetic_stage import point_data_config
         point_data_config(cfg, workdir)
 
 
 def _is_main() -> bool:
-    import jax
     return jax.process_index() == 0
 
 
 def split_names(cfg) -> tuple[list[str], list[str], list[str]]:
     """(base, novel, all) names of config.ezsd's split, in the train file's id order."""
-    from ezsd_jax.ezsd import splits
     ann = cfg.data.train_ann
     base, novel = splits.zeroshot_names(cfg.ezsd, ann)
     return base, novel, splits.all_names(base, novel, ann)
@@ -81,7 +95,6 @@ def _crop_kw(cfg, size: int, mean, std) -> dict:
 
 def _local_pipeline(dataset, cfg, batch_size: int, train: bool = False):
     """A pipeline over ALL of `dataset` in this process (no per-process split), no flip."""
-    from ezsd_jax.data.pipeline import DetectionPipeline
     d = cfg.data
     return DetectionPipeline(dataset, batch_size=int(batch_size),
                              image_size=tuple(cfg.model.image_size), max_boxes=d.max_boxes,
@@ -96,12 +109,7 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     """Stage 'clip_pretrain' (demo): toy CLIP on the caption set of config.clip.captions
     ('' = the demo world's <synth root>/captions/{train,heldout}.npz). Skipped when the
     model and its clean accuracy exist. Returns the clean accuracy dict."""
-    import json
 
-    from ezsd_jax.clip import pretrain
-    from ezsd_jax.clip.toy import load_clip
-    from ezsd_jax.demo.world import load_caption_set
-    from ezsd_jax.io_utils import atomic_write_json
     _point_data(cfg, workdir)
     out = os.path.join(workdir, PRETRAIN_DIR)
     model_dir = os.path.join(out, "model")
@@ -142,8 +150,6 @@ def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
     c = cfg.clip.get("captions", "")
     if c:
         return os.path.join(c, "train.npz"), os.path.join(c, "heldout.npz")
-    from ezsd_jax.data.synthetic_stage import dataset_paths
-    from ezsd_jax.demo.world import detection_paths
     p = detection_paths(dataset_paths(cfg, workdir)["root"])
     return p["captions_train"], p["captions_heldout"]
 
@@ -164,8 +170,6 @@ def val_crop_accuracy(cfg, model, params, text_emb: np.ndarray, names, is_base,
                       mean, std, max_images: int | None = None) -> dict:
     """Accuracy of CLIP classifying val GT crops (all names, 1.2x crops as in renorm) over
     the rows of text_emb (`names` order); acc_all / acc_base / acc_novel + counts."""
-    from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes
-    from ezsd_jax.train import load_dataset
     dataset = load_dataset(cfg.data, "val", category_names=list(names))
     if max_images:
         dataset = dataclasses.replace(dataset, records=dataset.records[:int(max_images)])
@@ -187,17 +191,8 @@ def val_crop_accuracy(cfg, model, params, text_emb: np.ndarray, names, is_base,
 
 def renorm(cfg, workdir: str) -> dict:
     """Stage 'renorm' (see module docstring). Returns the crop accuracy dict."""
-    import json
 
-    import flax
-    import jax
 
-    from ezsd_jax import sharding
-    from ezsd_jax.clip.renorm import run_renorm
-    from ezsd_jax.clip.text import load_text_embeddings, text_embeddings
-    from ezsd_jax.clip.toy import load_clip
-    from ezsd_jax.io_utils import atomic_write_json
-    from ezsd_jax.train import load_dataset, make_pipeline
     _point_data(cfg, workdir)
     out = os.path.join(workdir, RENORM_DIR)
     adapted = os.path.join(out, "adapted_clip")
@@ -254,7 +249,6 @@ def renorm(cfg, workdir: str) -> dict:
 # ----------------------------------------------------------------------------- proposals
 
 def _shard(cfg) -> tuple[int, int]:
-    import jax
     s = cfg.clip.get("proposal_shard", "") or ""
     if not s:
         return jax.process_index(), jax.process_count()
@@ -271,11 +265,6 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
     """Proposals of every training image (base GT only loaded) with the CLIP in
     `clip_dir` classifying over the names of `text_path` (all names of the split) into
     the ProposalStore `out_dir`. Returns run_proposals' stats (or {'skipped': all})."""
-    from ezsd_jax.clip.proposals import run_proposals
-    from ezsd_jax.clip.store import ProposalStore
-    from ezsd_jax.clip.text import load_text_embeddings
-    from ezsd_jax.clip.toy import load_clip
-    from ezsd_jax.train import load_dataset
     base, novel, names = split_names(cfg)
     dataset = load_dataset(cfg.data, "train", category_names=base)
     cs = int(cfg.clip.proposal_images_per_chunk)
@@ -322,7 +311,6 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
 
 def proposals(cfg, workdir: str) -> dict:
     """Stage 'proposals' (see module docstring)."""
-    from ezsd_jax.ezsd.stages import text_embeddings_path
     _point_data(cfg, workdir)
     clip_dir = os.path.join(workdir, RENORM_DIR, "adapted_clip")
     if not os.path.exists(os.path.join(clip_dir, "config.json")):
@@ -335,9 +323,7 @@ def proposals(cfg, workdir: str) -> dict:
 
 
 def _barrier_if_multiprocess() -> None:
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("ezsd_clip_proposals")
 
 

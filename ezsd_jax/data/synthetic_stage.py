@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+import jax
+from jax.experimental import multihost_utils
+
 from ezsd_jax.data.synthetic import SyntheticSpec, default_categories, write_coco_dataset
 
 
@@ -50,7 +53,6 @@ def run(cfg, workdir: str) -> dict:
     skip the files where the workdir is shared and write their own (identical, seeded)
     copy where each host has its own disk. Without the barrier every process would
     rewrite the same images in place while another may already be reading them."""
-    import jax
     later = jax.process_index() > 0
     if later:
         _barrier()
@@ -71,5 +73,4 @@ def run(cfg, workdir: str) -> dict:
 
 
 def _barrier() -> None:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("ezsd_synth_data")

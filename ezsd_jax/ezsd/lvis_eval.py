@@ -28,6 +28,7 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from ezsd_jax.data.coco import DataError, read_json
 
@@ -42,7 +43,6 @@ def _box_iou(dt: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """xywh [n,4], [m,4] -> IoU [n,m] (pycocotools' box IoU, no crowd)."""
     if len(dt) == 0 or len(gt) == 0:
         return np.zeros((len(dt), len(gt)))
-    from pycocotools import mask as mask_utils
     return np.asarray(mask_utils.iou(dt.astype(np.float64), gt.astype(np.float64),
                                      [0] * len(gt)), np.float64).reshape(len(dt), len(gt))
 

@@ -21,9 +21,20 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 
-from ezsd_jax import cli
+from ezsd_jax import cli, evaluate, sharding
+from ezsd_jax.checkpoint import Checkpointer
+from ezsd_jax.clip.store import ProposalStore, StoreError
+from ezsd_jax.clip.text import load_text_embeddings
+from ezsd_jax.ezsd import distill, splits
+from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
+from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.models import detector as det
+from ezsd_jax.models.ezsd_head import EZSDHeadConfig
+from ezsd_jax.ops.vectors import l2_normalize
+from ezsd_jax.train import detector_config, load_dataset, make_pipeline, train_detector
 
 # what the renorm stage (clip/stages.py) writes: the one default place
 DEFAULT_TEXT_EMBEDDINGS = "clip_renorm/text_embeddings.npz"
@@ -50,7 +61,6 @@ def text_embeddings_path(cfg, workdir: str) -> str:
 def load_class_embeddings(path: str, names, embed_dim: int) -> np.ndarray:
     """Rows of the text-embeddings file for `names`, in that order: [K, D] float32,
     L2-normalized. A missing name or a dim other than the head's is an error."""
-    from ezsd_jax.clip.text import load_text_embeddings
     file_names, emb = load_text_embeddings(path)
     pos = {n: i for i, n in enumerate(file_names)}
     missing = [n for n in names if n not in pos]
@@ -68,8 +78,6 @@ def load_class_embeddings(path: str, names, embed_dim: int) -> np.ndarray:
 
 
 def head_config(cfg, num_classes: int):
-    from ezsd_jax.models.ezsd_head import EZSDHeadConfig
-    from ezsd_jax.train import detector_config
     if cfg.model.roi_head != "ezsd":
         raise ValueError(f"EZSD stages need config.model.roi_head='ezsd', got "
                          f"{cfg.model.roi_head!r}")
@@ -78,7 +86,6 @@ def head_config(cfg, num_classes: int):
 
 
 def open_store(cfg, workdir: str):
-    from ezsd_jax.clip.store import ProposalStore, StoreError
     d = cfg.ezsd.get("proposals_dir", "") or os.path.join(workdir, DEFAULT_PROPOSALS)
     try:
         store = ProposalStore(d)
@@ -90,7 +97,6 @@ def open_store(cfg, workdir: str):
 
 def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
     """(extra_fn, extra_loss_fn) of config.ezsd.distill, or (None, None) when disabled."""
-    from ezsd_jax.ezsd import distill
     dc = cfg.ezsd.distill
     if not dc.enabled:
         return None, None
@@ -116,8 +122,6 @@ def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
 
 def ezsd_train(cfg, workdir: str) -> dict:
     """Stage 'ezsd_train' (see module docstring). Returns {'model', 'state', 'names'}."""
-    from ezsd_jax.ezsd import splits
-    from ezsd_jax.train import load_dataset, train_detector
     base, novel = splits.zeroshot_names(cfg.ezsd, cfg.data.train_ann)
     dataset = load_dataset(cfg.data, "train", category_names=base)
     _, hcfg = head_config(cfg, len(base))
@@ -137,9 +141,6 @@ def _summary_path(workdir: str) -> str:
 
 
 def _run_inference(cfg, model, variables, dataset, consts, name: str) -> list[dict]:
-    import jax
-    from ezsd_jax import evaluate, sharding
-    from ezsd_jax.train import make_pipeline
     mesh = sharding.make_mesh(cfg.mesh)
     variables = evaluate.place_on_mesh(variables, mesh)
     var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
@@ -154,12 +155,6 @@ def _run_inference(cfg, model, variables, dataset, consts, name: str) -> list[di
 
 def ezsd_eval(cfg, workdir: str) -> dict:
     """Stage 'ezsd_eval' (see module docstring). Returns the summary dict."""
-    import jax
-    from ezsd_jax import evaluate
-    from ezsd_jax.ezsd import splits
-    from ezsd_jax.io_utils import atomic_write_json
-    from ezsd_jax.models import detector as det
-    from ezsd_jax.train import load_dataset
     ec = cfg.ezsd.eval
     val_ann = cfg.data.val_ann
     base, novel = splits.zeroshot_names(cfg.ezsd, val_ann)
@@ -169,7 +164,6 @@ def ezsd_eval(cfg, workdir: str) -> dict:
     consts = {"class_embeddings": load_class_embeddings(
         text_embeddings_path(cfg, workdir), names, hcfg.embed_dim)}
     model = det.FasterRCNN(dcfg)
-    from ezsd_jax.checkpoint import Checkpointer
     ck = Checkpointer(os.path.join(workdir, f"ckpt_{CKPT_NAME}"))
     latest = ck.latest_step()
     ck.close()
@@ -191,7 +185,6 @@ def ezsd_eval(cfg, workdir: str) -> dict:
                                              groups=groups, name=EVAL_NAME)
         summary = {g: {"AP50": metrics[g]["AP50"], "AP": metrics[g]["AP"]} for g in groups}
     elif ec.protocol == "lvis":
-        from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
         results = _run_inference(cfg, model, variables, dataset, consts, EVAL_NAME)
         img_ids = [r.image_id for r in dataset.records]
         metrics = lvis_evaluate(val_ann, results, max_dets=cfg.model.test_max_detections,
