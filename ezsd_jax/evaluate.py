@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 from typing import Callable, Sequence
 
@@ -26,6 +27,8 @@ from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.metrics import Progress
 from ezsd_jax.models import detector as det
 from ezsd_jax.train import detector_config, init_train_state, load_dataset, make_pipeline
+
+log = logging.getLogger(__name__)
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -76,7 +79,7 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
         ev.accumulate()
         ev.summarize()
     if verbose:
-        print(buf.getvalue(), flush=True)
+        print(buf.getvalue(), flush=True)  # the COCOeval table is the result
     return {k: float(max(v, 0.0)) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
 
 
@@ -102,7 +105,7 @@ def write_eval_outputs(workdir: str, name: str, results: list[dict], metrics: di
     d = os.path.join(workdir, "eval")
     atomic_write_json(os.path.join(d, f"{name}_detections.json"), results, indent=None)
     atomic_write_json(os.path.join(d, f"{name}_metrics.json"), metrics)
-    print(f"[{name}] " + json.dumps(metrics), flush=True)
+    print(f"[{name}] " + json.dumps(metrics), flush=True)  # the eval result line
 
 
 def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None):
@@ -177,5 +180,5 @@ def run(cfg, workdir: str) -> dict:
     dataset = load_dataset(cfg.data, "val", category_names=train_ds.cat_names)
     model = det.FasterRCNN(detector_config(cfg, dataset.num_classes))
     variables, step = restore_variables(cfg, workdir, model)
-    print(f"[eval] checkpoint step {step}, {len(dataset.records)} images", flush=True)
+    log.info(f"[eval] checkpoint step {step}, {len(dataset.records)} images")
     return evaluate_detector(cfg, workdir, model, variables, dataset)

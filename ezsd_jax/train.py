@@ -9,6 +9,7 @@ terms through `extra_loss_fn` (EZSD distillation) and constants through `consts`
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -23,6 +24,8 @@ from ezsd_jax.data.pipeline import DetectionPipeline
 from ezsd_jax.models import detector as det
 from ezsd_jax.models.pretrained import load_state_dict, torchvision_to_flax
 from ezsd_jax.models.resnet import trainable_mask
+
+log = logging.getLogger(__name__)
 
 
 def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
@@ -59,7 +62,7 @@ def load_pretrained_backbone(variables: dict, path: str, dcfg: det.DetectorConfi
     stats = dict(variables.get("batch_stats", {}))
     params["backbone"] = conv["params"]
     stats["backbone"] = conv["batch_stats"]
-    print(f"loaded pretrained backbone from {path}", flush=True)
+    log.info(f"loaded pretrained backbone from {path}")
     return {**variables, "params": params, "batch_stats": stats}
 
 
@@ -89,7 +92,7 @@ def init_train_state(model: det.FasterRCNN, cfg, mesh, key, consts: dict,
     state_sh = sharding.param_shardings(mesh, abstract, rules)
     n_train = optim.count_params(abstract["params"], mask)
     n_all = optim.count_params(abstract["params"])
-    print(f"detector: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained", flush=True)
+    log.info(f"detector: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained")
     return init, state_sh, tx, sched
 
 
@@ -157,8 +160,8 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
     step_fn = make_train_step(model, tx, mesh, state_sh, t.seed, extra_loss_fn, sched)
     consts_dev = jax.device_put(consts, sharding.replicated(mesh))
     pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn)
-    print(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
-          f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps", flush=True)
+    log.info(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
+          f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps")
     try:
         state, _ = train_loop.fit(
             state=state, step_fn=lambda s, b: step_fn(s, b, consts_dev),

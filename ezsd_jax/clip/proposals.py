@@ -342,8 +342,8 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
     todo = [c for c in mine if c not in done]
     skipped = [c for c in mine if c in done]
     if skipped:
-        print(f"[proposals] shard {shard_index}/{num_shards}: {len(skipped)} of {len(mine)} "
-              f"chunks already done, {len(todo)} to go", flush=True)
+        log.info(f"[proposals] shard {shard_index}/{num_shards}: {len(skipped)} of {len(mine)} "
+              f"chunks already done, {len(todo)} to go")
     writer = MetricWriter(workdir, f"proposals_{shard_index}") if workdir else None
     progress = Progress(len(mine), start=len(skipped), per_step=1.0, unit="chunk",
                         name="proposals", every_s=10.0)
@@ -374,9 +374,8 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
     stats = {"processed": todo, "skipped": skipped, "images": n_img, "crops": n_crops,
              "seconds": dt, "crops_per_s": n_crops / dt if dt > 0 else 0.0}
     if todo:
-        print(f"[proposals] shard {shard_index}/{num_shards}: {len(todo)} chunks, {n_img} "
-              f"images, {n_crops} crops in {dt:.1f}s = {stats['crops_per_s']:.1f} crops/s",
-              flush=True)
+        log.info(f"[proposals] shard {shard_index}/{num_shards}: {len(todo)} chunks, {n_img} "
+              f"images, {n_crops} crops in {dt:.1f}s = {stats['crops_per_s']:.1f} crops/s")
     return stats
 
 

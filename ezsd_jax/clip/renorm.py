@@ -65,7 +65,6 @@ def layernorm_mask(params: Any, text_layernorms: bool = True, verbose: bool = Tr
         msg = (f"renorm: {n} trainable LayerNorm parameters of {count_params(params)} "
                f"(text LayerNorms {'on' if text_layernorms else 'off'})")
         log.info(msg)
-        print(msg, flush=True)
     return mask
 
 

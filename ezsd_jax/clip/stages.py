@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 
@@ -45,13 +46,11 @@ from ezsd_jax.ezsd.stages import text_embeddings_path
 from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.train import load_dataset, make_pipeline
 
+log = logging.getLogger(__name__)
+
 PRETRAIN_DIR = "clip_pretrain"
 RENORM_DIR = "clip_renorm"
 PROPOSALS_DIR = "proposals"
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _point_data(cfg, workdir: str) -> None:
@@ -115,7 +114,7 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     model_dir = os.path.join(out, "model")
     acc_path = os.path.join(out, "clean_accuracy.json")
     if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), acc_path)):
-        _log(f"[clip_pretrain] {model_dir} exists, skipping")
+        log.info(f"[clip_pretrain] {model_dir} exists, skipping")
         with open(acc_path) as f:
             return json.load(f)
     tr_path, ho_path = _caption_paths(cfg, workdir)
@@ -127,7 +126,7 @@ def clip_pretrain(cfg, workdir: str) -> dict:
                          "zero-shot split (config.ezsd)")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         pretrain.run_pretrain(train["images"], train["captions"], train["labels"],
-                              train["names"], model_dir, workdir, cfg.clip.pretrain, log=_log)
+                              train["names"], model_dir, workdir, cfg.clip.pretrain, log=log.info)
     model, params, tok, _, mean, std = load_clip(model_dir)
     templates = _templates(cfg)
     held = load_caption_set(ho_path)
@@ -141,7 +140,7 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     acc["images"] = int(keep.sum())
     if _is_main():
         atomic_write_json(acc_path, acc)
-    _log(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
+    log.info(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
          f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
     return acc
 
@@ -201,7 +200,7 @@ def renorm(cfg, workdir: str) -> dict:
     base, novel, names = split_names(cfg)
     done = os.path.exists(os.path.join(adapted, "config.json")) and os.path.exists(emb_path)
     if done and os.path.exists(acc_path):
-        _log(f"[renorm] {adapted} exists, skipping")
+        log.info(f"[renorm] {adapted} exists, skipping")
         with open(acc_path) as f:
             return json.load(f)
     src = clip_source(cfg, workdir)
@@ -219,7 +218,7 @@ def renorm(cfg, workdir: str) -> dict:
         n_boxes = int(sum(len(r.boxes) for r in dataset.records))
         steps = renorm_steps(cfg, n_boxes)
         bs = int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
-        _log(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
+        log.info(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
              f"of {len(base)} base names; {steps} steps of {bs} images")
         mesh = sharding.make_mesh(cfg.mesh)
         # run_renorm builds its state from `params` as given: replicate them on the mesh
@@ -240,7 +239,7 @@ def renorm(cfg, workdir: str) -> dict:
     acc = {"before": before, "after": after, "teacher": src}
     if _is_main():
         atomic_write_json(acc_path, acc)
-    _log(f"[renorm] val crop accuracy over all {len(names)} names (base / novel): before "
+    log.info(f"[renorm] val crop accuracy over all {len(names)} names (base / novel): before "
          f"{before['acc_base']:.3f} / {before['acc_novel']:.3f}, after "
          f"{after['acc_base']:.3f} / {after['acc_novel']:.3f}")
     return acc
@@ -278,7 +277,7 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
     shard_index, num_shards = _shard(cfg)
     mine = [c for c in range(num_chunks) if c % num_shards == shard_index]
     if set(mine) <= set(store.finished_shards()):
-        _log(f"[proposals] {out_dir}: all {len(mine)} chunks of shard {shard_index}/"
+        log.info(f"[proposals] {out_dir}: all {len(mine)} chunks of shard {shard_index}/"
              f"{num_shards} exist, skipping")
         return {"processed": [], "skipped": mine}
     model, params, _, _, mean, std = load_clip(clip_dir)
@@ -291,7 +290,7 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
     is_base = np.asarray([nm in base for nm in names])
     class_is_base = np.ones(len(dataset.cat_names), bool)   # only base GT is loaded
     bs = int(cfg.clip.get("proposal_batch_size", 0) or cfg.eval.batch_size)
-    _log(f"[proposals] {n} training images in {num_chunks} chunks of {cs}; shard "
+    log.info(f"[proposals] {n} training images in {num_chunks} chunks of {cs}; shard "
          f"{shard_index}/{num_shards}; CLIP {clip_dir}; {len(names)} names "
          f"({len(base)} base)")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 
 import jax
@@ -35,12 +36,10 @@ from ezsd_jax.ezsd import stages as ezsd_stages
 from ezsd_jax.ezsd.stages import text_embeddings_path
 from ezsd_jax.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
+log = logging.getLogger(__name__)
+
 ABLATION_DIR = "ablation"
 VARIANTS = ("no_renorm", "no_proposals", "no_semantic_regression", "no_distillation")
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _read_json(path: str):
@@ -79,7 +78,7 @@ def demo_data(cfg, workdir: str) -> dict:
                               val_images=s.val_images,
                               captions_per_category=s.captions_per_category,
                               heldout_per_category=s.heldout_per_category, seed=s.seed,
-                              log=_log)
+                              log=log.info)
     if jax.process_index() == 0 and jax.process_count() > 1:
         _barrier("ezsd_demo_data_0")
     point_data_config(cfg, workdir)
@@ -138,13 +137,13 @@ def run_variant(cfg, variant: str, workdir: str) -> dict:
     vcfg = variant_config(cfg, variant, workdir, vdir)
     summary = _read_json(os.path.join(vdir, "eval", "ezsd_summary.json"))
     if summary is None or summary.get("step") != int(cfg.train.steps):
-        _log(f"=== ablation variant {variant} ===")
+        log.info(f"=== ablation variant {variant} ===")
         if variant == "no_renorm":
             _prepare_no_renorm(cfg, vcfg, workdir, vdir)
         ezsd_stages.ezsd_train(vcfg, vdir)
         summary = ezsd_stages.ezsd_eval(vcfg, vdir)
     else:
-        _log(f"[ablation] {variant}: {vdir} is done, skipping")
+        log.info(f"[ablation] {variant}: {vdir} is done, skipping")
     acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}
     return {"summary": summary,
             "crop_accuracy": acc.get("before" if variant == "no_renorm" else "after")}
@@ -154,7 +153,7 @@ def ablation(cfg, workdir: str) -> dict | None:
     """Stage 'ablation' (see module docstring); a no-op unless config.ablation.enabled."""
     a = cfg.get("ablation")
     if a is None or not a.enabled:
-        _log("[ablation] config.ablation.enabled is False: skipping (--config.ablation."
+        log.info("[ablation] config.ablation.enabled is False: skipping (--config.ablation."
              "enabled=True runs it)")
         return None
     full = _main_run_summary(cfg, workdir, "ablation")
@@ -164,7 +163,7 @@ def ablation(cfg, workdir: str) -> dict | None:
         results[v] = run_variant(cfg, v, workdir)
     if _is_main():
         atomic_write_json(os.path.join(workdir, ABLATION_DIR, "results.json"), results)
-    _log(report.ablation_table(results))
+    print(report.ablation_table(results), flush=True)  # the stage's result, to stdout
     return results
 
 
@@ -180,7 +179,7 @@ def _val_images_to_draw(val: dict, novel_ids: set, n: int) -> list[int]:
 def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> str | None:
     dets = _read_json(os.path.join(workdir, "eval", "ezsd_eval_detections.json"))
     if dets is None:
-        _log("[demo_report] no eval/ezsd_eval_detections.json: no detections PNG")
+        log.info("[demo_report] no eval/ezsd_eval_detections.json: no detections PNG")
         return None
     with open(cfg.data.val_ann) as f:
         val = json.load(f)
@@ -230,9 +229,9 @@ def demo_report(cfg, workdir: str) -> dict:
     if _is_main():
         atomic_write_text(os.path.join(workdir, "report.md"), text + "\n")
         atomic_write_json(os.path.join(workdir, "report.json"), out)
-    print("\n" + text + "\n", flush=True)
+    print("\n" + text + "\n", flush=True)  # the report is the demo's output, to stdout
     if png:
-        _log(f"[demo_report] wrote {os.path.join(workdir, 'report.md')} and {png}")
+        log.info(f"[demo_report] wrote {os.path.join(workdir, 'report.md')} and {png}")
     return out
 
 

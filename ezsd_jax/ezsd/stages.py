@@ -19,6 +19,7 @@ eval (protocol, force).
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -35,6 +36,8 @@ from ezsd_jax.models import detector as det
 from ezsd_jax.models.ezsd_head import EZSDHeadConfig
 from ezsd_jax.ops.vectors import l2_normalize
 from ezsd_jax.train import detector_config, load_dataset, make_pipeline, train_detector
+
+log = logging.getLogger(__name__)
 
 # what the renorm stage (clip/stages.py) writes: the one default place
 DEFAULT_TEXT_EMBEDDINGS = "clip_renorm/text_embeddings.npz"
@@ -108,7 +111,7 @@ def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
         if dc.on_missing == "raise":
             raise ValueError(msg + ": finish the proposals stage, or set "
                              "config.ezsd.distill.on_missing='empty'")
-        print(f"[ezsd_train] warning: {msg}; they get no distillation targets", flush=True)
+        log.warning(f"[ezsd_train] {msg}; they get no distillation targets")
     extra_fn = distill.make_extra_fn(
         reader, embed_dim=embed_dim, proposal_slots=dc.proposal_slots, max_gt=dc.max_gt,
         gt_only=dc.gt_only, min_size=dc.min_size, on_missing=dc.on_missing)
@@ -128,8 +131,8 @@ def ezsd_train(cfg, workdir: str) -> dict:
     emb = load_class_embeddings(text_embeddings_path(cfg, workdir), dataset.cat_names,
                                 hcfg.embed_dim)
     n_bg = sum(1 for r in dataset.records if len(r.boxes) == 0)
-    print(f"[ezsd_train] {len(base)} base / {len(novel)} novel names; {len(dataset.records)} "
-          f"training images ({n_bg} without base objects, kept as background)", flush=True)
+    log.info(f"[ezsd_train] {len(base)} base / {len(novel)} novel names; {len(dataset.records)} "
+          f"training images ({n_bg} without base objects, kept as background)")
     extra_fn, loss_fn = distill_fns(cfg, workdir, dataset, hcfg.embed_dim)
     model, state = train_detector(cfg, workdir, dataset, {"class_embeddings": emb},
                                   extra_loss_fn=loss_fn, extra_fn=extra_fn, name=CKPT_NAME)
@@ -172,13 +175,13 @@ def ezsd_eval(cfg, workdir: str) -> dict:
         with open(spath) as f:
             done = json.load(f)
         if done.get("step") == latest:
-            print(f"[ezsd_eval] {spath} is of checkpoint step {latest}: skipping "
-                  "(config.ezsd.eval.force=True re-runs)", flush=True)
+            log.info(f"[ezsd_eval] {spath} is of checkpoint step {latest}: skipping "
+                  "(config.ezsd.eval.force=True re-runs)")
             return done
     variables, step = evaluate.restore_variables(cfg, workdir, model, consts, name=CKPT_NAME)
-    print(f"[ezsd_eval] checkpoint step {step}; {len(dataset.records)} images, "
+    log.info(f"[ezsd_eval] checkpoint step {step}; {len(dataset.records)} images, "
           f"{len(names)} names ({len(base)} base + {len(novel)} novel), protocol "
-          f"{ec.protocol}", flush=True)
+          f"{ec.protocol}")
     groups = splits.category_groups(val_ann, base, novel)
     if ec.protocol == "coco":
         metrics = evaluate.evaluate_detector(cfg, workdir, model, variables, dataset, consts,
@@ -201,7 +204,7 @@ def ezsd_eval(cfg, workdir: str) -> dict:
                     "num_images": len(dataset.records)})
     if jax.process_index() == 0:
         atomic_write_json(spath, summary)
-    print("[ezsd_eval] " + json.dumps(summary), flush=True)
+    print("[ezsd_eval] " + json.dumps(summary), flush=True)  # the stage's result line
     return summary
 
 
