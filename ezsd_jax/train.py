@@ -135,17 +135,14 @@ def optim_global_norm(tree) -> jax.Array:
                         for x in jax.tree_util.tree_leaves(tree)))
 
 
-def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None = None,
-                   extra_loss_fn=None, extra_fn=None, init_fn=None, name: str = "detector"):
-    """Trains the detector on `dataset`; returns (model, final state)."""
-    consts = consts or {}
-    t = cfg.train
-    mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_batch_divisible(t.batch_size, mesh)
-    dcfg = detector_config(cfg, dataset.num_classes)
-    model = det.FasterRCNN(dcfg)
-    key = jax.random.key(t.seed)
+def initial_state(model: det.FasterRCNN, cfg, mesh, consts: dict, init_fn=None):
+    """-> (state, state shardings, tx, schedule): a fresh train state (seed
+    config.train.seed) on `mesh`. config.model.pretrained (a torchvision-format ResNet
+    file) replaces the backbone's weights and BN statistics; `init_fn` may edit the
+    variables after that."""
+    key = jax.random.key(cfg.train.seed)
     pretrained = cfg.model.get("pretrained", "")
+    dcfg = model.cfg
 
     def full_init(v):
         if pretrained:
@@ -157,11 +154,24 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
         state = jax.device_put(init(key), state_sh)
     else:
         state = jax.jit(init, out_shardings=state_sh)(key)
+    return state, state_sh, tx, sched
+
+
+def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None = None,
+                   extra_loss_fn=None, extra_fn=None, init_fn=None, name: str = "detector"):
+    """Trains the detector on `dataset`; returns (model, final state)."""
+    consts = consts or {}
+    t = cfg.train
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_divisible(t.batch_size, mesh)
+    dcfg = detector_config(cfg, dataset.num_classes)
+    model = det.FasterRCNN(dcfg)
+    state, state_sh, tx, sched = initial_state(model, cfg, mesh, consts, init_fn)
     step_fn = make_train_step(model, tx, mesh, state_sh, t.seed, extra_loss_fn, sched)
     consts_dev = jax.device_put(consts, sharding.replicated(mesh))
     pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn)
     log.info(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
-          f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps")
+             f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps")
     try:
         state, _ = train_loop.fit(
             state=state, step_fn=lambda s, b: step_fn(s, b, consts_dev),

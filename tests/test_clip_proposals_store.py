@@ -4,10 +4,13 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from ezsd_jax import cli
 from ezsd_jax.clip import proposals as P
+from ezsd_jax.clip import stages as clip_stages
 from ezsd_jax.clip.crops import crop_boxes
 from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import encode_image, text_embeddings
@@ -343,3 +346,18 @@ def test_run_proposals_resumes_without_recomputing(env, tmp_path):
     assert len(r["boxes"]) == len(r["score"]) == len(r["category"]) <= SMALL["keep"]
     assert r["gt_embeddings"].shape[0] == r["gt_boxes"].shape[0] == len(r["gt_classes"])
     assert not IS_BASE[r["category"]].any() and IS_BASE[r["gt_classes"]].all()
+
+
+@pytest.mark.parametrize("value,want", [("", (0, 1)), ("0/1", (0, 1)), ("1/3", (1, 3)),
+                                        (" 2/3 ", (2, 3))])
+def test_proposal_shard_parses_i_of_n(value, want):
+    cfg = ml_collections.ConfigDict({"clip": {"proposal_shard": value}})
+    assert clip_stages.proposal_shard(cfg) == want      # '' = this process of 1
+
+
+@pytest.mark.parametrize("value", ["3/3", "-1/2", "1/0", "1", "a/b", "1/2/3", "1/"])
+def test_proposal_shard_rejects_bad_values(value, capsys):
+    cfg = ml_collections.ConfigDict({"clip": {"proposal_shard": value}})
+    with pytest.raises(cli.UsageError) as e:
+        clip_stages.proposal_shard(cfg)
+    assert "config.clip.proposal_shard" in str(e.value) + capsys.readouterr().err

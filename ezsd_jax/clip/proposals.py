@@ -343,7 +343,7 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
     skipped = [c for c in mine if c in done]
     if skipped:
         log.info(f"[proposals] shard {shard_index}/{num_shards}: {len(skipped)} of {len(mine)} "
-              f"chunks already done, {len(todo)} to go")
+                 f"chunks already done, {len(todo)} to go")
     writer = MetricWriter(workdir, f"proposals_{shard_index}") if workdir else None
     progress = Progress(len(mine), start=len(skipped), per_step=1.0, unit="chunk",
                         name="proposals", every_s=10.0)
@@ -375,7 +375,7 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
              "seconds": dt, "crops_per_s": n_crops / dt if dt > 0 else 0.0}
     if todo:
         log.info(f"[proposals] shard {shard_index}/{num_shards}: {len(todo)} chunks, {n_img} "
-              f"images, {n_crops} crops in {dt:.1f}s = {stats['crops_per_s']:.1f} crops/s")
+                 f"images, {n_crops} crops in {dt:.1f}s = {stats['crops_per_s']:.1f} crops/s")
     return stats
 
 

@@ -141,7 +141,7 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     if _is_main():
         atomic_write_json(acc_path, acc)
     log.info(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
-         f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
+             f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
     return acc
 
 
@@ -219,7 +219,7 @@ def renorm(cfg, workdir: str) -> dict:
         steps = renorm_steps(cfg, n_boxes)
         bs = int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
         log.info(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
-             f"of {len(base)} base names; {steps} steps of {bs} images")
+                 f"of {len(base)} base names; {steps} steps of {bs} images")
         mesh = sharding.make_mesh(cfg.mesh)
         # run_renorm builds its state from `params` as given: replicate them on the mesh
         # (else the state sits on one device and the data-sharded batch on all of them)
@@ -240,22 +240,27 @@ def renorm(cfg, workdir: str) -> dict:
     if _is_main():
         atomic_write_json(acc_path, acc)
     log.info(f"[renorm] val crop accuracy over all {len(names)} names (base / novel): before "
-         f"{before['acc_base']:.3f} / {before['acc_novel']:.3f}, after "
-         f"{after['acc_base']:.3f} / {after['acc_novel']:.3f}")
+             f"{before['acc_base']:.3f} / {before['acc_novel']:.3f}, after "
+             f"{after['acc_base']:.3f} / {after['acc_novel']:.3f}")
     return acc
 
 
 # ----------------------------------------------------------------------------- proposals
 
-def _shard(cfg) -> tuple[int, int]:
-    s = cfg.clip.get("proposal_shard", "") or ""
+def proposal_shard(cfg) -> tuple[int, int]:
+    """config.clip.proposal_shard 'i/n' -> (i, n) with 0 <= i < n; '' -> (process index,
+    process count). Anything else is a UsageError naming the field."""
+    s = str(cfg.clip.get("proposal_shard", "") or "").strip()
     if not s:
         return jax.process_index(), jax.process_count()
+    i, sep, n = s.partition("/")
     try:
-        i, n = (int(v) for v in str(s).split("/"))
+        i, n = int(i), int(n)
     except ValueError:
-        raise ValueError(f"config.clip.proposal_shard must look like 'i/n', got {s!r}") \
-            from None
+        i = n = -1
+    if not sep or not 0 <= i < n:
+        raise cli.UsageError(f"config.clip.proposal_shard must be 'i/n' with 0 <= i < n "
+                             f"(or '' for one shard per process), got {s!r}")
     return i, n
 
 
@@ -274,11 +279,11 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
                 "names": names, "base_names": base, "settings": settings,
                 "train_ann": os.path.basename(cfg.data.train_ann)}
     store = ProposalStore(out_dir, manifest)
-    shard_index, num_shards = _shard(cfg)
+    shard_index, num_shards = proposal_shard(cfg)
     mine = [c for c in range(num_chunks) if c % num_shards == shard_index]
     if set(mine) <= set(store.finished_shards()):
         log.info(f"[proposals] {out_dir}: all {len(mine)} chunks of shard {shard_index}/"
-             f"{num_shards} exist, skipping")
+                 f"{num_shards} exist, skipping")
         return {"processed": [], "skipped": mine}
     model, params, _, _, mean, std = load_clip(clip_dir)
     enames, emb = load_text_embeddings(text_path)
@@ -291,8 +296,8 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
     class_is_base = np.ones(len(dataset.cat_names), bool)   # only base GT is loaded
     bs = int(cfg.clip.get("proposal_batch_size", 0) or cfg.eval.batch_size)
     log.info(f"[proposals] {n} training images in {num_chunks} chunks of {cs}; shard "
-         f"{shard_index}/{num_shards}; CLIP {clip_dir}; {len(names)} names "
-         f"({len(base)} base)")
+             f"{shard_index}/{num_shards}; CLIP {clip_dir}; {len(names)} names "
+             f"({len(base)} base)")
 
     def load_chunk(c):
         sub = dataclasses.replace(dataset, records=dataset.records[c * cs:(c + 1) * cs])

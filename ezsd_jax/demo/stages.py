@@ -154,7 +154,7 @@ def ablation(cfg, workdir: str) -> dict | None:
     a = cfg.get("ablation")
     if a is None or not a.enabled:
         log.info("[ablation] config.ablation.enabled is False: skipping (--config.ablation."
-             "enabled=True runs it)")
+                 "enabled=True runs it)")
         return None
     full = _main_run_summary(cfg, workdir, "ablation")
     acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}

@@ -132,7 +132,7 @@ def ezsd_train(cfg, workdir: str) -> dict:
                                 hcfg.embed_dim)
     n_bg = sum(1 for r in dataset.records if len(r.boxes) == 0)
     log.info(f"[ezsd_train] {len(base)} base / {len(novel)} novel names; {len(dataset.records)} "
-          f"training images ({n_bg} without base objects, kept as background)")
+             f"training images ({n_bg} without base objects, kept as background)")
     extra_fn, loss_fn = distill_fns(cfg, workdir, dataset, hcfg.embed_dim)
     model, state = train_detector(cfg, workdir, dataset, {"class_embeddings": emb},
                                   extra_loss_fn=loss_fn, extra_fn=extra_fn, name=CKPT_NAME)
@@ -176,12 +176,12 @@ def ezsd_eval(cfg, workdir: str) -> dict:
             done = json.load(f)
         if done.get("step") == latest:
             log.info(f"[ezsd_eval] {spath} is of checkpoint step {latest}: skipping "
-                  "(config.ezsd.eval.force=True re-runs)")
+                     "(config.ezsd.eval.force=True re-runs)")
             return done
     variables, step = evaluate.restore_variables(cfg, workdir, model, consts, name=CKPT_NAME)
     log.info(f"[ezsd_eval] checkpoint step {step}; {len(dataset.records)} images, "
-          f"{len(names)} names ({len(base)} base + {len(novel)} novel), protocol "
-          f"{ec.protocol}")
+             f"{len(names)} names ({len(base)} base + {len(novel)} novel), protocol "
+             f"{ec.protocol}")
     groups = splits.category_groups(val_ann, base, novel)
     if ec.protocol == "coco":
         metrics = evaluate.evaluate_detector(cfg, workdir, model, variables, dataset, consts,
