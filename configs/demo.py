@@ -22,7 +22,7 @@ The world block is `config.synth` so that ezsd_jax.main points config.data at
 <workdir>/synthetic (data/synthetic_stage.point_data_config) for every stage, also when
 one runs alone (--stages=ezsd_eval).
 
-Scaled down from the reference (method note) for CPU, each choice measured on this demo:
+Scaled down from the reference (docs/ezsd-method.md) for CPU, each choice measured on this demo:
   - 128x128 scenes, the tiny ResNet-FPN detector, 400 steps of batch 8 (novel AP50 falls
     with longer training: 600 steps gave 0.35-0.39 vs 0.41-0.50 at 400; unannotated novel
     objects are trained as background);

@@ -23,7 +23,7 @@ def _main(wd, *args):
            f"--workdir={wd}", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+    return p.stdout + p.stderr        # stage headers on stdout, stage notices logged to stderr
 
 
 def _flat(params):

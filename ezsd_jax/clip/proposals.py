@@ -1,5 +1,5 @@
 """CLIP distillation proposals: regions that may hold novel objects, with their CLIP
-embeddings (method note section 2).
+embeddings (docs/ezsd-method.md section 2).
 
 Place in the pipeline: second stage, after re-normalization. Input: training images (no
 flip) with their BASE GT boxes, the adapted CLIP and the text embeddings of ALL names.

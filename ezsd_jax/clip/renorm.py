@@ -1,6 +1,6 @@
 """CLIP re-normalization: tune only CLIP's LayerNorms on base-class GT crops.
 
-Place in the pipeline (method note section 1): first stage. Input: detection training
+Place in the pipeline (docs/ezsd-method.md section 1): first stage. Input: detection training
 batches (the data pipeline's format) with BASE annotations; output: the adapted CLIP
 (a `save_pretrained` directory that `loading.load_clip` reads like the original) and the
 adapted text embeddings of ALL names (base + novel), used by the proposal stage and the

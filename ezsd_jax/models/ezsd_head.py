@@ -1,5 +1,5 @@
 """The EZSD RoI head: region embeddings in CLIP's joint space, classified by cosine
-similarity with frozen text embeddings, plus semantic box regression (method note sec. 3).
+similarity with frozen text embeddings, plus semantic box regression (docs/ezsd-method.md section 3).
 
 Place in the pipeline: RoIAlign -> EZSDRoIHead (plugged in by detector.make_roi_head when
 model.roi_head == 'ezsd'). The class names live only in `class_embeddings` [K, D], given
