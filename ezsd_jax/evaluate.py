@@ -108,15 +108,27 @@ def write_eval_outputs(workdir: str, name: str, results: list[dict], metrics: di
     print(f"[{name}] " + json.dumps(metrics), flush=True)  # the eval result line
 
 
+# jitted inference per (detector config, mesh, variable shardings): evaluating another
+# checkpoint or other class embeddings of the same detector reuses the compiled program
+_INFER_FNS: dict = {}
+_INFER_FNS_MAX = 8
+
+
 def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None):
     consts = consts or {}
     rep = sharding.replicated(mesh)
+    leaves, treedef = jax.tree_util.tree_flatten(variables_sh)
+    key = (type(model), model.cfg, mesh, treedef, tuple(leaves))
+    jitted = _INFER_FNS.get(key)
+    if jitted is None:
+        def infer(variables, batch, c):
+            return det.forward_infer(model, variables, batch, c.get("class_embeddings"))
 
-    def infer(variables, batch, c):
-        return det.forward_infer(model, variables, batch, c.get("class_embeddings"))
-
-    jitted = jax.jit(infer, in_shardings=(variables_sh, sharding.data_sharding(mesh), rep),
-                     out_shardings=rep)
+        jitted = jax.jit(infer, in_shardings=(variables_sh, sharding.data_sharding(mesh), rep),
+                         out_shardings=rep)
+        if len(_INFER_FNS) >= _INFER_FNS_MAX:
+            _INFER_FNS.pop(next(iter(_INFER_FNS)))
+        _INFER_FNS[key] = jitted
     consts_dev = jax.device_put(consts, rep)
     return lambda variables, batch: jitted(variables, batch, consts_dev)
 
