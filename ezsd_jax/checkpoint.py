@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any
 
 import jax
@@ -22,6 +23,19 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(RuntimeError):
     pass
+
+
+_open: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """Waits for and closes every Checkpointer still open (the error path of the entry
+    points, so that no orbax thread outlives a clean one-line error)."""
+    for ck in list(_open):
+        try:
+            ck.close()
+        except Exception as e:  # noqa: BLE001 -- already on an error path: report, go on
+            logging.warning("closing checkpoint manager %s failed: %s", ck.directory, e)
 
 
 def _abstract(tree: Any) -> Any:
@@ -48,6 +62,8 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
             cleanup_tmp_directories=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._closed = False
+        _open.add(self)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -87,6 +103,11 @@ class Checkpointer:
         self._mngr.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending saves and closes the manager (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        _open.discard(self)
         self._mngr.wait_until_finished()
         self._mngr.close()
 

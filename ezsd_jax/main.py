@@ -43,6 +43,16 @@ def resolve_stage(name: str):
     return getattr(importlib.import_module(module), fn)
 
 
+def _lock_key(cfg, process_index: int) -> str:
+    """Runs that share a workdir by design lock apart: the processes of one multi-host job
+    and the `clip.proposal_shard=i/n` jobs; any other second run is refused."""
+    parts = [f"process{process_index}"] if process_index else []
+    shard = cfg.clip.get("proposal_shard", "") if "clip" in cfg else ""
+    if shard:
+        parts.append("proposal_shard" + str(shard).replace("/", "of"))
+    return ".".join(parts)
+
+
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -51,13 +61,14 @@ def main(argv):
     if not stages:
         raise cli.UsageError("no stages: set config.stages or pass --stages")
     fns = [(s, resolve_stage(s)) for s in stages]  # validate all names before any work
-    workdir = cli.prepare_workdir(flags.FLAGS.workdir)
+    workdir = cli.prepare_workdir(flags.FLAGS.workdir, lock=False)
     from ezsd_jax import sharding
     d = cfg.distributed
     sharding.maybe_initialize_distributed(
         d.enabled or None, coordinator_address=d.coordinator_address,
         num_processes=d.num_processes, process_id=d.process_id)
     import jax
+    cli.lock_workdir(workdir, _lock_key(cfg, jax.process_index()))
     if "synth" in cfg:  # data generated into the workdir: later stages read it from there
         from ezsd_jax.data.synthetic_stage import point_data_config
         point_data_config(cfg, workdir)

@@ -5,7 +5,9 @@
   for step ...:
       if progress.tick(step):                      # True every `every_s` seconds
           writer.write(step, {**metrics, **progress.rates()})
-Only process 0 writes files; every process may log.
+Only process 0 writes files; every process may log. A run resumed from the checkpoint of
+step k passes `resume_step=k`: rows (and TensorBoard events) past k, written by the killed
+run after its last checkpoint, are dropped, so the CSV reads like an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ class MetricWriter:
     """Appends scalar rows to `<workdir>/metrics/<name>.csv` (new columns extend the header)
     and, when tensorboardX or tensorflow is importable, to TensorBoard event files."""
 
-    def __init__(self, workdir: str, name: str, tensorboard: bool = True):
+    def __init__(self, workdir: str, name: str, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics", f"{name}.csv")
         self._tb = None
@@ -32,12 +35,21 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(int(resume_step))
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter  # optional dependency
-                self._tb = SummaryWriter(os.path.join(workdir, "tb", name))
+                purge = None if resume_step is None else int(resume_step) + 1
+                self._tb = SummaryWriter(os.path.join(workdir, "tb", name), purge_step=purge)
             except ImportError:
                 self._tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        header, rows = _read_csv(self.path)
+        kept = [r for r in rows if _row_step(r) <= step]
+        if len(kept) != len(rows):
+            _write_csv(self.path, header, kept)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -65,6 +77,13 @@ class MetricWriter:
 
     def read(self) -> list[dict]:
         return _read_csv(self.path)[1]
+
+
+def _row_step(row: dict) -> float:
+    try:
+        return float(row.get("step", ""))
+    except ValueError:
+        return math.inf  # a half-written last row of a killed run: dropped
 
 
 def _scalar(v) -> float:

@@ -35,7 +35,8 @@ def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
         raise FileNotFoundError(f"config.data.{split}_ann: annotation file {ann!r} not found")
     names = category_names if category_names is not None else (
         list(dcfg.category_names) if dcfg.get("category_names") else None)
-    return load_coco(ann, images, category_names=names, on_error=dcfg.on_error)
+    return load_coco(ann, images, category_names=names, on_error=dcfg.on_error,
+                     num_threads=dcfg.num_threads)
 
 
 def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
@@ -48,7 +49,8 @@ def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
         dataset, batch_size=batch_size // pc, image_size=tuple(cfg.model.image_size),
         max_boxes=d.max_boxes, train=train, short_side=d.short_side, max_side=d.max_side,
         flip_prob=d.flip_prob if train else 0.0, seed=cfg.train.seed,
-        num_threads=d.num_threads, prefetch=d.prefetch, extra_fn=extra_fn)
+        num_threads=d.num_threads, prefetch=d.prefetch, extra_fn=extra_fn,
+        on_error=d.on_error)
 
 
 def detector_config(cfg, num_classes: int) -> det.DetectorConfig:

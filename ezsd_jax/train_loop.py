@@ -40,14 +40,31 @@ def fit(*, state: Any, step_fn: Callable, batches: Callable[[int], Iterator[Any]
     being written.
     """
     ckpt = Checkpointer(os.path.join(workdir, f"ckpt_{name}"), save_every=ckpt_every, keep=keep)
+    try:  # closed on every path: no orbax thread outlives an error raised here
+        return _fit(ckpt, state=state, step_fn=step_fn, batches=batches,
+                    num_steps=num_steps, workdir=workdir, name=name, mesh=mesh,
+                    ckpt_every=ckpt_every, log_every=log_every,
+                    items_per_step=items_per_step, unit=unit,
+                    debug_kill_at_step=debug_kill_at_step,
+                    debug_kill_during_save=debug_kill_during_save, on_log=on_log)
+    finally:
+        ckpt.close()
+
+
+def _fit(ckpt: Checkpointer, *, state, step_fn, batches, num_steps, workdir, name, mesh,
+         ckpt_every, log_every, items_per_step, unit, debug_kill_at_step,
+         debug_kill_during_save, on_log):
+    if ckpt_every < 1 or log_every < 1:
+        raise ValueError(f"{name}: need ckpt_every, log_every >= 1; got {ckpt_every}, "
+                         f"{log_every}")
     state, start = ckpt.restore_or(state)
     if start:
         logging.info("%s: resumed at step %d", name, start)
         print(f"[{name}] resumed from checkpoint at step {start}", flush=True)
     if start >= num_steps:
-        ckpt.close()
         return state, []
-    writer = MetricWriter(workdir, name)
+    # rows the killed run logged after its last checkpoint are re-run: drop them
+    writer = MetricWriter(workdir, name, resume_step=start)
     progress = Progress(num_steps, start=start, per_step=items_per_step, unit=unit, name=name,
                         every_s=0.0 if log_every <= 1 else 30.0)
     rows = []
@@ -76,5 +93,4 @@ def fit(*, state: Any, step_fn: Callable, batches: Callable[[int], Iterator[Any]
         if step == debug_kill_at_step:
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
-    ckpt.close()
     return state, rows

@@ -12,7 +12,6 @@ curves.png, savings.csv/.json. Rerunning the same command resumes a killed exper
 from __future__ import annotations
 
 import importlib
-import sys
 
 from absl import flags
 
@@ -39,18 +38,14 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = cli.get_config()
     workdir = cli.prepare_workdir(FLAGS.workdir)
-    from ezsd_jax.checkpoint import CheckpointError
-    from isal_jax.loop import LoopError, run_experiment
-    from isal_jax.select import SelectError
+    from isal_jax.loop import run_experiment
     cli.save_config(cfg, workdir)
-    try:
-        task = build_task(cfg, workdir)
-        path = run_experiment(task, cfg.al, workdir)
-    except (LoopError, SelectError, CheckpointError, FileNotFoundError) as e:
-        print(f"isal_jax.main: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    task = build_task(cfg, workdir)
+    path = run_experiment(task, cfg.al, workdir)  # errors: one line via cli.run
     print(path, flush=True)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    from isal_jax.loop import LoopError
+    from isal_jax.select import SelectError
+    cli.run(main, extra_user_errors=(LoopError, SelectError))

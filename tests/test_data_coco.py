@@ -122,7 +122,28 @@ BAD_CASES = {
     "image_missing_height": (lambda d, p: (d["images"][2].pop("height"),
                                            f"image id={d['images'][2]['id']}")[1],
                              "image_missing_keys"),
+    # image files the header check catches before any training
+    "zero_byte_file": (lambda d, p: _damage(d, p, lambda b: b""), "unreadable_image"),
+    "not_an_image": (lambda d, p: _damage(d, p, lambda b: b"<html>not found</html>"),
+                     "unreadable_image"),
+    "truncated_file": (lambda d, p: _damage(d, p, lambda b: b[: len(b) // 2]),
+                       "unreadable_image"),
+    "size_mismatch": (lambda d, p: (d["images"][2].update(height=d["images"][2]["height"] + 1),
+                                    f"image id={d['images'][2]['id']}")[1],
+                      "image_size_mismatch"),
 }
+# cases that drop the image itself (not via one of its annotations)
+IMAGE_CASES = {"missing_file", "image_missing_height", "zero_byte_file", "not_an_image",
+               "truncated_file", "size_mismatch"}
+
+
+def _damage(d, p, fn):
+    path = os.path.join(p, d["images"][2]["file_name"])
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(fn(data))
+    return f"image id={d['images'][2]['id']}"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
@@ -138,13 +159,34 @@ def test_bad_input_raises_or_is_counted(ds_files, case):
     assert ann in msg and record in msg, msg
     ds = load_coco(ann, img_dir, on_error="skip")
     assert ds.skipped[reason] == 1
-    assert ds.skipped.get("images_dropped") == 1 or case in ("missing_file",
-                                                         "image_missing_height")
+    assert ds.skipped.get("images_dropped") == (None if case in IMAGE_CASES else 1)
     assert len(ds.records) == n_images - 1
     # the dropped image is the one the bad record belongs to
-    bad_img = (_ann_of(data)["image_id"] if "image" not in case and case != "missing_file"
-               else data["images"][2]["id"])
+    bad_img = data["images"][2]["id"] if case in IMAGE_CASES else _ann_of(data)["image_id"]
     assert bad_img not in {r.image_id for r in ds.records}
+
+
+@pytest.mark.parametrize("what", ["images", "annotations", "categories"])
+def test_duplicate_ids_never_pass(ds_files, what):
+    """A duplicate id changes what evaluation reads: an error even with on_error='skip'."""
+    ann, img_dir, data = ds_files
+    data[what][3]["id"] = data[what][1]["id"]
+    _write(ann, data)
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError, match=f"duplicate {what[:-1].replace('ie', 'y')} id "
+                                            f"{data[what][1]['id']}"):
+            load_coco(ann, img_dir, on_error=on_error)
+
+
+def test_annotation_of_unknown_image(ds_files):
+    ann, img_dir, data = ds_files
+    a = _ann_of(data)
+    a["image_id"] = 424242
+    _write(ann, data)
+    with pytest.raises(DataError, match=f"annotation id={a['id']} .*not in 'images'"):
+        load_coco(ann, img_dir)
+    ds = load_coco(ann, img_dir, on_error="skip")
+    assert ds.skipped["unknown_image"] == 1 and len(ds.records) == len(data["images"])
 
 
 def test_missing_file_not_checked(ds_files):

@@ -267,3 +267,64 @@ def test_corrupt_image_error_names_file(tmp_path):
     p.close()
     with pytest.raises(RuntimeError, match="closed"):
         iter(p.iter_epoch(0))
+
+
+def test_exif_rotated_jpeg_box_on_the_upright_pixels(tmp_path):
+    """A non-square phone JPEG stored sideways with EXIF orientation 6: the annotation (in
+    the upright frame, as COCO tools assume) passes the load-time size check, and through
+    the real pipeline its box covers the object's pixels."""
+    import json
+    H, W = 48, 80
+    x1, y1, x2, y2 = 50, 8, 74, 30
+    upright = np.full((H, W, 3), 20, np.uint8)
+    upright[y1:y2, x1:x2] = (230, 30, 30)
+    im = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))  # stored 80x48 (HxW)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    (tmp_path / "img").mkdir()
+    im.save(tmp_path / "img" / "phone.jpg", quality=95, exif=exif)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "phone.jpg", "height": H, "width": W}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [x1, y1, x2 - x1, y2 - y1], "area": 528}],
+        "categories": [{"id": 1, "name": "thing"}]}))
+    ds = load_coco(str(ann), str(tmp_path / "img"))
+    with _pipe(ds, batch_size=1, image_size=(48, 80), short_side=48, max_side=80) as p:
+        batch = next(iter(p))
+    assert batch["valid"][0] and float(batch["scale"][0]) == 1.0
+    bx1, by1, bx2, by2 = np.rint(batch["boxes"][0, 0]).astype(int)
+    assert (bx1, by1, bx2, by2) == (x1, y1, x2, y2)
+    img = batch["image"][0].astype(int)
+    inside = img[by1 + 2:by2 - 2, bx1 + 2:bx2 - 2]
+    assert (inside[..., 0] > 180).all() and (inside[..., 1] < 80).all()
+    outside = img.copy()
+    outside[by1 - 2:by2 + 2, bx1 - 2:bx2 + 2] = 0
+    assert (outside[..., 0] < 80).all()
+
+
+def test_image_damaged_after_loading_raises_or_becomes_padding(tmp_path):
+    """Damage the header check cannot see (or a file changed after loading): on_error='raise'
+    names the file; 'skip' turns the entry into padding, the same on every read."""
+    ds = _dataset(tmp_path, n=5)
+    bad = ds.records[1]
+    Image.fromarray(np.zeros((bad.height + 3, bad.width, 3), np.uint8)).save(bad.path)
+    with _pipe(ds, batch_size=2) as p, pytest.raises(DataError, match="annotation says"):
+        list(p)
+    with open(ds.records[3].path, "wb") as f:
+        f.write(b"\x89PNG not really an image" * 10)
+    with _pipe(ds, batch_size=2, on_error="skip") as p:
+        batches = list(p)
+        assert p.num_unreadable == 2
+    ids = np.concatenate([b["image_id"] for b in batches])
+    valid = np.concatenate([b["valid"] for b in batches])
+    assert ids.tolist() == [ds.records[0].image_id, -1, ds.records[2].image_id, -1,
+                            ds.records[4].image_id, -1]
+    assert valid.tolist() == [True, False, True, False, True, False]
+    assert not batches[0]["image"][1].any() and not batches[0]["box_mask"][1].any()
+    with _pipe(ds, batch_size=2, on_error="skip", train=True) as p:
+        a = [next(it) for it in [p.train_iterator(start_step=0)] for _ in range(4)][2:]
+        b = [next(it) for it in [p.train_iterator(start_step=2)] for _ in range(2)]
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ezsd_jax import cli, sharding
+from ezsd_jax import cli, config_check, sharding
 from ezsd_jax.clip import pretrain
 from ezsd_jax.clip.proposals import run_proposals
 from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes, run_renorm
@@ -99,7 +99,8 @@ def _local_pipeline(dataset, cfg, batch_size: int, train: bool = False):
                              image_size=tuple(cfg.model.image_size), max_boxes=d.max_boxes,
                              train=train, short_side=d.short_side, max_side=d.max_side,
                              flip_prob=0.0, seed=cfg.train.seed, num_threads=d.num_threads,
-                             prefetch=d.prefetch, process_index=0, process_count=1)
+                             prefetch=d.prefetch, process_index=0, process_count=1,
+                             on_error=d.on_error)
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -248,20 +249,10 @@ def renorm(cfg, workdir: str) -> dict:
 # ----------------------------------------------------------------------------- proposals
 
 def proposal_shard(cfg) -> tuple[int, int]:
-    """config.clip.proposal_shard 'i/n' -> (i, n) with 0 <= i < n; '' -> (process index,
-    process count). Anything else is a UsageError naming the field."""
-    s = str(cfg.clip.get("proposal_shard", "") or "").strip()
-    if not s:
-        return jax.process_index(), jax.process_count()
-    i, sep, n = s.partition("/")
-    try:
-        i, n = int(i), int(n)
-    except ValueError:
-        i = n = -1
-    if not sep or not 0 <= i < n:
-        raise cli.UsageError(f"config.clip.proposal_shard must be 'i/n' with 0 <= i < n "
-                             f"(or '' for one shard per process), got {s!r}")
-    return i, n
+    """(shard index, shard count) of this job: config.clip.proposal_shard 'i/n', or this
+    process of all processes when it is ''."""
+    parsed = config_check.parse_shard(cfg.clip.get("proposal_shard", ""))
+    return parsed or (jax.process_index(), jax.process_count())
 
 
 def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir: str

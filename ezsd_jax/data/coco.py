@@ -25,6 +25,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ezsd_jax.config_check import ON_ERROR
+from ezsd_jax.data.errors import DataError
+from ezsd_jax.data.images import check_image
 from ezsd_jax.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,6 @@ log = logging.getLogger(__name__)
 _IMAGE_KEYS = ("id", "height", "width")
 _ANN_KEYS = ("id", "image_id", "category_id", "bbox")
 _MAX_ID = 2 ** 31 - 1  # image ids travel as int32 in batches (-1 = padding)
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file and the record."""
 
 
 @dataclass
@@ -164,7 +163,7 @@ def _image_path(img: dict, image_dir: str) -> str | None:
 
 def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | None = None,
               on_error: str = "raise", keep_empty: bool = True,
-              check_files: bool = True) -> CocoDataset:
+              check_files: bool = True, num_threads: int = 8) -> CocoDataset:
     """Loads and validates a COCO-format annotation file.
 
     category_names: keep only these categories, in this order (index = class id); None ->
@@ -174,14 +173,18 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
       dropped, and an image with a bad annotation is dropped whole (a silently missing
       box would turn an object into background); each counted in `skipped` by reason.
     keep_empty: images with no kept box stay (as background-only images).
-    check_files: a missing image file is bad input.
+    check_files: every image file is checked (in `num_threads` threads) before any
+      training: a missing, empty, truncated (JPEG/PNG end marker) or unreadable file, or
+      one whose upright size (EXIF orientation applied) differs from the annotation's
+      height/width, is bad input (reasons 'missing_file', 'unreadable_image',
+      'image_size_mismatch'). Only headers and the last bytes are read, not the pixels.
 
     Boxes partially outside their image are clipped (counted in `clipped`); boxes
     entirely outside, zero-area or negative boxes are bad input. iscrowd=1 annotations
     are ignored (counted as 'crowd').
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     data = read_json(ann_file)
     id_to_name, _ = _parse_categories(data, ann_file)
     cat_ids, cat_names = _select_categories(id_to_name, category_names, ann_file)
@@ -226,14 +229,11 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
             bad("bad_image", f"image id={iid} has invalid size height={h!r} width={w!r}")
             bad_images.add(iid)
             continue
-        if check_files and not os.path.isfile(path):
-            bad("missing_file", f"image id={iid}: image file not found: {path}")
-            bad_images.add(iid)
-            continue
         imgs[iid] = {"path": path, "h": int(h), "w": int(w)}
         order.append(iid)
 
     # Annotations.
+    ann_ids: set = set()
     boxes: dict[int, list] = defaultdict(list)
     classes: dict[int, list] = defaultdict(list)
     clipped = 0
@@ -251,6 +251,13 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
             continue
         iid, cid = a["image_id"], a["category_id"]
         where = f"annotation id={aid} (image id={iid})"
+        if not isinstance(aid, (int, str)) or isinstance(aid, bool):
+            raise DataError(f"{ann_file}: annotations[{j}] has id {aid!r}: must be an "
+                            "integer or a string")
+        if aid in ann_ids:
+            # Evaluation indexes annotations by id: a duplicate is never skippable.
+            raise DataError(f"{ann_file}: duplicate annotation id {aid} (annotations[{j}])")
+        ann_ids.add(aid)
         if not _is_int(iid) or (int(iid) not in imgs and int(iid) not in bad_images):
             bad("unknown_image", f"{where}: image id not in 'images'")
             continue
@@ -290,6 +297,12 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
         boxes[iid].append((x1, y1, x2, y2))
         classes[iid].append(cat_to_class[int(cid)])
 
+    if check_files:  # after the cheap checks: only files of images still kept
+        kept = [iid for iid in order if iid not in bad_images]
+        for iid, reason, msg in _check_image_files(imgs, kept, num_threads):
+            bad(reason, msg)
+            order.remove(iid)
+
     records: list[ImageRecord] = []
     for iid in order:
         if iid in bad_images:
@@ -311,6 +324,32 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
         log.warning("%s: skipped bad input %s", ann_file, errors)
     return CocoDataset(records=records, cat_ids=cat_ids, cat_names=cat_names,
                        ann_file=ann_file, skipped=dict(skipped), clipped=clipped)
+
+
+def _check_image_files(imgs: dict[int, dict], order: list[int], num_threads: int):
+    """(image id, reason, message) for every bad image file, in `order` (deterministic
+    whatever the thread timing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(iid: int):
+        im = imgs[iid]
+        if not os.path.isfile(im["path"]):
+            return iid, "missing_file", f"image id={iid}: image file not found: {im['path']}"
+        try:
+            h, w = check_image(im["path"])
+        except DataError as e:
+            return iid, "unreadable_image", f"image id={iid}: {e}"
+        if (h, w) != (im["h"], im["w"]):
+            hint = (" (the stored pixels are that size before the EXIF rotation; "
+                    "annotations must be in the upright frame)"
+                    if (w, h) == (im["h"], im["w"]) else "")
+            return iid, "image_size_mismatch", (
+                f"image id={iid}: {im['path']} is {h}x{w} (HxW, upright) but the "
+                f"annotation says height={im['h']} width={im['w']}{hint}")
+        return None
+
+    with ThreadPoolExecutor(max(1, int(num_threads)), thread_name_prefix="ezsd-check") as ex:
+        return [r for r in ex.map(one, order) if r is not None]
 
 
 def write_split(src_ann_file: str, dst_ann_file: str, category_names: Sequence[str],

@@ -14,7 +14,9 @@ an image looks the same to each of them:
     not an image, too large for PIL's decompression-bomb guard).
 
 `image_size(path)` reads only the header (PIL's lazy open) and returns the upright
-(height, width): the cheap check of a file against its annotation before training.
+(height, width). `check_image(path)` adds the end marker of JPEG and PNG files (a file cut
+short has none): the cheap check of every file against its annotation before training
+(coco.load_coco runs it in parallel threads).
 """
 from __future__ import annotations
 
@@ -25,12 +27,15 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from ezsd_jax.data.coco import DataError
+from ezsd_jax.data.errors import DataError
 
 Source = Union[str, os.PathLike, bytes]
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 or 270 degrees
+# Format -> the marker its last bytes must contain (some writers append data after it).
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL_BYTES = 4096
 
 
 def _name(src: Source) -> str:
@@ -96,10 +101,23 @@ def decode_image(src: Source) -> np.ndarray:
 
 def image_size(src: Source) -> tuple[int, int]:
     """The upright (height, width) from the header alone; DataError if unreadable."""
+    return _header(src, check_end=False)
+
+
+def check_image(src: Source) -> tuple[int, int]:
+    """Header + end marker: the upright (height, width), or DataError for a file that is
+    missing, empty, not an image or (JPEG, PNG) truncated. Does not decode the pixels."""
+    return _header(src, check_end=True)
+
+
+def _header(src: Source, check_end: bool) -> tuple[int, int]:
     name = _name(src)
     try:
         with _open(src) as im:
             w, h = im.size
+            marker = _END_MARKERS.get(im.format or "") if check_end else None
+            if marker is not None and marker not in _tail(src):
+                raise DataError(f"{name}: truncated {im.format} file (no end marker)")
             try:
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             except Exception:  # a broken EXIF block: the decoder ignores it as well
@@ -113,3 +131,11 @@ def image_size(src: Source) -> tuple[int, int]:
     except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
         raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
     return (w, h) if orientation in _SWAPS_AXES else (h, w)
+
+
+def _tail(src: Source) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src[-_TAIL_BYTES:])
+    with open(src, "rb") as f:
+        f.seek(max(0, os.fstat(f.fileno()).st_size - _TAIL_BYTES))
+        return f.read()

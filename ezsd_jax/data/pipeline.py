@@ -13,6 +13,11 @@ Each process reads its own disjoint part of the dataset and yields per-process b
     the same number of batches.
 Decoding (PIL) and resizing run in a thread pool; up to `prefetch` batches beyond the
 one being consumed are in flight, so the accelerator does not wait on the host.
+Every decoded image is checked against its record's (height, width). A file that fails to
+decode or has another size (coco.load_coco checks headers before training; this catches
+damage inside the pixel data) raises DataError naming it, or with on_error='skip' becomes
+a padding entry (valid=False, counted in `num_unreadable`): a property of the file, so a
+resumed run skips exactly what an uninterrupted one skips.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
+from ezsd_jax.config_check import ON_ERROR
 from ezsd_jax.data.images import decode_image
 from ezsd_jax.data.transforms import example_info, prepare_example
 from ezsd_jax.sharding import process_slice
@@ -70,7 +76,8 @@ class DetectionPipeline:
                  max_boxes: int, train: bool, short_side: int, max_side: int,
                  flip_prob: float = 0.5, seed: int = 0, num_threads: int = 4,
                  prefetch: int = 2, process_index: int | None = None,
-                 process_count: int | None = None, extra_fn: ExtraFn | None = None):
+                 process_count: int | None = None, extra_fn: ExtraFn | None = None,
+                 on_error: str = "raise"):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -83,6 +90,8 @@ class DetectionPipeline:
                              f"{prefetch}")
         if len(image_size) != 2 or min(image_size) < 1:
             raise ValueError(f"image_size must be (H, W) > 0, got {image_size}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
         self.dataset = dataset
@@ -97,6 +106,8 @@ class DetectionPipeline:
         self.num_threads, self.prefetch = int(num_threads), int(prefetch)
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.extra_fn = extra_fn
+        self.on_error = on_error
+        self._unreadable = 0
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._truncated = 0
@@ -127,6 +138,11 @@ class DetectionPipeline:
     @property
     def num_truncated(self) -> int:
         return self._truncated
+
+    @property
+    def num_unreadable(self) -> int:
+        """Entries turned into padding because their file failed (on_error='skip')."""
+        return self._unreadable
 
     # ---- iteration ---------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
@@ -267,7 +283,17 @@ class DetectionPipeline:
     def _fill_record(self, arrays: dict, slot: int, rec: ImageRecord, key: int) -> None:
         rng = np.random.default_rng((self.seed, key)) if self.train else None
         flip = bool(rng.random() < self.flip_prob) if self.train else False
-        image = decode_image(rec.path)
+        try:
+            image = decode_image(rec.path)
+            if image.shape[:2] != (rec.height, rec.width):
+                raise DataError(f"{rec.path} (image id={rec.image_id}) decodes to "
+                                f"{image.shape[0]}x{image.shape[1]} (HxW, upright) but the "
+                                f"annotation says height={rec.height} width={rec.width}")
+        except DataError as e:
+            if self.on_error == "raise":
+                raise
+            self._note_unreadable(e)
+            return  # the slot stays padding (valid=False)
         ex = prepare_example(rec, image, self.image_size, self.short_side, self.max_side,
                              flip, out=arrays["image"][slot])
         boxes, classes, info = ex["boxes"], ex["classes"], ex["info"]
@@ -295,6 +321,11 @@ class DetectionPipeline:
             for k in self._extra_spec:
                 arrays[k][slot] = extra[k]
         arrays["valid"][slot] = True
+
+    def _note_unreadable(self, err: DataError) -> None:
+        with self._lock:
+            self._unreadable += 1
+        log.warning("skipped (on_error='skip'): %s", err)
 
     def _note_truncated(self, rec: ImageRecord, n: int) -> None:
         with self._lock:

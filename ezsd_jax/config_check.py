@@ -1,0 +1,132 @@
+"""The one config validator: the whole resolved config, checked before any work is done.
+
+Every entry point (ezsd_jax.main, isal_jax.main, isal_jax.select) gets its config through
+`cli.get_config()`, which runs `validate(cfg)`; a bad value is one line naming the field
+(exit status 2) instead of a no-op run or a crash after hours of work. Rules go by a
+field's LEAF name wherever it sits (`batch_size` covers train.batch_size, eval.batch_size,
+clip.pretrain.batch_size, ...), enums by full path; a rule applies only when the config
+has that field, so one table serves every config in configs/. The modules that consume a
+field still check their own arguments (they are also called from Python). This module
+imports nothing of the project's, so a rejected value costs no jax import.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+# data.on_error: 'raise' -> DataError at the first bad record or file; 'skip' -> dropped
+# and counted (coco.CocoDataset.skipped, pipeline.DetectionPipeline.num_unreadable).
+ON_ERROR = ("raise", "skip")
+
+# Leaf names that are counts, sizes or schedule periods: integers >= 1.
+POSITIVE_INT = frozenset({
+    "steps", "train_steps", "batch_size", "eval_batch_size", "renorm_batch_size",
+    "proposal_batch_size", "ref_batch_size", "hvp_batch_size", "pool_batch_size",
+    "log_every", "ckpt_every", "keep", "keep_checkpoints", "max_boxes", "num_threads",
+    "short_side", "max_side", "crops_per_step", "chunk", "proposal_images_per_chunk",
+    "shard_size", "depth", "repeats", "hvp_num_batches", "residual_batches", "budget",
+    "initial", "cycles", "num_labeled",
+})
+# Leaf names that may be 0 (0 = off / derived from another field): integers >= 0.
+NON_NEGATIVE_INT = frozenset({"prefetch", "warmup_steps", "min_steps", "renorm_steps",
+                              "accuracy_images"})
+NON_NEGATIVE_NUM = frozenset({"epochs", "renorm_epochs"})
+PROBABILITY = frozenset({"flip_prob"})
+# "<leaf> = 0 means: use <sibling>": the leaf may be 0 only when the sibling is > 0.
+ZERO_MEANS = {"steps": "epochs", "renorm_steps": "renorm_epochs"}
+
+# Full path -> allowed values (the consumer named in the comment reads the field).
+ENUMS: dict[str, tuple] = {
+    "data.on_error": ON_ERROR,                                  # data.coco, data.pipeline
+    "model.dtype": ("float32", "bfloat16", "float16"),          # models.detector, isal models
+    "task": ("classification", "detection"),                    # isal_jax.main
+    "ezsd.split": ("coco48_17", "lvis", "names"),               # ezsd.splits
+    "ezsd.eval.protocol": ("coco", "lvis"),                     # ezsd.stages
+    "ezsd.distill.on_missing": ("raise", "empty"),              # ezsd.distill
+    "clip.proposals.selection": ("top", "random"),              # clip.proposals
+    "reference.source": ("labeled", "ids_file"),                # isal_jax.select, detection_al
+    "influence.pseudo_label": ("argmax", "expected"),           # isal_jax.tasks.classification
+}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def parse_shard(value: Any) -> tuple[int, int] | None:
+    """config.clip.proposal_shard: 'i/n' with 0 <= i < n -> (i, n); '' -> None (one shard
+    per process); anything else -> ConfigError naming the field."""
+    s = str(value or "").strip()
+    if not s:
+        return None
+    i, _, n = s.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise ConfigError(f"config.clip.proposal_shard={value!r}: must be 'i/n' with "
+                          "0 <= i < n, or '' (one shard per process)")
+    return int(i), int(n)
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    for key in node.keys():
+        value = node[key]
+        path = f"{prefix}{key}"
+        if hasattr(value, "keys"):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value, node
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _get(cfg: Any, path: str) -> tuple[bool, Any]:
+    node = cfg
+    for part in path.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def validate(cfg: Any) -> None:
+    """Raises ConfigError naming the first bad field of `cfg` (an ml_collections
+    ConfigDict or any nested mapping)."""
+    for path, value, parent in _leaves(cfg):
+        leaf = path.rsplit(".", 1)[-1]
+        where = f"config.{path}={value!r}"
+        if leaf in POSITIVE_INT:
+            other = ZERO_MEANS.get(leaf)
+            if other and other in parent and _is_int(value) and value == 0:
+                if not (_is_num(parent[other]) and parent[other] > 0):
+                    raise ConfigError(f"{where}: set it > 0, or {path[:-len(leaf)]}{other} "
+                                      f"> 0 (got {parent[other]!r}); nothing would run")
+                continue
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{where}: must be an integer >= 1")
+        elif leaf in NON_NEGATIVE_INT:
+            if not _is_int(value) or value < 0:
+                raise ConfigError(f"{where}: must be an integer >= 0")
+            other = ZERO_MEANS.get(leaf)
+            if other and value == 0 and other in parent and not (
+                    _is_num(parent[other]) and parent[other] > 0):
+                raise ConfigError(f"{where}: set it > 0, or {path[:-len(leaf)]}{other} > 0 "
+                                  f"(got {parent[other]!r}); nothing would run")
+        elif leaf in NON_NEGATIVE_NUM:
+            if not _is_num(value) or value < 0:
+                raise ConfigError(f"{where}: must be a finite number >= 0")
+        elif leaf in PROBABILITY:
+            if not _is_num(value) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{where}: must be a probability in [0, 1]")
+    present, shard = _get(cfg, "clip.proposal_shard")
+    if present and shard:
+        parse_shard(shard)
+    for path, allowed in ENUMS.items():
+        present, value = _get(cfg, path)
+        if present and value not in allowed:
+            raise ConfigError(f"config.{path}={value!r}: must be one of "
+                              f"{', '.join(repr(a) for a in allowed)}")
