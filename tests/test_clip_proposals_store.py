@@ -176,6 +176,7 @@ def test_select_proposals_lvis_mode_matches_numpy():
         P.image_seeds(["b.jpg"])[0]
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_proposal_fn_random_selection_is_per_image(env):
     """selection='random' (LVIS mode): an image's sample depends on its own seed only,
     not on the batch it is in, and changes with the seed."""
@@ -208,6 +209,7 @@ def _np_nms(boxes, scores, valid, thr, m):
     return np.asarray(kept)
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_proposal_fn_end_to_end_against_numpy(env):
     m, p = env["model"], env["params"]
     batch = _batch(3)

@@ -96,6 +96,7 @@ def _pipeline_batch(rng, b=2, h=48, w=64, m=5):
             "valid": np.ones(b, bool)}
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_renorm_changes_only_layernorms_and_reloads(clip, tmp_path):
     m, p0 = clip["model"], flax.core.unfreeze(clip["params"])
     mask = renorm.layernorm_mask(p0, text_layernorms=True)
@@ -158,6 +159,7 @@ def test_renorm_changes_only_layernorms_and_reloads(clip, tmp_path):
                if k.startswith("vision_model"))
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_crop_accuracy_and_driver(clip, tmp_path):
     m, p = clip["model"], clip["params"]
     rng = np.random.default_rng(3)

@@ -33,6 +33,7 @@ def _batch(rng, b=2, h=128, w=128, m=4):
             "image_hw": np.full((b, 2), [h, w], np.int32)}
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_forward_train_finite_losses_and_grads(rng):
     cfg = _cfg()
     model = det.FasterRCNN(cfg)
