@@ -16,12 +16,13 @@ Examples:
       --image_hw=800,1344 --batch=2 --chunk=512 --full                   # GPU/TPU
   .venv/bin/python benchmarks/bench_clip_crops.py --model=openai/clip-vit-base-patch32 \\
       --dtype=bfloat16 --image_hw=800,1344                                # real weights
-Timings exclude compilation (one warm-up call) and include device sync.
+Timings exclude compilation (lowered and compiled first, reported as compile_s) and
+include device sync. Contract flags (benchmarks/contract.py): --smoke, --json, --profile
+(traces the full proposal function with --full, else the candidate scoring).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks import contract  # noqa: E402
 from ezsd_jax.clip import crops as crops_lib  # noqa: E402
 from ezsd_jax.clip import proposals  # noqa: E402
 from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD, load_clip  # noqa: E402
@@ -43,6 +45,8 @@ from ezsd_jax.clip.toy import make_tiny_clip, vitb32_config  # noqa: E402
 
 MEAN = np.asarray(CLIP_MEAN, np.float32)
 STD = np.asarray(CLIP_STD, np.float32)
+SMOKE = {"image_hw": "64,96", "crop_boxes": 8, "pil_boxes": 8, "crop_size": 32, "chunk": 16,
+         "repeats": 1}
 
 
 def pil_crop(img: np.ndarray, box, enlarge: float, out: int) -> np.ndarray:
@@ -64,14 +68,18 @@ def pil_crop(img: np.ndarray, box, enlarge: float, out: int) -> np.ndarray:
     return (r / 255.0 - MEAN) / STD
 
 
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())                     # warm-up / compile
+def timed(jitted, args: tuple, repeats: int):
+    """-> (compiled, compile seconds, best seconds of `repeats` calls after a warm-up)."""
+    t = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(compiled(*args))          # warm-up
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(fn())
+        jax.block_until_ready(compiled(*args))
         best = min(best, time.perf_counter() - t)
-    return best
+    return compiled, compile_s, best
 
 
 def get_model(args):
@@ -112,14 +120,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full", action="store_true", help="also time the full proposal fn")
     ap.add_argument("--skip_scoring", action="store_true")
-    args = ap.parse_args(argv)
+    contract.add_args(ap)
+    args = contract.parse(ap, argv, SMOKE)
     h, w = (int(v) for v in args.image_hw.split(","))
     window = args.window or None
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, h, w, 3), dtype=np.uint8)
     hw = np.tile(np.array([[h, w]], np.int32), (args.batch, 1))
     res = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
-           "image_hw": [h, w], "batch": args.batch}
+           "image_hw": [h, w], "batch": args.batch,
+           "sizes": {"image_hw": [h, w], "batch": args.batch, "crop_boxes": args.crop_boxes,
+                     "crop_size": args.crop_size, "chunk": args.chunk, "stride": args.stride,
+                     "num_classes": args.num_classes, "dtype": args.dtype}}
 
     # ---- 1. crops: on-device batched vs per-box PIL loop (boxes: sliding candidates)
     cand, valid = proposals.sliding_candidates((h, w), jnp.array([h, w]), args.stride)
@@ -130,7 +142,7 @@ def main(argv=None) -> dict:
     dev_images, dev_boxes, dev_hw = map(jax.device_put, (images, boxes, hw))
     crop_fn = jax.jit(lambda i, b, v: crops_lib.crop_boxes(i, b, v, out_size=s,
                                                            chunk=args.chunk, window=window))
-    t_dev = timed(lambda: crop_fn(dev_images, dev_boxes, dev_hw), args.repeats)
+    _, c_dev, t_dev = timed(crop_fn, (dev_images, dev_boxes, dev_hw), args.repeats)
     n_dev = args.batch * args.crop_boxes
     n_pil = min(args.pil_boxes, n_dev)
     flat = boxes.reshape(-1, 4)
@@ -138,7 +150,7 @@ def main(argv=None) -> dict:
     for k in range(n_pil):
         pil_crop(images[k // args.crop_boxes], flat[k], 1.0, s)
     t_pil = time.perf_counter() - t0
-    res["crop"] = {"size": s, "window": window or 2 * s, "boxes": n_dev,
+    res["crop"] = {"size": s, "window": window or 2 * s, "boxes": n_dev, "compile_s": c_dev,
                    "device_crops_per_s": n_dev / t_dev, "pil_loop_crops_per_s": n_pil / t_pil,
                    "speedup": (n_dev / t_dev) / (n_pil / t_pil),
                    "resample_gmacs_per_crop": crops_lib.crop_flops(s, window) / 1e9}
@@ -146,8 +158,7 @@ def main(argv=None) -> dict:
           f"PIL per-box loop: {n_pil / t_pil:9.1f} crops/s   "
           f"speedup x{res['crop']['speedup']:.2f}", flush=True)
     if args.skip_scoring:
-        print(json.dumps(res))
-        return res
+        return contract.finish(args, res)
 
     # ---- 2. candidate scoring: crops + CLIP + entropy, all candidates of the batch
     model, params, name = get_model(args)
@@ -158,7 +169,7 @@ def main(argv=None) -> dict:
     score_fn = jax.jit(lambda p, i, v: proposals.score_candidates(
         model, p, txt, i, v, stride=args.stride, chunk=args.chunk, window=window)[2])
     k = proposals.sliding_candidates((h, w), jnp.array([h, w]), args.stride)[0].shape[0]
-    t_score = timed(lambda: score_fn(params, dev_images, dev_hw), args.repeats)
+    score_c, c_score, t_score = timed(score_fn, (params, dev_images, dev_hw), args.repeats)
     # the CLIP image tower alone on as many ready-made crops, same chunking
     from ezsd_jax.clip.text import encode_image
     n_all = args.batch * k
@@ -166,9 +177,10 @@ def main(argv=None) -> dict:
     nc = -(-n_all // c)
     ready = jnp.zeros((nc, c, size, size, 3), jnp.float32)
     clip_fn = jax.jit(lambda p, x: jax.lax.map(lambda y: encode_image(model, p, y), x))
-    t_clip = timed(lambda: clip_fn(params, ready), args.repeats)
+    _, c_clip, t_clip = timed(clip_fn, (params, ready), args.repeats)
     res["scoring"] = {"model": name, "dtype": args.dtype, "clip_image_size": size,
                       "candidates_per_image": k, "seconds_per_batch": t_score,
+                      "compile_s": c_score, "clip_only_compile_s": c_clip,
                       "crops_per_s": n_all / t_score,
                       "clip_only_crops_per_s": nc * c / t_clip,
                       "crop_overhead_fraction": max(t_score - t_clip * n_all / (nc * c), 0)
@@ -184,16 +196,23 @@ def main(argv=None) -> dict:
         gt = np.tile(np.array([[10, 10, 60, 80]], np.float32), (args.batch, g, 1))
         gv = np.ones((args.batch, g), bool)
         sc = np.ones((args.batch,), np.float32)
-        t_full = timed(lambda: fn(params, dev_images, dev_hw, gt, gv, sc), args.repeats)
+        full_args = (params, dev_images, dev_hw, gt, gv, sc)
+        full_c, c_full, t_full = timed(fn, full_args, args.repeats)
         m = min(1000, k)
-        res["full"] = {"seconds_per_batch": t_full, "crops_per_image": k + m + g,
+        res["full"] = {"seconds_per_batch": t_full, "compile_s": c_full,
+                       "crops_per_image": k + m + g,
                        "crops_per_s": args.batch * (k + m + g) / t_full,
                        "images_per_s": args.batch / t_full}
         print(f"[full proposal fn] {t_full:.3f}s/batch = {args.batch / t_full:.2f} img/s, "
               f"{res['full']['crops_per_s']:.1f} crops/s (incl. NMS + 1.2x feature pass)",
               flush=True)
-    print(json.dumps(res))
-    return res
+    res["compile_s"] = sum(x for v in res.values() if isinstance(v, dict)
+                           for key, x in v.items() if key.endswith("compile_s"))
+    if args.profile:
+        res["profile"] = contract.profile(
+            args, (lambda: full_c(*full_args)) if args.full
+            else (lambda: score_c(params, dev_images, dev_hw)))
+    return contract.finish(args, res)
 
 
 if __name__ == "__main__":

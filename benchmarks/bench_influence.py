@@ -20,6 +20,9 @@ random 32x32 inputs and a random s_test on the ndim>1 subset, in one process:
 
 Prints a table (ms/sample, samples/s, x forward, speedup vs loop) and one JSON line.
 Score agreement (max relative difference to the loop on the shared samples) is checked.
+Contract flags (benchmarks/contract.py): --smoke, --json, --profile (traces jvp_fused, or
+the first variant, on one pool batch). compile_s_per_variant: first call minus one batch;
+compile_s: their sum.
 """
 from __future__ import annotations
 
@@ -36,12 +39,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import contract  # noqa: E402
 from isal_jax import influence as infl  # noqa: E402
 from isal_jax.models import CifarResNet18  # noqa: E402
 from isal_jax.tasks import ClassificationTask  # noqa: E402
 
 ALL = ("forward", "jvp_sep", "jvp_fused", "jvp_full", "linearize", "jvp_bf16", "vmap_grad",
        "loop")
+SMOKE = {"pool": 16, "batch": 8, "widths": "4,8,8,8", "loop_samples": 4, "repeats": 1,
+         "variants": "forward,jvp_fused,loop"}
 
 
 def _compile(fn) -> float:
@@ -67,7 +73,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="timed passes, best taken")
     ap.add_argument("--variants", default=",".join(ALL))
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    contract.add_args(ap)
+    args = contract.parse(ap, argv, SMOKE)
 
     widths = tuple(int(w) for w in args.widths.split(","))
     variants = [v for v in args.variants.split(",") if v]
@@ -148,6 +155,7 @@ def main(argv=None):
     for _ in range(args.repeats):
         for name, r in results.items():
             r[1] = min(r[1], _timed_pass(r[3], r[4]))
+    calls = {k: r[3] for k, r in results.items()}
     results = {k: tuple(r[:3]) for k, r in results.items()}
 
     # Agreement with the loop (reference) on the samples both computed.
@@ -194,9 +202,17 @@ def main(argv=None):
             "speedup_vs_loop": ({k: round(ms_per["loop"] / v, 3) for k, v in ms_per.items()}
                                 if loop else {}),
             "max_rel_diff_vs_loop": agree, "spearman_vs_jvp_fused": rank,
-            "loadavg_1m": round(load[0], 2)}
-    print(json.dumps(line))
-    return line
+            "loadavg_1m": round(load[0], 2),
+            "sizes": {"pool": pool, "batch": B, "widths": list(widths),
+                      "loop_samples": loop[2] if loop else 0},
+            "compile_s_per_variant": {
+                k: round(max(first - best / (n if k == "loop" else nb), 0.0), 3)
+                for k, (first, best, n) in results.items()}}
+    line["compile_s"] = round(sum(line["compile_s_per_variant"].values()), 3)
+    if args.profile:
+        name = "jvp_fused" if "jvp_fused" in calls else variants[0]
+        line["profile"] = dict(contract.profile(args, lambda: calls[name](0)), variant=name)
+    return contract.finish(args, line)
 
 
 def _one_grad_dot(loss_fn, subset, params, s_test, sample):

@@ -5,13 +5,15 @@ Random images and boxes at a fixed padded size, the real step from ezsd_jax.trai
 
   python benchmarks/bench_train_step.py --model=tiny --size=128 --batch=8      # CPU
   python benchmarks/bench_train_step.py --model=r50 --size=1024 --batch=16 --dtype=bfloat16  # GPU
+  python benchmarks/bench_train_step.py --model=r50 --size=832,1344 ...   # 1333x800 canvas
 
-Prints one JSON line with the figures; copy it into benchmarks/RESULTS.md with the machine.
+Prints one JSON line with the figures (benchmarks/contract.py: --smoke, --json, --profile);
+copy it into benchmarks/RESULTS.md with the machine.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import resource
 import sys
@@ -20,30 +22,38 @@ import time
 import jax
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def parse():
+from benchmarks import contract  # noqa: E402
+
+SMOKE = {"size": "64", "batch": 1, "boxes": 4, "num_classes": 4, "steps": 2, "warmup": 1}
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("tiny", "r50"), default="tiny")
-    p.add_argument("--size", type=int, default=128, help="padded square input size (x64)")
+    p.add_argument("--size", default="128",
+                   help="padded input size, S (square) or H,W (multiples of 64)")
     p.add_argument("--batch", type=int, default=8, help="global batch")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--num_classes", type=int, default=80)
     p.add_argument("--boxes", type=int, default=20, help="GT boxes per image")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2)
-    return p.parse_args()
+    contract.add_args(p)
+    return contract.parse(p, argv, SMOKE)
 
 
-def main():
-    args = parse()
-    sys.path.insert(0, ".")
+def main(argv=None):
+    args = parse(argv)
     from configs import common
     from ezsd_jax import sharding
     from ezsd_jax.models import detector as det
     from ezsd_jax.train import init_train_state, make_train_step
     import ml_collections
 
-    size = (args.size, args.size)
+    hw = [int(v) for v in args.size.split(",")]
+    size = (hw[0], hw[-1])
     model_cfg = (common.tiny_model_config(image_size=size) if args.model == "tiny"
                  else common.model_config(image_size=size))
     model_cfg.dtype = args.dtype
@@ -60,13 +70,14 @@ def main():
 
     rng = np.random.default_rng(0)
     b, m = args.batch, args.boxes
-    xy = rng.uniform(0, args.size * 0.7, (b, m, 2))
-    wh = rng.uniform(16, args.size * 0.3, (b, m, 2))
+    lo = min(size)
+    xy = rng.uniform(0, lo * 0.7, (b, m, 2))
+    wh = rng.uniform(lo * 0.05, lo * 0.3, (b, m, 2))
     host = {"image": rng.integers(0, 255, (b, *size, 3)).astype(np.uint8),
             "boxes": np.concatenate([xy, xy + wh], -1).astype(np.float32),
             "classes": rng.integers(0, args.num_classes, (b, m)).astype(np.int32),
             "box_mask": np.ones((b, m), bool), "valid": np.ones(b, bool),
-            "image_hw": np.full((b, 2), args.size, np.int32)}
+            "image_hw": np.tile(np.array([size], np.int32), (b, 1))}
     batch = sharding.host_to_global(host, mesh)
     consts = jax.device_put({}, sharding.replicated(mesh))
 
@@ -82,24 +93,24 @@ def main():
     jax.block_until_ready(metrics)
     dt = (time.perf_counter() - t0) / args.steps
 
-    dev = jax.devices()[0]
-    peak = None
-    try:
-        stats = dev.memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-    except Exception:  # CPU backends may not report
-        pass
     result = {
-        "bench": "train_step", "model": args.model, "size": args.size, "batch": args.batch,
-        "dtype": args.dtype, "devices": jax.device_count(), "device_kind": dev.device_kind,
-        "platform": dev.platform, "host": platform.processor() or platform.machine(),
+        "bench": "train_step", "model": args.model, "size": list(size), "batch": args.batch,
+        "dtype": args.dtype, "devices": jax.device_count(),
+        "host": platform.processor() or platform.machine(),
+        "sizes": {"image_hw": list(size), "batch": args.batch, "boxes": m,
+                  "num_classes": args.num_classes, "steps": args.steps},
         "compile_s": round(compile_s, 2), "step_ms": round(dt * 1e3, 2),
         "images_per_s": round(args.batch / dt, 2),
-        "peak_device_mem_gib": None if peak is None else round(peak / 2**30, 2),
         "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "loss": float(metrics["loss"]),
     }
-    print(json.dumps(result), flush=True)
+    if args.profile:
+        def one_step():
+            nonlocal state
+            state, out = compiled(state, batch, consts)
+            return out
+        result["profile"] = contract.profile(args, one_step)
+    return contract.finish(args, result)
 
 
 if __name__ == "__main__":
