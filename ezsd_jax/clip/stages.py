@@ -33,11 +33,11 @@ from jax.experimental import multihost_utils
 
 from ezsd_jax import cli, config_check, sharding
 from ezsd_jax.clip import pretrain
+from ezsd_jax.clip.loading import load_clip
 from ezsd_jax.clip.proposals import run_proposals
 from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes, run_renorm
 from ezsd_jax.clip.store import ProposalStore
 from ezsd_jax.clip.text import load_text_embeddings, text_embeddings
-from ezsd_jax.clip.toy import load_clip
 from ezsd_jax.data.pipeline import DetectionPipeline
 from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
 from ezsd_jax.demo.world import detection_paths, load_caption_set

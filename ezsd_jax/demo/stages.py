@@ -27,8 +27,8 @@ from jax.experimental import multihost_utils
 
 from ezsd_jax import cli
 from ezsd_jax.clip import stages as clip_stages
+from ezsd_jax.clip.loading import load_clip
 from ezsd_jax.clip.text import save_text_embeddings, text_embeddings
-from ezsd_jax.clip.toy import load_clip
 from ezsd_jax.data.images import decode_image
 from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
 from ezsd_jax.demo import report, world
