@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-ablation test venv clean bench
+.PHONY: demo demo-ablation test test-fast venv clean bench
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo-ablation: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+
+# the edit-test loop: every test not marked `slow` (unit and small integration tests);
+# CI runs `make test`, which includes the slow ones
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

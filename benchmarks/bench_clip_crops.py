@@ -40,8 +40,8 @@ from PIL import Image  # noqa: E402
 from benchmarks import contract  # noqa: E402
 from ezsd_jax.clip import crops as crops_lib  # noqa: E402
 from ezsd_jax.clip import proposals  # noqa: E402
-from ezsd_jax.clip.toy import (CLIP_MEAN, CLIP_STD, load_clip, make_tiny_clip,  # noqa: E402
-                               vitb32_config)
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD, load_clip  # noqa: E402
+from ezsd_jax.clip.toy import make_tiny_clip, vitb32_config  # noqa: E402
 
 MEAN = np.asarray(CLIP_MEAN, np.float32)
 STD = np.asarray(CLIP_STD, np.float32)

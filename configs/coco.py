@@ -5,7 +5,7 @@ runs on GPU/TPU: stages renorm -> proposals -> ezsd_train -> ezsd_eval.
       --config.coco_root=/data/coco --config.model.pretrained=/weights/resnet50.safetensors \
       --config.clip.model=/weights/clip-vit-base-patch32
 
-Deviations from the reference (method note, sections 0-3), on purpose:
+Deviations from the reference (docs/ezsd-method.md, sections 0-3), on purpose:
   - Images are padded to a static 1344x1344 canvas (multiple of 64) so that both
     orientations keep the reference's 800 / 1333 scale; (832, 1344) is ~40% cheaper but
     shrinks portrait images to an 832-px long side (the pipeline never crops).
@@ -14,7 +14,10 @@ Deviations from the reference (method note, sections 0-3), on purpose:
   - Batch 16 with the reference's lr scaled linearly (0.005 per 4 images -> 0.02).
   - Faster R-CNN instead of Mask R-CNN (no mask branch; masks are unused on COCO).
   - COCO evaluation keeps 100 detections per image (COCOeval's standard maxDets; the
-    note's 300 is the LVIS protocol); score threshold 0 (COCOeval needs the tail).
+    300 of docs/ezsd-method.md is the LVIS protocol); score threshold 0 (COCOeval needs
+    the tail).
+  - Distillation uses 200 of the 300 stored proposals drawn at random per step (the
+    reference takes the same first 200 every epoch: ezsd.distill.sample='first').
   - CLIP proposals are filtered against BASE GT only (the reference also uses novel GT).
 """
 import ml_collections
@@ -59,7 +62,7 @@ def ezsd_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def clip_config(**overrides) -> ml_collections.ConfigDict:
-    """config.clip: teacher, re-normalization and proposal settings (method note 1-2)."""
+    """config.clip: teacher, re-normalization and proposal settings (docs/ezsd-method.md sections 1-2)."""
     c = ml_collections.ConfigDict(dict(
         model="openai/clip-vit-base-patch32",   # or a local directory (offline)
         renorm_epochs=12,
@@ -82,7 +85,7 @@ def clip_config(**overrides) -> ml_collections.ConfigDict:
 
 def reference_schedule(train_images: int, epochs: int, decay_epochs, batch: int = 16
                        ) -> ml_collections.ConfigDict:
-    """config.train of the reference (method note 3): SGD momentum 0.9, wd 1e-4, lr 0.005
+    """config.train of the reference (docs/ezsd-method.md section 3): SGD momentum 0.9, wd 1e-4, lr 0.005
     per 4 images scaled linearly, 500-step linear warm-up, x0.1 at `decay_epochs`, grad
     clip 10."""
     steps_per_epoch = -(-int(train_images) // batch)

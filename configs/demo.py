@@ -3,8 +3,8 @@
   make demo            = python -m ezsd_jax.main --config=configs/demo.py --workdir=workdir/demo
   make demo-ablation   = the same + --config.ablation.enabled=True (4 more detectors)
 
-Measured on 2 CPU cores: 2 min 13 s (6 min 16 s with the ablation); novel AP50 0.500,
-base 0.910 (benchmarks/RESULTS.md).
+Measured on 2 CPU cores: 2 min 13 s (6 min 16 s with the ablation). Current code, seed 0:
+novel AP50 0.398, base 0.924; the figures vary with the seeds and across machines (README).
 
 No real CLIP weights or COCO exist offline, and a random CLIP knows nothing about novel
 categories, so the demo builds a small world where the teacher really learned every
@@ -22,7 +22,7 @@ The world block is `config.synth` so that ezsd_jax.main points config.data at
 <workdir>/synthetic (data/synthetic_stage.point_data_config) for every stage, also when
 one runs alone (--stages=ezsd_eval).
 
-Scaled down from the reference (method note) for CPU, each choice measured on this demo:
+Scaled down from the reference (docs/ezsd-method.md) for CPU, each choice measured on this demo:
   - 128x128 scenes, the tiny ResNet-FPN detector, 400 steps of batch 8 (novel AP50 falls
     with longer training: 600 steps gave 0.35-0.39 vs 0.41-0.50 at 400; unannotated novel
     objects are trained as background);

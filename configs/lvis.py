@@ -9,7 +9,7 @@ proposals -> ezsd_train -> ezsd_eval, as configs/coco.py.
 LVIS v1 images are COCO 2017 images: the annotation files give coco_url only and the
 image directory is the COCO root holding train2017/ and val2017/.
 
-Deviations from the reference (method note sections 1-3), besides those of configs/coco.py:
+Deviations from the reference (docs/ezsd-method.md sections 1-3), besides those of configs/coco.py:
   - No class-balanced (repeat-factor) sampling and no seesaw loss: the data pipeline
     samples uniformly and the classifier uses softmax cross-entropy (not implemented yet).
   - The reference's box-loss weight 2.0 is not applied: DetectorConfig.box_loss_weight
@@ -51,7 +51,7 @@ def get_config():
     cfg.ezsd.eval.protocol = "lvis"
     cfg.clip = clip_config(renorm_epochs=18)
     cfg.clip.renorm.text_layernorms = False
-    # LVIS proposals (method note 2): 500 per image sampled at random after the IoU
+    # LVIS proposals (docs/ezsd-method.md section 2): 500 per image sampled at random after the IoU
     # filter, no base-class filter.
     cfg.clip.proposals.update(dict(keep=500, selection="random", drop_base=False))
     cfg.train = reference_schedule(LVIS_TRAIN_IMAGES, epochs=48, decay_epochs=(32, 44))

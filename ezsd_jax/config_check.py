@@ -52,6 +52,19 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the field."""
 
 
+def parse_shard(value: Any) -> tuple[int, int] | None:
+    """config.clip.proposal_shard: 'i/n' with 0 <= i < n -> (i, n); '' -> None (one shard
+    per process); anything else -> ConfigError naming the field."""
+    s = str(value or "").strip()
+    if not s:
+        return None
+    i, _, n = s.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        raise ConfigError(f"config.clip.proposal_shard={value!r}: must be 'i/n' with "
+                          "0 <= i < n, or '' (one shard per process)")
+    return int(i), int(n)
+
+
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
     for key in node.keys():
         value = node[key]
@@ -110,10 +123,7 @@ def validate(cfg: Any) -> None:
                 raise ConfigError(f"{where}: must be a probability in [0, 1]")
     present, shard = _get(cfg, "clip.proposal_shard")
     if present and shard:
-        i, _, n = str(shard).partition("/")
-        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
-            raise ConfigError(f"config.clip.proposal_shard={shard!r}: must be 'i/n' with "
-                              "0 <= i < n, or '' (one shard per process)")
+        parse_shard(shard)
     present, source = _get(cfg, "reference.source")          # isal_jax.selection_io
     if present and not (source in ("labeled", "ids_file") or (
             isinstance(source, str) and source.startswith("split:") and len(source) > 6)):

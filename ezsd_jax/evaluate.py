@@ -12,15 +12,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from pycocotools.cocoeval import COCOeval
 
 from ezsd_jax import cli, sharding
+from ezsd_jax.checkpoint import Checkpointer
 from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.metrics import Progress
+from ezsd_jax.models import detector as det
+from ezsd_jax.train import detector_config, init_train_state, load_dataset, make_pipeline
+
+log = logging.getLogger(__name__)
 
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -58,7 +66,6 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
     The standard protocol: at most 100 detections per image (maxDets 1/10/100; pycocotools'
     summary AP is read at 100, so other values would report AP as 0). A model's
     test_max_detections only caps what it outputs."""
-    from pycocotools.cocoeval import COCOeval
     if cat_ids is not None:
         results = [r for r in results if r["category_id"] in set(cat_ids)]
     if not results:
@@ -75,7 +82,7 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
         ev.accumulate()
         ev.summarize()
     if verbose:
-        print(buf.getvalue(), flush=True)
+        print(buf.getvalue(), flush=True)  # the COCOeval table is the result
     return {k: float(max(v, 0.0)) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
 
 
@@ -101,26 +108,36 @@ def write_eval_outputs(workdir: str, name: str, results: list[dict], metrics: di
     d = os.path.join(workdir, "eval")
     atomic_write_json(os.path.join(d, f"{name}_detections.json"), results, indent=None)
     atomic_write_json(os.path.join(d, f"{name}_metrics.json"), metrics)
-    print(f"[{name}] " + json.dumps(metrics), flush=True)
+    print(f"[{name}] " + json.dumps(metrics), flush=True)  # the eval result line
+
+
+# jitted inference per (detector config, mesh, variable shardings): evaluating another
+# checkpoint or other class embeddings of the same detector reuses the compiled program
+_INFER_FNS: dict = {}
+_INFER_FNS_MAX = 8
 
 
 def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None):
-    from ezsd_jax.models import detector as det
     consts = consts or {}
     rep = sharding.replicated(mesh)
+    leaves, treedef = jax.tree_util.tree_flatten(variables_sh)
+    key = (type(model), model.cfg, mesh, treedef, tuple(leaves))
+    jitted = _INFER_FNS.get(key)
+    if jitted is None:
+        def infer(variables, batch, c):
+            return det.forward_infer(model, variables, batch, c.get("class_embeddings"))
 
-    def infer(variables, batch, c):
-        return det.forward_infer(model, variables, batch, c.get("class_embeddings"))
-
-    jitted = jax.jit(infer, in_shardings=(variables_sh, sharding.data_sharding(mesh), rep),
-                     out_shardings=rep)
+        jitted = jax.jit(infer, in_shardings=(variables_sh, sharding.data_sharding(mesh), rep),
+                         out_shardings=rep)
+        if len(_INFER_FNS) >= _INFER_FNS_MAX:
+            _INFER_FNS.pop(next(iter(_INFER_FNS)))
+        _INFER_FNS[key] = jitted
     consts_dev = jax.device_put(consts, rep)
     return lambda variables, batch: jitted(variables, batch, consts_dev)
 
 
 def place_on_mesh(tree, mesh):
     """Leaves already sharded over `mesh` stay; anything else is replicated on it."""
-    from jax.sharding import NamedSharding
 
     def one(x):
         sh = getattr(x, "sharding", None)
@@ -135,7 +152,6 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
                       ) -> dict:
     """Runs inference over `dataset` and COCOeval per group of category ids
     (default: one group 'all'). Returns {group: stats}."""
-    from ezsd_jax.train import make_pipeline
     mesh = sharding.make_mesh(cfg.mesh)
     variables = place_on_mesh(variables, mesh)
     var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
@@ -157,8 +173,6 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
 
 def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detector"):
     """Latest checkpoint of the detector trained in `workdir` -> its variables (sharded)."""
-    from ezsd_jax.checkpoint import Checkpointer
-    from ezsd_jax.train import init_train_state
     mesh = sharding.make_mesh(cfg.mesh)
     init, state_sh, _, _ = init_train_state(model, cfg, mesh, jax.random.key(0), consts or {})
     # abstract target (shapes, dtypes, shardings): nothing is compiled or allocated
@@ -177,11 +191,9 @@ def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detect
 
 def run(cfg, workdir: str) -> dict:
     """Stage "eval": evaluates the trained plain detector on config.data (val split)."""
-    from ezsd_jax.models import detector as det
-    from ezsd_jax.train import detector_config, load_dataset
     train_ds = load_dataset(cfg.data, "train")
     dataset = load_dataset(cfg.data, "val", category_names=train_ds.cat_names)
     model = det.FasterRCNN(detector_config(cfg, dataset.num_classes))
     variables, step = restore_variables(cfg, workdir, model)
-    print(f"[eval] checkpoint step {step}, {len(dataset.records)} images", flush=True)
+    log.info(f"[eval] checkpoint step {step}, {len(dataset.records)} images")
     return evaluate_detector(cfg, workdir, model, variables, dataset)

@@ -50,7 +50,7 @@ def atomic_write_text(path: str, text: str) -> str:
 
 
 def atomic_write_json(path: str, obj: Any, indent: int | None = 2) -> str:
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default))
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=json_default))
 
 
 def atomic_savez(path: str, **arrays: np.ndarray) -> str:
@@ -58,7 +58,8 @@ def atomic_savez(path: str, **arrays: np.ndarray) -> str:
     return _atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def _json_default(o):
+def json_default(o):
+    """json.dumps(default=...) for numpy values: scalars -> Python numbers, arrays -> lists."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

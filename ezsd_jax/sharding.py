@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ezsd_jax.tree_paths import path_str
@@ -149,7 +150,6 @@ def check_batch_divisible(global_batch: int, mesh: Mesh) -> None:
 
 def to_host(tree: Any) -> Any:
     """Fully-replicated or fully-addressable arrays -> numpy (eval/metrics, not hot loop)."""
-    from jax.experimental import multihost_utils
     if jax.process_count() > 1:
         tree = multihost_utils.process_allgather(tree, tiled=True)
     return jax.tree_util.tree_map(np.asarray, tree)

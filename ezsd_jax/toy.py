@@ -105,5 +105,5 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
               "param_checksum": float(np.sum(flat.astype(np.float64))),
               "steps": tcfg.steps}
     atomic_write_json(os.path.join(workdir, "toy_result.json"), result)
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result), flush=True)  # the stage's result line
     return result

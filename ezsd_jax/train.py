@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ezsd_jax import optim, sharding, train_loop
 from ezsd_jax.data.coco import CocoDataset, load_coco
 from ezsd_jax.data.pipeline import DetectionPipeline
 from ezsd_jax.models import detector as det
+from ezsd_jax.models.pretrained import load_state_dict, torchvision_to_flax
 from ezsd_jax.models.resnet import trainable_mask
+
+log = logging.getLogger(__name__)
 
 
 def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
@@ -56,14 +58,13 @@ def detector_config(cfg, num_classes: int) -> det.DetectorConfig:
 
 
 def load_pretrained_backbone(variables: dict, path: str, dcfg: det.DetectorConfig) -> dict:
-    from ezsd_jax.models.pretrained import load_state_dict, torchvision_to_flax
     conv = torchvision_to_flax(load_state_dict(path), stage_sizes=dcfg.stage_sizes,
                                bottleneck=dcfg.bottleneck)
     params = dict(variables["params"])
     stats = dict(variables.get("batch_stats", {}))
     params["backbone"] = conv["params"]
     stats["backbone"] = conv["batch_stats"]
-    print(f"loaded pretrained backbone from {path}", flush=True)
+    log.info(f"loaded pretrained backbone from {path}")
     return {**variables, "params": params, "batch_stats": stats}
 
 
@@ -93,7 +94,7 @@ def init_train_state(model: det.FasterRCNN, cfg, mesh, key, consts: dict,
     state_sh = sharding.param_shardings(mesh, abstract, rules)
     n_train = optim.count_params(abstract["params"], mask)
     n_all = optim.count_params(abstract["params"])
-    print(f"detector: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained", flush=True)
+    log.info(f"detector: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained")
     return init, state_sh, tx, sched
 
 
@@ -136,17 +137,14 @@ def optim_global_norm(tree) -> jax.Array:
                         for x in jax.tree_util.tree_leaves(tree)))
 
 
-def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None = None,
-                   extra_loss_fn=None, extra_fn=None, init_fn=None, name: str = "detector"):
-    """Trains the detector on `dataset`; returns (model, final state)."""
-    consts = consts or {}
-    t = cfg.train
-    mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_batch_divisible(t.batch_size, mesh)
-    dcfg = detector_config(cfg, dataset.num_classes)
-    model = det.FasterRCNN(dcfg)
-    key = jax.random.key(t.seed)
+def initial_state(model: det.FasterRCNN, cfg, mesh, consts: dict, init_fn=None):
+    """-> (state, state shardings, tx, schedule): a fresh train state (seed
+    config.train.seed) on `mesh`. config.model.pretrained (a torchvision-format ResNet
+    file) replaces the backbone's weights and BN statistics; `init_fn` may edit the
+    variables after that."""
+    key = jax.random.key(cfg.train.seed)
     pretrained = cfg.model.get("pretrained", "")
+    dcfg = model.cfg
 
     def full_init(v):
         if pretrained:
@@ -158,11 +156,24 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
         state = jax.device_put(init(key), state_sh)
     else:
         state = jax.jit(init, out_shardings=state_sh)(key)
+    return state, state_sh, tx, sched
+
+
+def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None = None,
+                   extra_loss_fn=None, extra_fn=None, init_fn=None, name: str = "detector"):
+    """Trains the detector on `dataset`; returns (model, final state)."""
+    consts = consts or {}
+    t = cfg.train
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch_divisible(t.batch_size, mesh)
+    dcfg = detector_config(cfg, dataset.num_classes)
+    model = det.FasterRCNN(dcfg)
+    state, state_sh, tx, sched = initial_state(model, cfg, mesh, consts, init_fn)
     step_fn = make_train_step(model, tx, mesh, state_sh, t.seed, extra_loss_fn, sched)
     consts_dev = jax.device_put(consts, sharding.replicated(mesh))
     pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn)
-    print(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
-          f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps", flush=True)
+    log.info(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
+             f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps")
     try:
         state, _ = train_loop.fit(
             state=state, step_fn=lambda s, b: step_fn(s, b, consts_dev),

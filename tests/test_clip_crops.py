@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from ezsd_jax.clip.crops import crop_bounds, crop_boxes, crop_flat, map_crops, square_of
-from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
 
 MEAN = np.asarray(CLIP_MEAN, np.float32)
 STD = np.asarray(CLIP_STD, np.float32)

@@ -76,7 +76,7 @@ def test_pretrain_config_rejects_unknown_fields():
 @pytest.mark.slow
 def test_toy_pretraining_learns_clean_categories(tmp_path):
     from ezsd_jax.clip.text import text_embeddings
-    from ezsd_jax.clip.toy import load_clip
+    from ezsd_jax.clip.loading import load_clip
     spec = world.WorldSpec(base=("red circle", "green square", "blue triangle"),
                            novel=("orange diamond",), caption_background=(40, 250),
                            caption_object_frac=(0.5, 0.9), caption_empty_frac=0.1)

@@ -4,14 +4,18 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from ezsd_jax.clip import proposals as P
+from ezsd_jax.clip import stages as clip_stages
 from ezsd_jax.clip.crops import crop_boxes
 from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import encode_image, text_embeddings
 from ezsd_jax.clip.toy import make_tiny_clip
+from ezsd_jax.config_check import ConfigError
+from ezsd_jax.ops import anchors as A
 
 BASE = ["person", "car", "dog"]
 NOVEL = ["cat", "kite", "cup"]
@@ -57,13 +61,19 @@ def test_sliding_candidates_layout_and_clipping():
     assert (boxes[:, [0, 2]] <= 70).all() and (boxes[:, [1, 3]] <= 50).all()
     assert (boxes >= 0).all()
     np.testing.assert_array_equal(valid, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
-    try:
-        from ezsd_jax.ops.anchors import sliding_anchors
-    except ImportError:
-        return
-    full, fv = P.sliding_candidates((64, 96), jnp.array([64, 96]), 32)
-    ref = sliding_anchors((64, 96), 32)
-    np.testing.assert_allclose(np.asarray(full)[np.asarray(fv)], ref, atol=1e-4)
+    # the reference layout on 1333x800: ~15.7k boxes, every one inside and valid
+    full, fv = P.sliding_candidates((800, 1333), jnp.array([800, 1333]))
+    full, fv = np.asarray(full), np.asarray(fv)
+    assert full.shape == (25 * 42 * 15, 4) and fv.all()
+    raw = A.anchor_grid((25, 42), 32, (32, 64, 128, 256, 512), (0.5, 1, 2))
+    ref = np.stack([np.clip(raw[:, 0], 0, 1333), np.clip(raw[:, 1], 0, 800),
+                    np.clip(raw[:, 2], 0, 1333), np.clip(raw[:, 3], 0, 800)], -1)
+    np.testing.assert_array_equal(full, ref)
+    # a box clipped to nothing is invalid (centre offset 0.5 on a tiny image)
+    small, sv = P.sliding_candidates((10, 10), jnp.array([10, 10]), 32, (8, 64), (1.0,),
+                                     offset=0.5)
+    np.testing.assert_allclose(np.asarray(small)[np.asarray(sv)], [[0, 0, 10, 10]])
+    assert not np.asarray(sv)[0]
 
 
 def test_entropy_score_matches_numpy():
@@ -166,6 +176,7 @@ def test_select_proposals_lvis_mode_matches_numpy():
         P.image_seeds(["b.jpg"])[0]
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_proposal_fn_random_selection_is_per_image(env):
     """selection='random' (LVIS mode): an image's sample depends on its own seed only,
     not on the batch it is in, and changes with the seed."""
@@ -198,6 +209,7 @@ def _np_nms(boxes, scores, valid, thr, m):
     return np.asarray(kept)
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_proposal_fn_end_to_end_against_numpy(env):
     m, p = env["model"], env["params"]
     batch = _batch(3)
@@ -336,3 +348,17 @@ def test_run_proposals_resumes_without_recomputing(env, tmp_path):
     assert len(r["boxes"]) == len(r["score"]) == len(r["category"]) <= SMALL["keep"]
     assert r["gt_embeddings"].shape[0] == r["gt_boxes"].shape[0] == len(r["gt_classes"])
     assert not IS_BASE[r["category"]].any() and IS_BASE[r["gt_classes"]].all()
+
+
+@pytest.mark.parametrize("value,want", [("", (0, 1)), ("0/1", (0, 1)), ("1/3", (1, 3)),
+                                        (" 2/3 ", (2, 3))])
+def test_proposal_shard_parses_i_of_n(value, want):
+    cfg = ml_collections.ConfigDict({"clip": {"proposal_shard": value}})
+    assert clip_stages.proposal_shard(cfg) == want      # '' = this process of 1
+
+
+@pytest.mark.parametrize("value", ["3/3", "-1/2", "1/0", "1", "a/b", "1/2/3", "1/"])
+def test_proposal_shard_rejects_bad_values(value):
+    cfg = ml_collections.ConfigDict({"clip": {"proposal_shard": value}})
+    with pytest.raises(ConfigError, match="config.clip.proposal_shard"):
+        clip_stages.proposal_shard(cfg)

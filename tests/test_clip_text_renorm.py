@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ezsd_jax.tree_paths import path_str
 from ezsd_jax.clip import renorm, text
-from ezsd_jax.clip.toy import ClipLoadError, load_clip, make_tiny_clip, make_tokenizer
+from ezsd_jax.clip.loading import ClipLoadError, load_clip
+from ezsd_jax.clip.toy import make_tiny_clip, make_tokenizer
+from ezsd_jax.tree_paths import path_str
 
 BASE = ["person", "teddy bear", "hot dog", "tv"]
 NOVEL = ["cell phone", "airplane"]
@@ -95,6 +96,7 @@ def _pipeline_batch(rng, b=2, h=48, w=64, m=5):
             "valid": np.ones(b, bool)}
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_renorm_changes_only_layernorms_and_reloads(clip, tmp_path):
     m, p0 = clip["model"], flax.core.unfreeze(clip["params"])
     mask = renorm.layernorm_mask(p0, text_layernorms=True)
@@ -157,6 +159,7 @@ def test_renorm_changes_only_layernorms_and_reloads(clip, tmp_path):
                if k.startswith("vision_model"))
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_crop_accuracy_and_driver(clip, tmp_path):
     m, p = clip["model"], clip["params"]
     rng = np.random.default_rng(3)

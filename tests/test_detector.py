@@ -11,7 +11,6 @@ from configs import common
 from ezsd_jax import evaluate
 from ezsd_jax.models import detector as det
 from ezsd_jax.models import losses, postprocess
-from ezsd_jax.ops import boxes as box_ops
 
 
 def _cfg(**kw):
@@ -34,6 +33,7 @@ def _batch(rng, b=2, h=128, w=128, m=4):
             "image_hw": np.full((b, 2), [h, w], np.int32)}
 
 
+@pytest.mark.slow  # > 20 CPU-s: in make test, not make test-fast
 def test_forward_train_finite_losses_and_grads(rng):
     cfg = _cfg()
     model = det.FasterRCNN(cfg)
@@ -155,3 +155,60 @@ def test_coco_eval_perfect_and_empty(tmp_path):
     m99 = evaluate.coco_eval(coco, with_decoys(99), [1, 2])
     assert m99["AP50"] > 0.005 and m99["AP"] > 0.005 and m99["AR100"] == pytest.approx(1.0)
     assert evaluate.coco_eval(coco, with_decoys(100), [1, 2])["AR100"] == 0.0
+
+
+@pytest.mark.slow
+def test_pretrained_backbone_from_config_and_bf16_train_step(rng, tmp_path):
+    """config.model.pretrained = a torchvision-format .safetensors written by the
+    project's converter: the train state that train_detector starts from
+    (train.initial_state) holds its backbone weights and BN statistics exactly, float32.
+    Then model.dtype='bfloat16': one jitted train step (forward, backward, SGD update) on
+    the 8-device mesh gives finite losses and gradient norm; parameters and optimizer
+    state stay float32 and move; frozen BN statistics stay the file's."""
+    from configs import synthetic_detection
+    from ezsd_jax import sharding, train
+    from ezsd_jax.models import ResNet
+    from ezsd_jax.models.pretrained import flax_to_torchvision, save_state_dict
+
+    cfg = synthetic_detection.get_config()
+    cfg.model.dtype = "bfloat16"
+    model = det.FasterRCNN(train.detector_config(cfg, 3))
+    c = model.cfg
+    # a "pretrained" backbone: a ResNet of the detector's shape with random weights and BN
+    # statistics, written in torchvision format by the project's converter
+    net = ResNet(c.stage_sizes, c.width, c.bottleneck)
+    v = jax.jit(net.init)(jax.random.key(7), jnp.zeros((1, 64, 64, 3)))
+    noise = np.random.default_rng(7)
+    want = jax.tree_util.tree_map(
+        lambda x: (np.asarray(x) + noise.uniform(0.1, 0.5, x.shape)).astype(np.float32),
+        {"params": v["params"], "batch_stats": v["batch_stats"]})
+    cfg.model.pretrained = str(tmp_path / "resnet.safetensors")
+    save_state_dict(flax_to_torchvision(want, c.stage_sizes, c.bottleneck),
+                    cfg.model.pretrained)
+    assert model.cfg.jnp_dtype == jnp.bfloat16
+    mesh = sharding.make_mesh(cfg.mesh)
+    state, state_sh, tx, sched = train.initial_state(model, cfg, mesh, {})
+    before = jax.device_get(state)
+    got = {"params": before["params"]["backbone"],
+           "batch_stats": before["batch_stats"]["backbone"]}
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+
+    step = train.make_train_step(model, tx, mesh, state_sh, 0, None, sched)
+    state, metrics = step(state, _batch(rng, b=8), {})
+    metrics = jax.device_get(metrics)
+    for k in ("loss", "rpn_cls", "rpn_box", "box_cls", "box_reg", "grad_norm"):
+        assert np.isfinite(float(metrics[k])), k
+    assert float(metrics["loss"]) > 0 and float(metrics["grad_norm"]) > 0
+    after = jax.device_get(state)
+    leaves = jax.tree_util.tree_leaves(after["params"])
+    assert all(x.dtype == np.float32 for x in leaves)
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(after["opt_state"])
+               if np.issubdtype(x.dtype, np.floating))
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree_util.tree_leaves(before["params"]), leaves))
+    for a, b in zip(jax.tree_util.tree_leaves(want["batch_stats"]),
+                    jax.tree_util.tree_leaves(after["batch_stats"]["backbone"])):
+        np.testing.assert_array_equal(a, b)

@@ -23,7 +23,7 @@ def _main(wd, *args):
            f"--workdir={wd}", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout
+    return p.stdout + p.stderr        # stage headers on stdout, stage notices logged to stderr
 
 
 def _flat(params):
@@ -38,7 +38,8 @@ def test_stages_from_main_with_a_clip_directory(tmp_path):
     from configs import demo
     from ezsd_jax.clip.store import ProposalStore
     from ezsd_jax.clip.text import load_text_embeddings
-    from ezsd_jax.clip.toy import load_clip, make_tiny_clip
+    from ezsd_jax.clip.loading import load_clip
+    from ezsd_jax.clip.toy import make_tiny_clip
     names = list(demo.BASE + demo.NOVEL)
     clip_dir = str(tmp_path / "tiny_clip")
     make_tiny_clip(clip_dir, names + ["a", "photo", "of"], seed=0, image_size=32, patch=8,

@@ -3,6 +3,7 @@ files, the all/novel/base evaluation groups, and the LVIS evaluation protocol on
 generated LVIS-format ground truth."""
 import json
 
+import numpy as np
 import pytest
 
 from ezsd_jax import evaluate
@@ -206,3 +207,85 @@ def test_lvis_names_by_frequency(tmp_path, rng):
     path.write_text(json.dumps(gt))
     with pytest.raises(DataError, match="frequency"):
         splits.lvis_names(str(path))
+
+
+# ------------------------------------------------------- LVIS against the lvis package
+
+def _random_lvis_set(seed: int):
+    """A random LVIS-format val set + detections exercising every rule of the protocol:
+    r/c/f categories, small/medium/large boxes, several GT per category, jittered true
+    positives, false positives in present, negative (verified absent), unverified and
+    not-exhaustive categories, more detections than max_dets on some images."""
+    rng = np.random.default_rng(seed)
+    cats = [{"id": c, "name": f"thing_{c}", "frequency": "rcf"[c % 3], "synset": "x",
+             "image_count": 1, "instance_count": 1} for c in range(1, 10)]
+    images, anns, dets = [], [], []
+
+    def box(h, w, kind):
+        s = {"s": (4, 30), "m": (33, 90), "l": (100, 250)}[kind]
+        bw, bh = rng.uniform(*s, 2)
+        bw, bh = min(bw, w - 1), min(bh, h - 1)
+        return [float(rng.uniform(0, w - bw)), float(rng.uniform(0, h - bh)), float(bw),
+                float(bh)]
+
+    for i in range(1, 15):
+        h, w = int(rng.integers(300, 640)), int(rng.integers(300, 640))
+        ids = [int(c) for c in rng.permutation(np.arange(1, 10))]
+        present, neg, rest = ids[:int(rng.integers(1, 4))], ids[4:6], ids[6:]
+        not_exh = [c for c in present if rng.random() < 0.3]
+        images.append({"id": i, "height": h, "width": w, "neg_category_ids": neg,
+                       "not_exhaustive_category_ids": not_exh,
+                       "coco_url": f"http://x/val2017/{i:012d}.jpg"})
+        for c in present:
+            for _ in range(int(rng.integers(1, 4))):
+                b = box(h, w, "sml"[int(rng.integers(0, 3))])
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c,
+                             "bbox": b, "area": b[2] * b[3] * float(rng.uniform(0.5, 1))})
+                if rng.random() < 0.8:        # a jittered detection of this object
+                    j = np.asarray(b) + rng.normal(0, 0.08, 4) * [b[2], b[3], b[2], b[3]]
+                    j[2:] = np.maximum(j[2:], 1.0)
+                    dets.append({"image_id": i, "category_id": c, "bbox": j.tolist(),
+                                 "score": float(rng.random())})
+        for c in present + neg + rest[:1]:    # false positives
+            for _ in range(int(rng.integers(0, 3))):
+                dets.append({"image_id": i, "category_id": c,
+                             "bbox": box(h, w, "sml"[int(rng.integers(0, 3))]),
+                             "score": float(rng.random())})
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+# Computed once with the lvis package (lvis==0.5.3, np.float = float shimmed; the test
+# never imports it): LVISEval(LVIS(gt), LVISResults(lvis, dets), "bbox").run(), results.
+LVIS_PACKAGE_RESULTS = {
+    0: {
+        "AP": 0.24011970244643513, "AP50": 0.4755474356959504, "AP75": 0.20677385198837345,
+        "APs": 0.254496699669967, "APm": 0.2659938034619788, "APl": 0.36255156765676566,
+        "APr": 0.2560900375751861, "APc": 0.25525583510732025, "APf": 0.209013234656799,
+        "AR@300": 0.4411556036556037, "ARs@300": 0.33735119047619044,
+        "ARm@300": 0.44166666666666665, "ARl@300": 0.49041666666666667,
+    },
+    1: {
+        "AP": 0.282068117068117, "AP50": 0.4964067469017964, "AP75": 0.31786196934711786,
+        "APs": 0.3119189061763319, "APm": 0.3658498349834983, "APl": 0.22280528052805276,
+        "APr": 0.17905570776857907, "APc": 0.23584565599417082, "APf": 0.4313029874416012,
+        "AR@300": 0.4700982042648709, "ARs@300": 0.46547619047619043,
+        "ARm@300": 0.4729166666666667, "ARl@300": 0.34666666666666673,
+    },
+    2: {
+        "AP": 0.24410843068433827, "AP50": 0.4919713796776503, "AP75": 0.16677667766776677,
+        "APs": 0.25638063806380634, "APm": 0.24219707685054218, "APl": 0.3824349101576824,
+        "APr": 0.3212380166588087, "APc": 0.18706192047776204, "APf": 0.22402535491644401,
+        "AR@300": 0.39839506172839506, "ARs@300": 0.35277777777777775,
+        "ARm@300": 0.36904761904761907, "ARl@300": 0.4777777777777778,
+    },
+}
+
+
+@pytest.mark.parametrize("seed", sorted(LVIS_PACKAGE_RESULTS))
+def test_lvis_eval_matches_the_lvis_package(seed):
+    gt, dets = _random_lvis_set(seed)
+    got = lvis_evaluate(gt, dets, max_dets=300)
+    want = LVIS_PACKAGE_RESULTS[seed]
+    assert len(want) == 13
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, abs=1e-12), (k, got[k], v)

@@ -3,7 +3,9 @@ renormalization and proposal sampling, the pipeline extra_fn (box mapping with f
 GT-only, missing images), per-image reads of the proposal store, and a short end-to-end
 ezsd_train -> ezsd_eval run on the synthetic set with a fake proposal store and random
 text embeddings."""
+import contextlib
 import csv
+import io
 import json
 import os
 import types
@@ -12,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from configs import coco as coco_cfg
 from configs import synthetic_detection
@@ -298,13 +302,25 @@ def test_ezsd_train_and_eval_stages(tmp_path, rng):
 
     summary = stages.ezsd_eval(cfg, wd)
     assert summary["step"] == 24 and summary["protocol"] == "coco"
-    for g in ("all", "novel", "base"):
-        assert 0.0 <= summary[g]["AP50"] <= 1.0 and 0.0 <= summary[g]["AP"] <= 1.0
     with open(os.path.join(wd, "eval", "ezsd_eval_metrics.json")) as f:
         metrics = json.load(f)
     assert set(metrics) >= {"all", "novel", "base"} and metrics["num_images"] == 8
     dets = json.load(open(os.path.join(wd, "eval", "ezsd_eval_detections.json")))
-    assert {d["category_id"] for d in dets} <= set(range(1, 5))
+    assert dets and {d["category_id"] for d in dets} <= set(range(1, 5))
+    # every group's AP / AP50 is pycocotools' COCOeval of the written detections on that
+    # group's categories (an independent evaluation of the same file)
+    gt = COCO(cfg.data.val_ann)
+    for g, group in (("all", names), ("novel", novel), ("base", base)):
+        ids = [c["id"] for c in gt.loadCats(gt.getCatIds()) if c["name"] in group]
+        mine = [d for d in dets if d["category_id"] in ids]
+        want = [0.0, 0.0]
+        if mine:
+            ev = COCOeval(gt, gt.loadRes(mine), "bbox")
+            ev.params.imgIds, ev.params.catIds = sorted(gt.getImgIds()), ids
+            with contextlib.redirect_stdout(io.StringIO()):
+                ev.evaluate(), ev.accumulate(), ev.summarize()
+            want = [max(float(ev.stats[0]), 0.0), max(float(ev.stats[1]), 0.0)]
+        assert [summary[g]["AP"], summary[g]["AP50"]] == pytest.approx(want, abs=1e-12), g
     # both resume: training is done, the summary is of the latest checkpoint
     assert stages.ezsd_eval(cfg, wd) == json.load(open(os.path.join(wd, "eval",
                                                                     "ezsd_summary.json")))

@@ -1,6 +1,7 @@
 """CLIP side of EZSD: the teacher that the detector distills.
 
-  toy        load_clip (real checkpoints or the tiny random test CLIP + its tokenizer)
+  loading    load_clip: a real checkpoint / hub name, the adapted CLIP or a toy directory
+  toy        the tiny random test/demo CLIP + its own BPE tokenizer
   text       jittable CLIP towers, prompt-ensembled text embeddings, their .npz files
   crops      batched on-device crop / zero-pad-to-square / resize / normalize of boxes
   renorm     stage 1: LayerNorm-only tuning of CLIP on base GT crops (+ driver)

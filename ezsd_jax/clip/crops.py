@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
 
 METHODS = ("bicubic", "bilinear")
 

@@ -5,7 +5,7 @@ Place in the pipeline: the demo's stand-in for OpenAI's CLIP pretraining (stage
 knows nothing, so the demo trains its own teacher on a caption set (demo/world.py: one
 clean, centred object per image, "a photo of a {name}." for ALL categories). The result
 is saved with `save_pretrained` (+ tokenizer and preprocessor config) and read back by
-re-normalization and proposals with `toy.load_clip`, exactly like a real checkpoint.
+re-normalization and proposals with `loading.load_clip`, exactly like a real checkpoint.
 
 Loss: symmetric InfoNCE (image->text and text->image softmax cross-entropy over the
 batch, logits = exp(logit_scale) * cos). Many captions of a batch name the same category
@@ -19,15 +19,22 @@ warm-up and cosine decay; random horizontal flips. The shared train loop runs it
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from transformers import FlaxCLIPModel
 
-from ezsd_jax.clip.text import encode_image, encode_text, l2_normalize, tokenize
-from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
+from ezsd_jax import train_loop
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
+from ezsd_jax.clip.renorm import crop_accuracy, save_adapted_clip
+from ezsd_jax.clip.text import encode_image, encode_text, text_embeddings, tokenize
+from ezsd_jax.clip.toy import make_tokenizer, tiny_clip_config
+from ezsd_jax.ops.vectors import l2_normalize
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -57,9 +64,7 @@ def pretrain_config(cfg: Any = None) -> dict:
 def init_clip(tokenizer, c: Mapping[str, Any]):
     """A fresh FlaxCLIPModel of the `pretrain_config` sizes for `tokenizer`'s vocabulary,
     with transformers' standard (train-from-scratch) init -> (model, params)."""
-    from transformers import FlaxCLIPModel
 
-    from ezsd_jax.clip.toy import tiny_clip_config
     cfg = tiny_clip_config(len(tokenizer.get_vocab()), hidden=int(c["hidden"]),
                            layers=int(c["layers"]), heads=int(c["heads"]),
                            image_size=int(c["image_size"]), patch=int(c["patch"]),
@@ -166,8 +171,6 @@ def clean_accuracy(model, params, tokenizer, images: np.ndarray, labels: np.ndar
     """Zero-shot classification of whole (clean) images over ALL `names` (prompt
     embeddings of `templates`), as renorm.crop_accuracy reports it: acc_all / acc_base /
     acc_novel and counts. images uint8 [N, S, S, 3] at the CLIP input size."""
-    from ezsd_jax.clip.renorm import crop_accuracy
-    from ezsd_jax.clip.text import text_embeddings
     emb = text_embeddings(model, params, tokenizer, names, templates)
     n = len(images)
     bs = min(int(batch_size), n)
@@ -194,12 +197,7 @@ def run_pretrain(images: np.ndarray, captions: Sequence[str], groups: np.ndarray
     names (positives of each other). words: vocabulary words (names + caption words)
     for the toy tokenizer. Resumes from <workdir>/ckpt_clip_pretrain.
     Returns {'model', 'params', 'tokenizer', 'rows', 'clip_dir'}."""
-    import os
-    import tempfile
 
-    from ezsd_jax import train_loop
-    from ezsd_jax.clip.renorm import save_adapted_clip
-    from ezsd_jax.clip.toy import make_tokenizer
     c = pretrain_config(cfg)
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != (int(c["image_size"]),) * 2 + (3,):

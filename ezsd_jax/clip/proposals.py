@@ -1,5 +1,5 @@
 """CLIP distillation proposals: regions that may hold novel objects, with their CLIP
-embeddings (method note section 2).
+embeddings (docs/ezsd-method.md section 2).
 
 Place in the pipeline: second stage, after re-normalization. Input: training images (no
 flip) with their BASE GT boxes, the adapted CLIP and the text embeddings of ALL names.
@@ -34,58 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ezsd_jax.clip import crops as crops_lib
-from ezsd_jax.clip.text import encode_image, l2_normalize
-from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
+from ezsd_jax.clip.renorm import valid_hw
+from ezsd_jax.clip.text import encode_image
+from ezsd_jax.metrics import MetricWriter, Progress
+from ezsd_jax.ops.anchors import anchor_grid
+from ezsd_jax.ops.boxes import box_area, clip_boxes, iou_matrix
+from ezsd_jax.ops.nms import nms
+from ezsd_jax.ops.vectors import l2_normalize
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- boxes
-
-def _iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    try:
-        from ezsd_jax.ops.boxes import iou_matrix
-    except ImportError:                       # pragma: no cover - ops not present
-        area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-        area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-        lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
-        rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-        wh = jnp.maximum(rb - lt, 0.0)
-        inter = wh[..., 0] * wh[..., 1]
-        union = area_a[..., :, None] + area_b[..., None, :] - inter
-        return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1.0), 0.0)
-    return iou_matrix(a, b)
-
-
-def _greedy_nms(boxes, scores, iou_threshold, max_output, valid):
-    """Private fallback: plain greedy NMS, one kept box per loop iteration."""
-    n = boxes.shape[0]
-    neg = jnp.finfo(jnp.float32).min
-    alive0 = jnp.asarray(valid, bool)
-    scores = jnp.where(alive0, scores, neg)
-
-    def body(i, carry):
-        alive, idx, ok = carry
-        s = jnp.where(alive, scores, neg)
-        j = jnp.argmax(s)
-        has = alive[j]
-        iou = _iou(boxes[j][None], boxes)[0]
-        alive = alive & ~((iou > iou_threshold) & has) & (jnp.arange(n) != j)
-        return alive, idx.at[i].set(jnp.where(has, j, 0)), ok.at[i].set(has)
-
-    init = (alive0, jnp.zeros((max_output,), jnp.int32), jnp.zeros((max_output,), bool))
-    _, idx, ok = jax.lax.fori_loop(0, max_output, body, init)
-    return idx, ok
-
-
-def nms(boxes, scores, iou_threshold: float, max_output: int, valid):
-    """ezsd_jax.ops.nms.nms when available (same signature), else a private fallback."""
-    try:
-        from ezsd_jax.ops.nms import nms as ops_nms
-    except ImportError:                       # pragma: no cover - ops not present
-        return _greedy_nms(boxes, scores, iou_threshold, max_output, valid)
-    return ops_nms(boxes, scores, iou_threshold, max_output, valid)
-
 
 def sliding_candidates(padded_hw: Sequence[int], image_hw: jnp.ndarray, stride: int = 32,
                        sizes: Sequence[float] = (32, 64, 128, 256, 512),
@@ -94,28 +55,16 @@ def sliding_candidates(padded_hw: Sequence[int], image_hw: jnp.ndarray, stride: 
     """Dense sliding boxes laid out on the padded canvas (static count K), clipped to the
     image's valid region image_hw [2] (h, w) on device.
 
-    Layout (as ezsd_jax.ops.anchors): centres at ((x + offset) * stride, (y + offset) *
+    Layout: ezsd_jax.ops.anchors.anchor_grid, centres at ((x + offset) * stride, (y + offset) *
     stride) on a ceil(H/stride) x ceil(W/stride) grid, order (y, x, size, ratio); a box of
     size s and ratio r = h/w has area s^2. Returns (boxes [K, 4] float32, valid [K]: the
     clipped box has positive width and height)."""
     hp, wp = int(padded_hw[0]), int(padded_hw[1])
-    base = []
-    for s in sizes:
-        for r in ratios:
-            w = math.sqrt(float(s) ** 2 / float(r))
-            h = float(r) * w
-            base.append([-w / 2, -h / 2, w / 2, h / 2])
-    base = np.asarray(base, np.float64)
-    ys = (np.arange(math.ceil(hp / stride)) + offset) * stride
-    xs = (np.arange(math.ceil(wp / stride)) + offset) * stride
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    shifts = np.stack([xx, yy, xx, yy], -1).reshape(-1, 1, 4)
-    layout = jnp.asarray((shifts + base[None]).reshape(-1, 4), jnp.float32)
+    layout = jnp.asarray(anchor_grid((math.ceil(hp / stride), math.ceil(wp / stride)), stride,
+                                     sizes, ratios, offset))
     hw = jnp.asarray(image_hw, jnp.float32)
-    lo = jnp.zeros(4, jnp.float32)
-    hi = jnp.stack([hw[1], hw[0], hw[1], hw[0]])
-    boxes = jnp.clip(layout, lo, hi)
-    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes = clip_boxes(layout, hw[0], hw[1])
+    valid = box_area(boxes) > 0
     return boxes, valid
 
 
@@ -174,7 +123,7 @@ def near_gt(boxes: jnp.ndarray, gt_boxes: jnp.ndarray, gt_valid: jnp.ndarray,
     """[N] bool: IoU >= gt_iou with any valid GT box (boxes [N, 4], gt_boxes [G, 4])."""
     if not gt_boxes.shape[0]:
         return jnp.zeros(boxes.shape[:1], bool)
-    return ((_iou(boxes, gt_boxes) >= gt_iou) & gt_valid[None, :]).any(axis=1)
+    return ((iou_matrix(boxes, gt_boxes) >= gt_iou) & gt_valid[None, :]).any(axis=1)
 
 
 def select_proposals(boxes: jnp.ndarray, valid: jnp.ndarray, gt_boxes: jnp.ndarray,
@@ -319,8 +268,6 @@ def make_proposal_fn(model, text_emb: np.ndarray, is_base: np.ndarray, *,
 def batch_inputs(batch: Mapping[str, np.ndarray], class_is_base: np.ndarray) -> dict:
     """Pipeline batch -> the proposal function's inputs (numpy). Refuses flipped images
     (proposal generation runs without flip); base GT = box_mask & class_is_base[classes]."""
-    from ezsd_jax.clip.renorm import valid_hw
-
     for k in ("image", "boxes", "classes", "box_mask", "scale", "image_id"):
         if k not in batch:
             raise KeyError(f"proposals: batch lacks {k!r} (have {sorted(batch)})")
@@ -382,8 +329,6 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
     Returns {'processed': [chunk ids], 'skipped': [...], 'images', 'crops', 'seconds',
     'crops_per_s'}.
     """
-    from ezsd_jax.metrics import MetricWriter, Progress
-
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"proposals: shard {shard_index}/{num_shards} out of range")
     cfg = dict(cfg or {})
@@ -397,8 +342,8 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
     todo = [c for c in mine if c not in done]
     skipped = [c for c in mine if c in done]
     if skipped:
-        print(f"[proposals] shard {shard_index}/{num_shards}: {len(skipped)} of {len(mine)} "
-              f"chunks already done, {len(todo)} to go", flush=True)
+        log.info(f"[proposals] shard {shard_index}/{num_shards}: {len(skipped)} of {len(mine)} "
+                 f"chunks already done, {len(todo)} to go")
     writer = MetricWriter(workdir, f"proposals_{shard_index}") if workdir else None
     progress = Progress(len(mine), start=len(skipped), per_step=1.0, unit="chunk",
                         name="proposals", every_s=10.0)
@@ -429,12 +374,11 @@ def run_proposals(model, params, text_emb: np.ndarray, is_base: np.ndarray,
     stats = {"processed": todo, "skipped": skipped, "images": n_img, "crops": n_crops,
              "seconds": dt, "crops_per_s": n_crops / dt if dt > 0 else 0.0}
     if todo:
-        print(f"[proposals] shard {shard_index}/{num_shards}: {len(todo)} chunks, {n_img} "
-              f"images, {n_crops} crops in {dt:.1f}s = {stats['crops_per_s']:.1f} crops/s",
-              flush=True)
+        log.info(f"[proposals] shard {shard_index}/{num_shards}: {len(todo)} chunks, {n_img} "
+                 f"images, {n_crops} crops in {dt:.1f}s = {stats['crops_per_s']:.1f} crops/s")
     return stats
 
 
-__all__ = ["nms", "sliding_candidates", "entropy_score", "score_candidates", "near_gt",
+__all__ = ["sliding_candidates", "entropy_score", "score_candidates", "near_gt",
            "select_proposals", "image_seeds", "make_proposal_fn", "batch_inputs", "to_records",
            "run_proposals"]

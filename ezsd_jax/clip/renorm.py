@@ -1,8 +1,8 @@
 """CLIP re-normalization: tune only CLIP's LayerNorms on base-class GT crops.
 
-Place in the pipeline (method note section 1): first stage. Input: detection training
+Place in the pipeline (docs/ezsd-method.md section 1): first stage. Input: detection training
 batches (the data pipeline's format) with BASE annotations; output: the adapted CLIP
-(a `save_pretrained` directory that `toy.load_clip` reads like the original) and the
+(a `save_pretrained` directory that `loading.load_clip` reads like the original) and the
 adapted text embeddings of ALL names (base + novel), used by the proposal stage and the
 detector.
 
@@ -28,11 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ezsd_jax import train_loop
 from ezsd_jax.clip import crops as crops_lib
+from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD, save_preprocessor
 from ezsd_jax.clip.text import (DEFAULT_TEMPLATES, encode_image, ensemble_text_embeddings,
-                                l2_normalize, prompt_tokens, save_text_embeddings,
-                                text_embeddings)
-from ezsd_jax.clip.toy import CLIP_MEAN, CLIP_STD
+                                prompt_tokens, save_text_embeddings, text_embeddings)
+from ezsd_jax.ops.vectors import l2_normalize
 from ezsd_jax.optim import count_params
 from ezsd_jax.tree_paths import path_str
 
@@ -64,7 +65,6 @@ def layernorm_mask(params: Any, text_layernorms: bool = True, verbose: bool = Tr
         msg = (f"renorm: {n} trainable LayerNorm parameters of {count_params(params)} "
                f"(text LayerNorms {'on' if text_layernorms else 'off'})")
         log.info(msg)
-        print(msg, flush=True)
     return mask
 
 
@@ -246,8 +246,6 @@ def save_adapted_clip(out_dir: str, model, params: Any, tokenizer,
     """Writes a `save_pretrained` directory (config, flax weights, tokenizer, preprocessor
     config) that `load_clip` reads exactly like the original. Atomic: written next to
     `out_dir` and renamed into place."""
-    from ezsd_jax.clip.toy import _save_preprocessor
-
     out_dir = os.path.abspath(out_dir)
     tmp = f"{out_dir}.tmp.{os.getpid()}"
     if os.path.exists(tmp):
@@ -255,7 +253,7 @@ def save_adapted_clip(out_dir: str, model, params: Any, tokenizer,
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(flax.core.unfreeze(params)))
     model.save_pretrained(tmp, params=host)
     tokenizer.save_pretrained(tmp)
-    _save_preprocessor(tmp, int(model.config.vision_config.image_size), mean, std)
+    save_preprocessor(tmp, int(model.config.vision_config.image_size), mean, std)
     old = f"{out_dir}.old.{os.getpid()}"
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
@@ -376,7 +374,6 @@ def run_renorm(model, params, tokenizer,
     Writes `workdir/adapted_clip/` and `workdir/text_embeddings.npz` (all names, adapted
     text tower, cfg.templates). Returns {'params', 'clip_dir', 'text_embeddings', 'rows'}.
     """
-    from ezsd_jax import train_loop
 
     c = _cfg(cfg)
     # Crops are split in groups, one per data shard, each reading only its own images.

@@ -21,36 +21,49 @@ DEFAULT_PROPOSALS).
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import os
 
+import flax
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ezsd_jax import cli
+from ezsd_jax import cli, config_check, sharding
+from ezsd_jax.clip import pretrain
+from ezsd_jax.clip.loading import load_clip
+from ezsd_jax.clip.proposals import run_proposals
+from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes, run_renorm
+from ezsd_jax.clip.store import ProposalStore
+from ezsd_jax.clip.text import load_text_embeddings, text_embeddings
+from ezsd_jax.data.pipeline import DetectionPipeline
+from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
+from ezsd_jax.demo.world import detection_paths, load_caption_set
+from ezsd_jax.ezsd import splits
+from ezsd_jax.ezsd.stages import text_embeddings_path
+from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.train import load_dataset, make_pipeline
+
+log = logging.getLogger(__name__)
 
 PRETRAIN_DIR = "clip_pretrain"
 RENORM_DIR = "clip_renorm"
 PROPOSALS_DIR = "proposals"
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def _point_data(cfg, workdir: str) -> None:
     if "synth" in cfg:
-        from ezsd_jax.data.synthetic_stage import point_data_config
         point_data_config(cfg, workdir)
 
 
 def _is_main() -> bool:
-    import jax
     return jax.process_index() == 0
 
 
 def split_names(cfg) -> tuple[list[str], list[str], list[str]]:
     """(base, novel, all) names of config.ezsd's split, in the train file's id order."""
-    from ezsd_jax.ezsd import splits
     ann = cfg.data.train_ann
     base, novel = splits.zeroshot_names(cfg.ezsd, ann)
     return base, novel, splits.all_names(base, novel, ann)
@@ -81,7 +94,6 @@ def _crop_kw(cfg, size: int, mean, std) -> dict:
 
 def _local_pipeline(dataset, cfg, batch_size: int, train: bool = False):
     """A pipeline over ALL of `dataset` in this process (no per-process split), no flip."""
-    from ezsd_jax.data.pipeline import DetectionPipeline
     d = cfg.data
     return DetectionPipeline(dataset, batch_size=int(batch_size),
                              image_size=tuple(cfg.model.image_size), max_boxes=d.max_boxes,
@@ -97,18 +109,13 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     """Stage 'clip_pretrain' (demo): toy CLIP on the caption set of config.clip.captions
     ('' = the demo world's <synth root>/captions/{train,heldout}.npz). Skipped when the
     model and its clean accuracy exist. Returns the clean accuracy dict."""
-    import json
 
-    from ezsd_jax.clip import pretrain
-    from ezsd_jax.clip.toy import load_clip
-    from ezsd_jax.demo.world import load_caption_set
-    from ezsd_jax.io_utils import atomic_write_json
     _point_data(cfg, workdir)
     out = os.path.join(workdir, PRETRAIN_DIR)
     model_dir = os.path.join(out, "model")
     acc_path = os.path.join(out, "clean_accuracy.json")
     if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), acc_path)):
-        _log(f"[clip_pretrain] {model_dir} exists, skipping")
+        log.info(f"[clip_pretrain] {model_dir} exists, skipping")
         with open(acc_path) as f:
             return json.load(f)
     tr_path, ho_path = _caption_paths(cfg, workdir)
@@ -120,7 +127,7 @@ def clip_pretrain(cfg, workdir: str) -> dict:
                          "zero-shot split (config.ezsd)")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         pretrain.run_pretrain(train["images"], train["captions"], train["labels"],
-                              train["names"], model_dir, workdir, cfg.clip.pretrain, log=_log)
+                              train["names"], model_dir, workdir, cfg.clip.pretrain, log=log.info)
     model, params, tok, _, mean, std = load_clip(model_dir)
     templates = _templates(cfg)
     held = load_caption_set(ho_path)
@@ -134,8 +141,8 @@ def clip_pretrain(cfg, workdir: str) -> dict:
     acc["images"] = int(keep.sum())
     if _is_main():
         atomic_write_json(acc_path, acc)
-    _log(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
-         f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
+    log.info(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
+             f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
     return acc
 
 
@@ -143,8 +150,6 @@ def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
     c = cfg.clip.get("captions", "")
     if c:
         return os.path.join(c, "train.npz"), os.path.join(c, "heldout.npz")
-    from ezsd_jax.data.synthetic_stage import dataset_paths
-    from ezsd_jax.demo.world import detection_paths
     p = detection_paths(dataset_paths(cfg, workdir)["root"])
     return p["captions_train"], p["captions_heldout"]
 
@@ -165,8 +170,6 @@ def val_crop_accuracy(cfg, model, params, text_emb: np.ndarray, names, is_base,
                       mean, std, max_images: int | None = None) -> dict:
     """Accuracy of CLIP classifying val GT crops (all names, 1.2x crops as in renorm) over
     the rows of text_emb (`names` order); acc_all / acc_base / acc_novel + counts."""
-    from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes
-    from ezsd_jax.train import load_dataset
     dataset = load_dataset(cfg.data, "val", category_names=list(names))
     if max_images:
         dataset = dataclasses.replace(dataset, records=dataset.records[:int(max_images)])
@@ -188,17 +191,8 @@ def val_crop_accuracy(cfg, model, params, text_emb: np.ndarray, names, is_base,
 
 def renorm(cfg, workdir: str) -> dict:
     """Stage 'renorm' (see module docstring). Returns the crop accuracy dict."""
-    import json
 
-    import flax
-    import jax
 
-    from ezsd_jax import sharding
-    from ezsd_jax.clip.renorm import run_renorm
-    from ezsd_jax.clip.text import load_text_embeddings, text_embeddings
-    from ezsd_jax.clip.toy import load_clip
-    from ezsd_jax.io_utils import atomic_write_json
-    from ezsd_jax.train import load_dataset, make_pipeline
     _point_data(cfg, workdir)
     out = os.path.join(workdir, RENORM_DIR)
     adapted = os.path.join(out, "adapted_clip")
@@ -207,7 +201,7 @@ def renorm(cfg, workdir: str) -> dict:
     base, novel, names = split_names(cfg)
     done = os.path.exists(os.path.join(adapted, "config.json")) and os.path.exists(emb_path)
     if done and os.path.exists(acc_path):
-        _log(f"[renorm] {adapted} exists, skipping")
+        log.info(f"[renorm] {adapted} exists, skipping")
         with open(acc_path) as f:
             return json.load(f)
     src = clip_source(cfg, workdir)
@@ -225,8 +219,8 @@ def renorm(cfg, workdir: str) -> dict:
         n_boxes = int(sum(len(r.boxes) for r in dataset.records))
         steps = renorm_steps(cfg, n_boxes)
         bs = int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
-        _log(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
-             f"of {len(base)} base names; {steps} steps of {bs} images")
+        log.info(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
+                 f"of {len(base)} base names; {steps} steps of {bs} images")
         mesh = sharding.make_mesh(cfg.mesh)
         # run_renorm builds its state from `params` as given: replicate them on the mesh
         # (else the state sits on one device and the data-sharded batch on all of them)
@@ -246,25 +240,19 @@ def renorm(cfg, workdir: str) -> dict:
     acc = {"before": before, "after": after, "teacher": src}
     if _is_main():
         atomic_write_json(acc_path, acc)
-    _log(f"[renorm] val crop accuracy over all {len(names)} names (base / novel): before "
-         f"{before['acc_base']:.3f} / {before['acc_novel']:.3f}, after "
-         f"{after['acc_base']:.3f} / {after['acc_novel']:.3f}")
+    log.info(f"[renorm] val crop accuracy over all {len(names)} names (base / novel): before "
+             f"{before['acc_base']:.3f} / {before['acc_novel']:.3f}, after "
+             f"{after['acc_base']:.3f} / {after['acc_novel']:.3f}")
     return acc
 
 
 # ----------------------------------------------------------------------------- proposals
 
-def _shard(cfg) -> tuple[int, int]:
-    import jax
-    s = cfg.clip.get("proposal_shard", "") or ""
-    if not s:
-        return jax.process_index(), jax.process_count()
-    try:
-        i, n = (int(v) for v in str(s).split("/"))
-    except ValueError:
-        raise ValueError(f"config.clip.proposal_shard must look like 'i/n', got {s!r}") \
-            from None
-    return i, n
+def proposal_shard(cfg) -> tuple[int, int]:
+    """(shard index, shard count) of this job: config.clip.proposal_shard 'i/n', or this
+    process of all processes when it is ''."""
+    parsed = config_check.parse_shard(cfg.clip.get("proposal_shard", ""))
+    return parsed or (jax.process_index(), jax.process_count())
 
 
 def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir: str
@@ -272,11 +260,6 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
     """Proposals of every training image (base GT only loaded) with the CLIP in
     `clip_dir` classifying over the names of `text_path` (all names of the split) into
     the ProposalStore `out_dir`. Returns run_proposals' stats (or {'skipped': all})."""
-    from ezsd_jax.clip.proposals import run_proposals
-    from ezsd_jax.clip.store import ProposalStore
-    from ezsd_jax.clip.text import load_text_embeddings
-    from ezsd_jax.clip.toy import load_clip
-    from ezsd_jax.train import load_dataset
     base, novel, names = split_names(cfg)
     dataset = load_dataset(cfg.data, "train", category_names=base)
     cs = int(cfg.clip.proposal_images_per_chunk)
@@ -287,11 +270,11 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
                 "names": names, "base_names": base, "settings": settings,
                 "train_ann": os.path.basename(cfg.data.train_ann)}
     store = ProposalStore(out_dir, manifest)
-    shard_index, num_shards = _shard(cfg)
+    shard_index, num_shards = proposal_shard(cfg)
     mine = [c for c in range(num_chunks) if c % num_shards == shard_index]
     if set(mine) <= set(store.finished_shards()):
-        _log(f"[proposals] {out_dir}: all {len(mine)} chunks of shard {shard_index}/"
-             f"{num_shards} exist, skipping")
+        log.info(f"[proposals] {out_dir}: all {len(mine)} chunks of shard {shard_index}/"
+                 f"{num_shards} exist, skipping")
         return {"processed": [], "skipped": mine}
     model, params, _, _, mean, std = load_clip(clip_dir)
     enames, emb = load_text_embeddings(text_path)
@@ -303,9 +286,9 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
     is_base = np.asarray([nm in base for nm in names])
     class_is_base = np.ones(len(dataset.cat_names), bool)   # only base GT is loaded
     bs = int(cfg.clip.get("proposal_batch_size", 0) or cfg.eval.batch_size)
-    _log(f"[proposals] {n} training images in {num_chunks} chunks of {cs}; shard "
-         f"{shard_index}/{num_shards}; CLIP {clip_dir}; {len(names)} names "
-         f"({len(base)} base)")
+    log.info(f"[proposals] {n} training images in {num_chunks} chunks of {cs}; shard "
+             f"{shard_index}/{num_shards}; CLIP {clip_dir}; {len(names)} names "
+             f"({len(base)} base)")
 
     def load_chunk(c):
         sub = dataclasses.replace(dataset, records=dataset.records[c * cs:(c + 1) * cs])
@@ -323,7 +306,6 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
 
 def proposals(cfg, workdir: str) -> dict:
     """Stage 'proposals' (see module docstring)."""
-    from ezsd_jax.ezsd.stages import text_embeddings_path
     _point_data(cfg, workdir)
     clip_dir = os.path.join(workdir, RENORM_DIR, "adapted_clip")
     if not os.path.exists(os.path.join(clip_dir, "config.json")):
@@ -336,9 +318,7 @@ def proposals(cfg, workdir: str) -> dict:
 
 
 def _barrier_if_multiprocess() -> None:
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("ezsd_clip_proposals")
 
 

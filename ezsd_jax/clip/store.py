@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ezsd_jax.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.io_utils import atomic_savez, atomic_write_json, json_default
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^shard_(\d{5,})-of-(\d{5,})\.npz$")
@@ -57,7 +57,7 @@ class ProposalStore:
             with open(path) as f:
                 stored = json.load(f)
         if manifest is not None:
-            manifest = json.loads(json.dumps(dict(manifest), default=_json_default))
+            manifest = json.loads(json.dumps(dict(manifest), default=json_default))
             if "num_chunks" not in manifest:
                 raise StoreError("ProposalStore: manifest needs 'num_chunks'")
             if stored is None:
@@ -202,16 +202,6 @@ class ProposalStore:
 
     def __iter__(self) -> Iterator:
         return iter(self.image_ids())
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 __all__ = ["ProposalStore", "StoreError", "MANIFEST"]

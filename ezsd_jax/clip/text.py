@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ezsd_jax.io_utils import atomic_savez
+from ezsd_jax.ops.vectors import l2_normalize
+
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
@@ -43,10 +46,6 @@ def encode_text(model, params, input_ids: jnp.ndarray, attention_mask: jnp.ndarr
     out = model.module.apply({"params": params}, ids, jnp.asarray(attention_mask, jnp.int32),
                              pos, method=_text)
     return out.astype(jnp.float32)
-
-
-def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 def prompts(names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
@@ -107,8 +106,7 @@ def text_embeddings(model, params, tokenizer, names: Sequence[str],
     feats = np.concatenate([np.asarray(enc(params, ids[s:s + bs], mask[s:s + bs]))
                             for s in range(0, ids.shape[0], bs)])[:n]
     feats = feats.reshape(len(names), len(templates), -1).mean(axis=1)
-    feats /= np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
-    return feats.astype(np.float32)
+    return np.asarray(l2_normalize(feats))
 
 
 _ENCODERS: dict = {}
@@ -136,10 +134,7 @@ def save_text_embeddings(path: str, names: Sequence[str], emb: np.ndarray,
     arrays = {"names": np.asarray(names), "embeddings": emb}
     if templates is not None:
         arrays["templates"] = np.asarray(list(templates))
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    atomic_savez(path, **arrays)
 
 
 def load_text_embeddings(path: str) -> tuple[list[str], np.ndarray]:
@@ -157,6 +152,6 @@ def load_text_embeddings(path: str) -> tuple[list[str], np.ndarray]:
     return names, emb
 
 
-__all__ = ["DEFAULT_TEMPLATES", "encode_image", "encode_text", "l2_normalize", "prompts",
+__all__ = ["DEFAULT_TEMPLATES", "encode_image", "encode_text", "prompts",
            "tokenize", "prompt_tokens", "ensemble_text_embeddings", "text_embeddings",
            "save_text_embeddings", "load_text_embeddings"]

@@ -1,9 +1,9 @@
-"""CLIP loading, and a tiny random CLIP (+ its own BPE tokenizer) for tests and demos.
+"""A tiny random CLIP (+ its own BPE tokenizer) for tests, benchmarks and the demo.
 
-Place in the pipeline: every CLIP stage (re-normalization, text embeddings, proposals)
-gets its model through `load_clip`, from a real checkpoint directory / hub name (offline:
-HF_HUB_OFFLINE=1 reads the local cache only) or from a toy directory written by
-`make_tiny_clip`. No pretrained weights ship with the project; the toy CLIP is random.
+Place in the pipeline: none of the real runs; `make_tiny_clip` writes a `save_pretrained`
+directory that `clip/loading.load_clip` reads like a real checkpoint, and the demo's
+`clip_pretrain` stage starts from `tiny_clip_config` + `make_tokenizer`. No pretrained
+weights ship with the project; the toy CLIP is random until pretrained.
 
 The toy tokenizer is a genuine CLIP BPE vocabulary, only small: all 256 byte symbols, each
 also with the end-of-word marker '</w>', the merges that assemble every pre-token of the
@@ -16,12 +16,16 @@ import json
 import os
 from typing import Iterable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import regex
+from transformers import (CLIPConfig, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig,
+                          FlaxCLIPModel)
+from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-# OpenAI CLIP preprocessing constants (used when a checkpoint has no preprocessor config).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ezsd_jax.clip.loading import load_clip, save_preprocessor
+from ezsd_jax.io_utils import atomic_write_text
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 # Words of the default prompt templates; always in a toy vocabulary.
@@ -32,20 +36,10 @@ _PAT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[
         r"""[^\s\p{L}\p{N}]+""")
 
 
-class ClipLoadError(FileNotFoundError):
-    pass
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-    return bytes_to_unicode()
-
-
 def _pretokens(words: Iterable[str]) -> list[str]:
     """The byte-encoded pre-tokens CLIPTokenizer produces for `words` (lower-cased)."""
-    import regex
     pat = regex.compile(_PAT, regex.IGNORECASE)
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     out, seen = [], set()
     for w in words:
         text = " ".join(str(w).replace("{}", " ").lower().split())
@@ -58,7 +52,7 @@ def _pretokens(words: Iterable[str]) -> list[str]:
 
 
 def _write_vocab(out_dir: str, merges: list[tuple[str, str]]) -> None:
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     vocab = list(b2u.values())
     vocab = vocab + [v + "</w>" for v in vocab]
     seen = set(vocab)
@@ -68,17 +62,10 @@ def _write_vocab(out_dir: str, merges: list[tuple[str, str]]) -> None:
             vocab.append(a + b)
     vocab += [SOT, EOT]
     os.makedirs(out_dir, exist_ok=True)
-    _atomic_write(os.path.join(out_dir, "vocab.json"),
+    atomic_write_text(os.path.join(out_dir, "vocab.json"),
                   json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    _atomic_write(os.path.join(out_dir, "merges.txt"),
+    atomic_write_text(os.path.join(out_dir, "merges.txt"),
                   "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def make_tokenizer(out_dir: str, words: Iterable[str]):
@@ -89,8 +76,6 @@ def make_tokenizer(out_dir: str, words: Iterable[str]):
     later word, a joining merge is appended (a few rounds) so whole words end up as one
     token. Unknown tokens cannot occur either way: every byte symbol is in the vocabulary.
     """
-    from transformers import CLIPTokenizer
-
     pieces = _pretokens(list(TEMPLATE_WORDS) + list(words))
     merges: list[tuple[str, str]] = []
     have = set()
@@ -129,8 +114,6 @@ def tiny_clip_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
                      max_text_len: int = 32, intermediate: int | None = None,
                      bos_token_id: int | None = None, eos_token_id: int | None = None):
     """A small CLIPConfig (text and vision towers of the same width/depth)."""
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-
     if image_size % patch:
         raise ValueError(f"tiny_clip_config: image_size {image_size} not divisible by "
                          f"patch {patch}")
@@ -151,8 +134,6 @@ def tiny_clip_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
 
 def vitb32_config(vocab_size: int = 49408):
     """The ViT-B/32 CLIP architecture (random init; for benchmarks without weights)."""
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-
     text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=512, intermediate_size=2048,
                           num_hidden_layers=12, num_attention_heads=8,
                           max_position_embeddings=77, projection_dim=512,
@@ -165,17 +146,6 @@ def vitb32_config(vocab_size: int = 49408):
                       projection_dim=512)
 
 
-def _save_preprocessor(out_dir: str, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> None:
-    cfg = {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-           "size": {"shortest_edge": int(image_size)}, "do_center_crop": True,
-           "crop_size": {"height": int(image_size), "width": int(image_size)},
-           "do_normalize": True, "image_mean": [float(v) for v in mean],
-           "image_std": [float(v) for v in std],
-           "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-           "do_convert_rgb": True}
-    _atomic_write(os.path.join(out_dir, "preprocessor_config.json"), json.dumps(cfg, indent=2))
-
-
 def informative_init(params: dict, seed: int = 0) -> dict:
     """Re-draws a random CLIP's weights at unit-variance-preserving scales.
 
@@ -186,8 +156,6 @@ def informative_init(params: dict, seed: int = 0) -> dict:
     but crops and names get distinct features, so tests of classification, scores and
     filters are not degenerate. `params` may hold jax.ShapeDtypeStruct leaves (then
     logit_scale gets CLIP's init value log(1/0.07))."""
-    import jax
-
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     rng = np.random.default_rng(seed)
     out = []
@@ -213,8 +181,6 @@ def informative_init(params: dict, seed: int = 0) -> dict:
 
 def _param_shapes(model, cfg):
     """Parameter shapes of a CLIP without running (compiling) its initializer."""
-    import jax
-
     ids = jnp.zeros((1, 1), jnp.int32)
     px = jnp.zeros((1, cfg.vision_config.image_size, cfg.vision_config.image_size, 3))
     return jax.eval_shape(lambda: model.module.init(
@@ -227,8 +193,6 @@ def make_tiny_clip(out_dir: str, words: Iterable[str], seed: int = 0,
     (config.json, flax_model.msgpack, vocab/merges, tokenizer and preprocessor configs).
     `config_kwargs` go to `tiny_clip_config`; `informative`: see `informative_init`.
     Returns `load_clip(out_dir)`."""
-    from transformers import FlaxCLIPModel
-
     tok = make_tokenizer(out_dir, words)
     cfg = tiny_clip_config(len(tok.get_vocab()), bos_token_id=tok.bos_token_id,
                            eos_token_id=tok.eos_token_id, **config_kwargs)
@@ -239,69 +203,9 @@ def make_tiny_clip(out_dir: str, words: Iterable[str], seed: int = 0,
         model = FlaxCLIPModel(cfg, seed=seed)
         params = model.params
     model.save_pretrained(out_dir, params=params)
-    _save_preprocessor(out_dir, cfg.vision_config.image_size)
+    save_preprocessor(out_dir, cfg.vision_config.image_size)
     return load_clip(out_dir)
 
 
-def _weights_present(d: str) -> bool:
-    names = os.listdir(d)
-    return any(n in ("flax_model.msgpack", "model.safetensors",
-                     "flax_model.msgpack.index.json", "model.safetensors.index.json")
-               for n in names)
-
-
-def load_clip(name_or_dir: str, dtype=jnp.float32):
-    """-> (model, params, tokenizer, image_size, mean, std).
-
-    `name_or_dir`: a local directory (config.json + flax_model.msgpack or model.safetensors
-    + vocab.json/merges.txt; loads without torch) or a hub name (from the local cache when
-    HF_HUB_OFFLINE=1). `dtype` is the computation dtype (e.g. jnp.bfloat16); parameters
-    stay float32. mean/std: the checkpoint's preprocessor config, else OpenAI CLIP's.
-    """
-    from transformers import CLIPTokenizer, FlaxCLIPModel
-
-    path = os.fspath(name_or_dir)
-    if os.path.isdir(path):
-        missing = [f for f in ("config.json", "vocab.json", "merges.txt")
-                   if not os.path.exists(os.path.join(path, f))]
-        if not _weights_present(path):
-            missing.append("flax_model.msgpack or model.safetensors")
-        if missing:
-            raise ClipLoadError(f"load_clip: {path} is not a CLIP checkpoint directory: "
-                                f"missing {', '.join(missing)} (have: "
-                                f"{sorted(os.listdir(path))})")
-    elif (path.startswith((os.path.sep, ".", "~")) or path.count("/") > 1
-          or os.path.exists(path)):
-        raise ClipLoadError(f"load_clip: {path} is not a directory (expected a CLIP "
-                            f"checkpoint directory or a hub name like 'openai/clip-vit-base-"
-                            f"patch32')")
-    try:
-        # _do_init=False: no throw-away random init (seconds for ViT-B/32); the weights are
-        # returned separately and passed explicitly everywhere (model.params stays unset).
-        model, params = FlaxCLIPModel.from_pretrained(path, dtype=dtype, _do_init=False)
-        tokenizer = CLIPTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = " (HF_HUB_OFFLINE is set: only the local cache is read)" if offline else ""
-        raise ClipLoadError(f"load_clip: cannot load CLIP from {path!r}{hint}: {e}") from e
-    image_size = int(model.config.vision_config.image_size)
-    mean, std = CLIP_MEAN, CLIP_STD
-    pp = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else None
-    if pp is None:
-        try:
-            from transformers.utils import cached_file
-            pp = cached_file(path, "preprocessor_config.json",
-                             _raise_exceptions_for_missing_entries=False)
-        except Exception:  # noqa: BLE001 - optional file
-            pp = None
-    if pp and os.path.exists(pp):
-        with open(pp) as f:
-            pc = json.load(f)
-        mean = tuple(float(v) for v in pc.get("image_mean", mean))
-        std = tuple(float(v) for v in pc.get("image_std", std))
-    return (model, params, tokenizer, image_size, np.asarray(mean, np.float32),
-            np.asarray(std, np.float32))
-
-
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ClipLoadError", "make_tokenizer", "tiny_clip_config",
-           "vitb32_config", "informative_init", "make_tiny_clip", "load_clip"]
+__all__ = ["make_tokenizer", "tiny_clip_config", "vitb32_config", "informative_init",
+           "make_tiny_clip"]

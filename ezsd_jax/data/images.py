@@ -20,6 +20,7 @@ short has none): the cheap check of every file against its annotation before tra
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from typing import Union
@@ -40,6 +41,21 @@ _TAIL_BYTES = 4096
 
 def _name(src: Source) -> str:
     return "<bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src)
+
+
+@contextlib.contextmanager
+def _read_errors(name: str, what: str):
+    """Whatever PIL or the file system raises while reading `name` -> one DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{name}: image file not found") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{name}: image too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
+        raise DataError(f"{name}: {what} ({type(e).__name__}: {e})") from None
 
 
 def _open(src: Source) -> Image.Image:
@@ -81,19 +97,10 @@ def decode_image(src: Source) -> np.ndarray:
     Raises DataError naming the file for anything that is not a readable image.
     """
     name = _name(src)
-    try:
-        with _open(src) as im:
-            im.load()
-            upright = ImageOps.exif_transpose(im)
-            out = _to_rgb(upright)
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{name}: image file not found") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{name}: image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
-        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    with _read_errors(name, "cannot decode image"), _open(src) as im:
+        im.load()
+        upright = ImageOps.exif_transpose(im)
+        out = _to_rgb(upright)
     if out.ndim != 3 or out.shape[2] != 3 or min(out.shape[:2]) < 1:
         raise DataError(f"{name}: decoded to an unusable array of shape {out.shape}")
     return np.ascontiguousarray(out)
@@ -112,24 +119,15 @@ def check_image(src: Source) -> tuple[int, int]:
 
 def _header(src: Source, check_end: bool) -> tuple[int, int]:
     name = _name(src)
-    try:
-        with _open(src) as im:
-            w, h = im.size
-            marker = _END_MARKERS.get(im.format or "") if check_end else None
-            if marker is not None and marker not in _tail(src):
-                raise DataError(f"{name}: truncated {im.format} file (no end marker)")
-            try:
-                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-            except Exception:  # a broken EXIF block: the decoder ignores it as well
-                orientation = 1
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{name}: image file not found") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{name}: image too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError) as e:
-        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+    with _read_errors(name, "not a readable image"), _open(src) as im:
+        w, h = im.size
+        marker = _END_MARKERS.get(im.format or "") if check_end else None
+        if marker is not None and marker not in _tail(src):
+            raise DataError(f"{name}: truncated {im.format} file (no end marker)")
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a broken EXIF block: the decoder ignores it as well
+            orientation = 1
     return (w, h) if orientation in _SWAPS_AXES else (h, w)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
 from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.ops.boxes import iou_matrix
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon",
           "ellipse", "pentagon", "rectangle", "crescent", "semicircle")
@@ -126,7 +127,7 @@ _POLYGONS = {"square": _regular(4, math.pi / 4), "rectangle": _regular(4, math.p
              "hexagon": _regular(6, 0.0), "star": _star(), "cross": _CROSS}
 
 
-def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """bool mask [h, w] of one shape whose longer side is about `size` pixels."""
     if shape in ("ellipse", "rectangle"):
         aspect = rng.uniform(0.45, 0.7)
@@ -185,7 +186,7 @@ def _muted(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(70, 190, 3).astype(np.float32)
 
 
-def _background(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def render_background(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     if kind == "solid":
         img = np.broadcast_to(_muted(rng), (h, w, 3))
     elif kind == "noise":
@@ -210,7 +211,7 @@ def _background(kind: str, h: int, w: int, rng: np.random.Generator) -> np.ndarr
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _clutter(img: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def add_clutter(img: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     if n <= 0:
         return img
     h, w = img.shape[:2]
@@ -228,15 +229,6 @@ def _clutter(img: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(pil)
 
 
-def _iou(a: Sequence[float], b: Sequence[float]) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    inter = iw * ih
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-
 def place_shape(mask: np.ndarray, occupied: np.ndarray, placed, max_overlap_iou: float,
                 rng: np.random.Generator):
     """One try at a random position for `mask` on the canvas of `occupied` ([H, W] bool,
@@ -250,7 +242,8 @@ def place_shape(mask: np.ndarray, occupied: np.ndarray, placed, max_overlap_iou:
     if len(rows) == 0:
         return None
     box = (x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1)
-    if any(_iou(box, q) > max_overlap_iou for q in placed):
+    if len(placed) and (iou_matrix(np.float64([box]), np.float64(placed), xp=np)
+                        > max_overlap_iou).any():
         return None
     taken = occupied[y0:y0 + mh, x0:x0 + mw]
     if (taken & mask).any():
@@ -285,7 +278,7 @@ def render_image(spec: SyntheticSpec, rng: np.random.Generator
     (h0, h1), (w0, w1) = spec.image_hw_range
     H, W = int(rng.integers(h0, h1 + 1)), int(rng.integers(w0, w1 + 1))
     kind = spec.backgrounds[int(rng.integers(len(spec.backgrounds)))]
-    img = _clutter(_background(kind, H, W, rng), spec.clutter, rng)
+    img = add_clutter(render_background(kind, H, W, rng), spec.clutter, rng)
     img = np.array(img)  # writable
     n_obj = int(rng.integers(spec.objects_per_image[0], spec.objects_per_image[1] + 1))
     objects: list[dict] = []
@@ -297,7 +290,7 @@ def render_image(spec: SyntheticSpec, rng: np.random.Generator
             cat = spec.categories[k]
             size = int(rng.integers(spec.object_size[0], spec.object_size[1] + 1))
             size = min(size, H, W)
-            mask = _shape_mask(cat.shape, size, rng)
+            mask = shape_mask(cat.shape, size, rng)
             spot = place_shape(mask, occupied, placed, spec.max_overlap_iou, rng)
             if spot is None:  # no occlusion: every box stays tight and visible
                 continue

@@ -2,9 +2,15 @@
 into the workdir and points config.data at it. Skips the work when the files exist."""
 from __future__ import annotations
 
+import logging
 import os
 
+import jax
+from jax.experimental import multihost_utils
+
 from ezsd_jax.data.synthetic import SyntheticSpec, default_categories, write_coco_dataset
+
+log = logging.getLogger(__name__)
 
 
 def spec_from_config(s) -> SyntheticSpec:
@@ -50,7 +56,6 @@ def run(cfg, workdir: str) -> dict:
     skip the files where the workdir is shared and write their own (identical, seeded)
     copy where each host has its own disk. Without the barrier every process would
     rewrite the same images in place while another may already be reading them."""
-    import jax
     later = jax.process_index() > 0
     if later:
         _barrier()
@@ -60,10 +65,10 @@ def run(cfg, workdir: str) -> dict:
     for split, n in (("train", s.train_images), ("val", s.val_images)):
         ann = p[f"{split}_ann"]
         if os.path.exists(ann):
-            print(f"[synth_data] {ann} exists, skipping", flush=True)
+            log.info(f"[synth_data] {ann} exists, skipping")
             continue
         write_coco_dataset(p["root"], spec, n, seed=s.seed, split=split)
-        print(f"[synth_data] wrote {n} {split} images to {p['root']}", flush=True)
+        log.info(f"[synth_data] wrote {n} {split} images to {p['root']}")
     if not later and jax.process_count() > 1:
         _barrier()
     point_data_config(cfg, workdir)
@@ -71,5 +76,4 @@ def run(cfg, workdir: str) -> dict:
 
 
 def _barrier() -> None:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("ezsd_synth_data")

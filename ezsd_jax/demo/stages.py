@@ -16,19 +16,30 @@ Every stage skips work whose outputs exist, so the demo command can be re-run.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 
+import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from ezsd_jax import cli
+from ezsd_jax.clip import stages as clip_stages
+from ezsd_jax.clip.loading import load_clip
+from ezsd_jax.clip.text import save_text_embeddings, text_embeddings
+from ezsd_jax.data.images import decode_image
+from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
+from ezsd_jax.demo import report, world
+from ezsd_jax.ezsd import stages as ezsd_stages
+from ezsd_jax.ezsd.stages import text_embeddings_path
+from ezsd_jax.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 ABLATION_DIR = "ablation"
 VARIANTS = ("no_renorm", "no_proposals", "no_semantic_regression", "no_distillation")
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def _read_json(path: str):
@@ -41,7 +52,6 @@ def _read_json(path: str):
 def _main_run_summary(cfg, workdir: str, stage: str) -> dict:
     """Points config.data at the world (also when a stage is called directly) and returns
     the main run's eval/ezsd_summary.json; missing -> an error naming what to run."""
-    from ezsd_jax.data.synthetic_stage import point_data_config
     if "synth" in cfg:
         point_data_config(cfg, workdir)
     summary = _read_json(os.path.join(workdir, "eval", "ezsd_summary.json"))
@@ -52,7 +62,6 @@ def _main_run_summary(cfg, workdir: str, stage: str) -> dict:
 
 
 def _is_main() -> bool:
-    import jax
     return jax.process_index() == 0
 
 
@@ -60,19 +69,16 @@ def _is_main() -> bool:
 
 def demo_data(cfg, workdir: str) -> dict:
     """Stage 'demo_data' (see module docstring). Returns the world's paths."""
-    from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
-    from ezsd_jax.demo import world
     s = cfg.synth
     root = dataset_paths(cfg, workdir)["root"]
     spec = world.spec_from_config(s)
-    import jax
     if jax.process_index() > 0:     # process 0 writes first (shared disks), then the rest
         _barrier("ezsd_demo_data_0")
     paths = world.write_world(root, spec, train_images=s.train_images,
                               val_images=s.val_images,
                               captions_per_category=s.captions_per_category,
                               heldout_per_category=s.heldout_per_category, seed=s.seed,
-                              log=_log)
+                              log=log.info)
     if jax.process_index() == 0 and jax.process_count() > 1:
         _barrier("ezsd_demo_data_0")
     point_data_config(cfg, workdir)
@@ -80,7 +86,6 @@ def demo_data(cfg, workdir: str) -> dict:
 
 
 def _barrier(name: str) -> None:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -108,15 +113,11 @@ def variant_config(cfg, variant: str, workdir: str, vdir: str):
 
 
 def _main_text_embeddings(workdir: str) -> str:
-    from ezsd_jax.ezsd.stages import text_embeddings_path
     return text_embeddings_path(ml_collections.ConfigDict({"ezsd": {}}), workdir)
 
 
 def _prepare_no_renorm(cfg, vcfg, workdir: str, vdir: str) -> None:
     """Text embeddings and proposals of the teacher BEFORE re-normalization."""
-    from ezsd_jax.clip import stages as clip_stages
-    from ezsd_jax.clip.text import save_text_embeddings, text_embeddings
-    from ezsd_jax.clip.toy import load_clip
     src = clip_stages.clip_source(cfg, workdir)
     emb_path = vcfg.ezsd.text_embeddings
     if not os.path.exists(emb_path):
@@ -131,19 +132,18 @@ def _prepare_no_renorm(cfg, vcfg, workdir: str, vdir: str) -> None:
 def run_variant(cfg, variant: str, workdir: str) -> dict:
     """Trains + evaluates one variant (skipped when its summary is of the final step);
     returns {'summary', 'crop_accuracy'}."""
-    from ezsd_jax.ezsd import stages as ezsd_stages
     vdir = os.path.join(workdir, ABLATION_DIR, variant)
     os.makedirs(vdir, exist_ok=True)
     vcfg = variant_config(cfg, variant, workdir, vdir)
     summary = _read_json(os.path.join(vdir, "eval", "ezsd_summary.json"))
     if summary is None or summary.get("step") != int(cfg.train.steps):
-        _log(f"=== ablation variant {variant} ===")
+        log.info(f"=== ablation variant {variant} ===")
         if variant == "no_renorm":
             _prepare_no_renorm(cfg, vcfg, workdir, vdir)
         ezsd_stages.ezsd_train(vcfg, vdir)
         summary = ezsd_stages.ezsd_eval(vcfg, vdir)
     else:
-        _log(f"[ablation] {variant}: {vdir} is done, skipping")
+        log.info(f"[ablation] {variant}: {vdir} is done, skipping")
     acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}
     return {"summary": summary,
             "crop_accuracy": acc.get("before" if variant == "no_renorm" else "after")}
@@ -151,12 +151,10 @@ def run_variant(cfg, variant: str, workdir: str) -> dict:
 
 def ablation(cfg, workdir: str) -> dict | None:
     """Stage 'ablation' (see module docstring); a no-op unless config.ablation.enabled."""
-    from ezsd_jax.demo import report
-    from ezsd_jax.io_utils import atomic_write_json
     a = cfg.get("ablation")
     if a is None or not a.enabled:
-        _log("[ablation] config.ablation.enabled is False: skipping (--config.ablation."
-             "enabled=True runs it)")
+        log.info("[ablation] config.ablation.enabled is False: skipping (--config.ablation."
+                 "enabled=True runs it)")
         return None
     full = _main_run_summary(cfg, workdir, "ablation")
     acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}
@@ -165,7 +163,7 @@ def ablation(cfg, workdir: str) -> dict | None:
         results[v] = run_variant(cfg, v, workdir)
     if _is_main():
         atomic_write_json(os.path.join(workdir, ABLATION_DIR, "results.json"), results)
-    _log(report.ablation_table(results))
+    print(report.ablation_table(results), flush=True)  # the stage's result, to stdout
     return results
 
 
@@ -179,12 +177,9 @@ def _val_images_to_draw(val: dict, novel_ids: set, n: int) -> list[int]:
 
 
 def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> str | None:
-    from ezsd_jax.data.images import decode_image
-    from ezsd_jax.demo import report
-    from ezsd_jax.io_utils import atomic_write_bytes
     dets = _read_json(os.path.join(workdir, "eval", "ezsd_eval_detections.json"))
     if dets is None:
-        _log("[demo_report] no eval/ezsd_eval_detections.json: no detections PNG")
+        log.info("[demo_report] no eval/ezsd_eval_detections.json: no detections PNG")
         return None
     with open(cfg.data.val_ann) as f:
         val = json.load(f)
@@ -207,7 +202,6 @@ def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> st
             score_threshold=float(r.get("score_threshold", 0.3)),
             max_dets=int(r.get("max_detections", 10))))
     grid = report.detections_grid(panels, int(r.get("columns", 3)), title)
-    import io
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     atomic_write_bytes(out_path, buf.getvalue())
@@ -216,8 +210,6 @@ def draw_val_detections(cfg, workdir: str, out_path: str, title: str = "") -> st
 
 def demo_report(cfg, workdir: str) -> dict:
     """Stage 'demo_report' (see module docstring). Returns the gathered results."""
-    from ezsd_jax.demo import report
-    from ezsd_jax.io_utils import atomic_write_json, atomic_write_text
     summary = _main_run_summary(cfg, workdir, "demo_report")
     crop = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json"))
     clean = _read_json(os.path.join(workdir, "clip_pretrain", "clean_accuracy.json"))
@@ -237,9 +229,9 @@ def demo_report(cfg, workdir: str) -> dict:
     if _is_main():
         atomic_write_text(os.path.join(workdir, "report.md"), text + "\n")
         atomic_write_json(os.path.join(workdir, "report.json"), out)
-    print("\n" + text + "\n", flush=True)
+    print("\n" + text + "\n", flush=True)  # the report is the demo's output, to stdout
     if png:
-        _log(f"[demo_report] wrote {os.path.join(workdir, 'report.md')} and {png}")
+        log.info(f"[demo_report] wrote {os.path.join(workdir, 'report.md')} and {png}")
     return out
 
 

@@ -35,8 +35,9 @@ import numpy as np
 from PIL import Image
 
 from ezsd_jax import cli
-from ezsd_jax.data.synthetic import (CategorySpec, _background, _clutter, _shape_mask,
-                                     append_coco_image, object_record, place_shape)
+from ezsd_jax.data.synthetic import (CategorySpec, add_clutter, append_coco_image,
+                                     object_record, place_shape, render_background,
+                                     shape_mask)
 from ezsd_jax.data.synthetic_stage import coco_layout
 from ezsd_jax.io_utils import atomic_savez, atomic_write_json
 
@@ -151,7 +152,7 @@ def render_scene(spec: WorldSpec, rng: np.random.Generator, split: str = "train"
     tight around the drawn pixels, area). Objects never occlude each other."""
     s = spec.image_size
     kind = DETECTION_BACKGROUNDS[int(rng.integers(len(DETECTION_BACKGROUNDS)))]
-    img = np.array(_clutter(_background(kind, s, s, rng), spec.clutter, rng))
+    img = np.array(add_clutter(render_background(kind, s, s, rng), spec.clutter, rng))
     p = spec.weights(split)
     occupied = np.zeros((s, s), bool)
     placed, objects = [], []
@@ -160,7 +161,7 @@ def render_scene(spec: WorldSpec, rng: np.random.Generator, split: str = "train"
         for _try in range(20):
             k = int(rng.choice(len(p), p=p))
             cat = spec.categories[k]
-            mask = _shape_mask(cat.shape, int(rng.integers(spec.object_size[0],
+            mask = shape_mask(cat.shape, int(rng.integers(spec.object_size[0],
                                                            spec.object_size[1] + 1)), rng)
             spot = place_shape(mask, occupied, placed, spec.max_overlap_iou, rng)
             if spot is None:
@@ -194,7 +195,7 @@ def render_caption_image(spec: WorldSpec, k: int, rng: np.random.Generator) -> n
     bg = rng.integers(lo, hi + 1, 3)
     img = np.broadcast_to(bg.astype(np.uint8), (r, r, 3)).copy()
     size = int(round(rng.uniform(*spec.caption_object_frac) * r))
-    mask = _shape_mask(cat.shape, max(size, 4), rng)
+    mask = shape_mask(cat.shape, max(size, 4), rng)
     mh, mw = mask.shape
     jit = int(0.12 * r)
     y0 = int(np.clip((r - mh) // 2 + rng.integers(-jit, jit + 1), 0, r - mh))
@@ -247,7 +248,7 @@ def render_empty_image(spec: WorldSpec, rng: np.random.Generator) -> np.ndarray:
     lighting change, no clutter), uint8 [caption_size, caption_size, 3]."""
     r = spec.caption_render
     kind = CAPTION_BACKGROUNDS[int(rng.integers(len(CAPTION_BACKGROUNDS)))]
-    img = _background(kind, r, r, rng)
+    img = render_background(kind, r, r, rng)
     return np.asarray(Image.fromarray(img).resize((spec.caption_size,) * 2, Image.BICUBIC))
 
 

@@ -1,4 +1,4 @@
-"""CLIP feature distillation for the EZSD detector (method note sections 2-3).
+"""CLIP feature distillation for the EZSD detector (docs/ezsd-method.md sections 2-3).
 
 Place in the pipeline: the proposal stage stores, per training image, CLIP proposal boxes
 (original image coordinates) with fp16 normalized CLIP embeddings and confidences, and the

@@ -1,4 +1,4 @@
-"""Zero-shot category splits (method note section 0): COCO 48/17, LVIS base/novel by
+"""Zero-shot category splits (docs/ezsd-method.md section 0): COCO 48/17, LVIS base/novel by
 frequency, explicit name lists; split annotation files; evaluation groups.
 
 Place in the pipeline: every EZSD stage asks `zeroshot_names(cfg.ezsd, ann_file)` for the

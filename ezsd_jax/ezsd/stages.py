@@ -19,11 +19,25 @@ eval (protocol, force).
 from __future__ import annotations
 
 import json
+import logging
 import os
 
+import jax
 import numpy as np
 
-from ezsd_jax import cli
+from ezsd_jax import cli, evaluate, sharding
+from ezsd_jax.checkpoint import Checkpointer
+from ezsd_jax.clip.store import ProposalStore, StoreError
+from ezsd_jax.clip.text import load_text_embeddings
+from ezsd_jax.ezsd import distill, splits
+from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
+from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.models import detector as det
+from ezsd_jax.models.ezsd_head import EZSDHeadConfig
+from ezsd_jax.ops.vectors import l2_normalize
+from ezsd_jax.train import detector_config, load_dataset, make_pipeline, train_detector
+
+log = logging.getLogger(__name__)
 
 # what the renorm stage (clip/stages.py) writes: the one default place
 DEFAULT_TEXT_EMBEDDINGS = "clip_renorm/text_embeddings.npz"
@@ -50,7 +64,6 @@ def text_embeddings_path(cfg, workdir: str) -> str:
 def load_class_embeddings(path: str, names, embed_dim: int) -> np.ndarray:
     """Rows of the text-embeddings file for `names`, in that order: [K, D] float32,
     L2-normalized. A missing name or a dim other than the head's is an error."""
-    from ezsd_jax.clip.text import load_text_embeddings
     file_names, emb = load_text_embeddings(path)
     pos = {n: i for i, n in enumerate(file_names)}
     missing = [n for n in names if n not in pos]
@@ -64,12 +77,10 @@ def load_class_embeddings(path: str, names, embed_dim: int) -> np.ndarray:
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     if not np.all(np.isfinite(out)) or np.any(norm == 0):
         raise ValueError(f"{path}: non-finite or zero text embeddings")
-    return out / norm
+    return np.asarray(l2_normalize(out))
 
 
 def head_config(cfg, num_classes: int):
-    from ezsd_jax.models.ezsd_head import EZSDHeadConfig
-    from ezsd_jax.train import detector_config
     if cfg.model.roi_head != "ezsd":
         raise ValueError(f"EZSD stages need config.model.roi_head='ezsd', got "
                          f"{cfg.model.roi_head!r}")
@@ -78,7 +89,6 @@ def head_config(cfg, num_classes: int):
 
 
 def open_store(cfg, workdir: str):
-    from ezsd_jax.clip.store import ProposalStore, StoreError
     d = cfg.ezsd.get("proposals_dir", "") or os.path.join(workdir, DEFAULT_PROPOSALS)
     try:
         store = ProposalStore(d)
@@ -90,7 +100,6 @@ def open_store(cfg, workdir: str):
 
 def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
     """(extra_fn, extra_loss_fn) of config.ezsd.distill, or (None, None) when disabled."""
-    from ezsd_jax.ezsd import distill
     dc = cfg.ezsd.distill
     if not dc.enabled:
         return None, None
@@ -102,7 +111,7 @@ def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
         if dc.on_missing == "raise":
             raise ValueError(msg + ": finish the proposals stage, or set "
                              "config.ezsd.distill.on_missing='empty'")
-        print(f"[ezsd_train] warning: {msg}; they get no distillation targets", flush=True)
+        log.warning(f"[ezsd_train] {msg}; they get no distillation targets")
     extra_fn = distill.make_extra_fn(
         reader, embed_dim=embed_dim, proposal_slots=dc.proposal_slots, max_gt=dc.max_gt,
         gt_only=dc.gt_only, min_size=dc.min_size, on_missing=dc.on_missing)
@@ -116,16 +125,14 @@ def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
 
 def ezsd_train(cfg, workdir: str) -> dict:
     """Stage 'ezsd_train' (see module docstring). Returns {'model', 'state', 'names'}."""
-    from ezsd_jax.ezsd import splits
-    from ezsd_jax.train import load_dataset, train_detector
     base, novel = splits.zeroshot_names(cfg.ezsd, cfg.data.train_ann)
     dataset = load_dataset(cfg.data, "train", category_names=base)
     _, hcfg = head_config(cfg, len(base))
     emb = load_class_embeddings(text_embeddings_path(cfg, workdir), dataset.cat_names,
                                 hcfg.embed_dim)
     n_bg = sum(1 for r in dataset.records if len(r.boxes) == 0)
-    print(f"[ezsd_train] {len(base)} base / {len(novel)} novel names; {len(dataset.records)} "
-          f"training images ({n_bg} without base objects, kept as background)", flush=True)
+    log.info(f"[ezsd_train] {len(base)} base / {len(novel)} novel names; {len(dataset.records)} "
+             f"training images ({n_bg} without base objects, kept as background)")
     extra_fn, loss_fn = distill_fns(cfg, workdir, dataset, hcfg.embed_dim)
     model, state = train_detector(cfg, workdir, dataset, {"class_embeddings": emb},
                                   extra_loss_fn=loss_fn, extra_fn=extra_fn, name=CKPT_NAME)
@@ -137,9 +144,6 @@ def _summary_path(workdir: str) -> str:
 
 
 def _run_inference(cfg, model, variables, dataset, consts, name: str) -> list[dict]:
-    import jax
-    from ezsd_jax import evaluate, sharding
-    from ezsd_jax.train import make_pipeline
     mesh = sharding.make_mesh(cfg.mesh)
     variables = evaluate.place_on_mesh(variables, mesh)
     var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
@@ -154,12 +158,6 @@ def _run_inference(cfg, model, variables, dataset, consts, name: str) -> list[di
 
 def ezsd_eval(cfg, workdir: str) -> dict:
     """Stage 'ezsd_eval' (see module docstring). Returns the summary dict."""
-    import jax
-    from ezsd_jax import evaluate
-    from ezsd_jax.ezsd import splits
-    from ezsd_jax.io_utils import atomic_write_json
-    from ezsd_jax.models import detector as det
-    from ezsd_jax.train import load_dataset
     ec = cfg.ezsd.eval
     val_ann = cfg.data.val_ann
     base, novel = splits.zeroshot_names(cfg.ezsd, val_ann)
@@ -169,7 +167,6 @@ def ezsd_eval(cfg, workdir: str) -> dict:
     consts = {"class_embeddings": load_class_embeddings(
         text_embeddings_path(cfg, workdir), names, hcfg.embed_dim)}
     model = det.FasterRCNN(dcfg)
-    from ezsd_jax.checkpoint import Checkpointer
     ck = Checkpointer(os.path.join(workdir, f"ckpt_{CKPT_NAME}"))
     latest = ck.latest_step()
     ck.close()
@@ -178,20 +175,19 @@ def ezsd_eval(cfg, workdir: str) -> dict:
         with open(spath) as f:
             done = json.load(f)
         if done.get("step") == latest:
-            print(f"[ezsd_eval] {spath} is of checkpoint step {latest}: skipping "
-                  "(config.ezsd.eval.force=True re-runs)", flush=True)
+            log.info(f"[ezsd_eval] {spath} is of checkpoint step {latest}: skipping "
+                     "(config.ezsd.eval.force=True re-runs)")
             return done
     variables, step = evaluate.restore_variables(cfg, workdir, model, consts, name=CKPT_NAME)
-    print(f"[ezsd_eval] checkpoint step {step}; {len(dataset.records)} images, "
-          f"{len(names)} names ({len(base)} base + {len(novel)} novel), protocol "
-          f"{ec.protocol}", flush=True)
+    log.info(f"[ezsd_eval] checkpoint step {step}; {len(dataset.records)} images, "
+             f"{len(names)} names ({len(base)} base + {len(novel)} novel), protocol "
+             f"{ec.protocol}")
     groups = splits.category_groups(val_ann, base, novel)
     if ec.protocol == "coco":
         metrics = evaluate.evaluate_detector(cfg, workdir, model, variables, dataset, consts,
                                              groups=groups, name=EVAL_NAME)
         summary = {g: {"AP50": metrics[g]["AP50"], "AP": metrics[g]["AP"]} for g in groups}
     elif ec.protocol == "lvis":
-        from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
         results = _run_inference(cfg, model, variables, dataset, consts, EVAL_NAME)
         img_ids = [r.image_id for r in dataset.records]
         metrics = lvis_evaluate(val_ann, results, max_dets=cfg.model.test_max_detections,
@@ -208,7 +204,7 @@ def ezsd_eval(cfg, workdir: str) -> dict:
                     "num_images": len(dataset.records)})
     if jax.process_index() == 0:
         atomic_write_json(spath, summary)
-    print("[ezsd_eval] " + json.dumps(summary), flush=True)
+    print("[ezsd_eval] " + json.dumps(summary), flush=True)  # the stage's result line
     return summary
 
 

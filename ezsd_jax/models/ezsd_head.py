@@ -1,5 +1,5 @@
 """The EZSD RoI head: region embeddings in CLIP's joint space, classified by cosine
-similarity with frozen text embeddings, plus semantic box regression (method note sec. 3).
+similarity with frozen text embeddings, plus semantic box regression (docs/ezsd-method.md section 3).
 
 Place in the pipeline: RoIAlign -> EZSDRoIHead (plugged in by detector.make_roi_head when
 model.roi_head == 'ezsd'). The class names live only in `class_embeddings` [K, D], given
@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ezsd_jax.models.box_head import BoxHead, BoxRegressor, xavier_fill
-
-if TYPE_CHECKING:  # detector.py imports this module lazily; no import cycle at runtime
-    from ezsd_jax.models.detector import DetectorConfig
+from ezsd_jax.models.config import DetectorConfig
+from ezsd_jax.ops.vectors import l2_normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +57,6 @@ class EZSDHeadConfig:
             raise ValueError(f"config.model.ezsd: need embed_dim >= 1 and temperature_init "
                              f"> 0, got {out}")
         return out
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class EZSDRoIHead(nn.Module):

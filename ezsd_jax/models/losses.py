@@ -17,7 +17,8 @@ from ezsd_jax.ops import boxes as box_ops
 from ezsd_jax.ops.matching import match_boxes, sample_balanced
 
 
-def _l1(x, beta: float):
+def smooth_l1(x, beta: float):
+    """Elementwise smooth L1 (Huber / beta); beta <= 0 is plain |x| (detectron2 default)."""
     ax = jnp.abs(x)
     if beta <= 0:
         return ax
@@ -40,7 +41,7 @@ def rpn_losses(key, objectness: jax.Array, deltas: jax.Array, anchors: jax.Array
         obj_s = obj[idx]
         cls = optax.sigmoid_binary_cross_entropy(obj_s, pos.astype(jnp.float32))
         target = box_ops.encode(gt[matched[idx]], anchors[idx])
-        reg = _l1(dlt[idx] - target, beta).sum(-1)
+        reg = smooth_l1(dlt[idx] - target, beta).sum(-1)
         return (jnp.sum(cls * sval), jnp.sum(reg * pos), jnp.sum(pos), jnp.sum(sval))
 
     cls, reg, npos, nval = jax.vmap(one)(keys, objectness, deltas, gt_boxes, gt_mask)
@@ -89,7 +90,7 @@ def box_losses(logits: jax.Array, deltas: jax.Array, targets: dict, image_valid:
     n = jnp.maximum(jnp.sum(w), 1.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets["cls_target"])
     fg = (targets["fg"] & valid).astype(jnp.float32)
-    reg = _l1(deltas - targets["box_target"], beta).sum(-1)
+    reg = smooth_l1(deltas - targets["box_target"], beta).sum(-1)
     pred = jnp.argmax(logits, axis=-1)
     acc = jnp.sum((pred == targets["cls_target"]) * w) / n
     fg_acc = jnp.sum((pred == targets["cls_target"]) * fg) / jnp.maximum(jnp.sum(fg), 1.0)

@@ -37,6 +37,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255 pixel units
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -202,14 +203,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"load_state_dict: no such file: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors.numpy import load_file
         return dict(load_file(path))
     if ext == ".npz":
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     if ext in (".pth", ".pt"):
         try:
-            import torch
+            import torch  # optional (not in requirements.txt): only .pth files need it
         except ImportError as e:
             raise ImportError(f"load_state_dict: reading {path} needs torch, which is not "
                               f"installed. {_CONVERT_HINT}") from e
@@ -229,7 +229,6 @@ def save_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLik
     ext = os.path.splitext(path)[1].lower()
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
     if ext == ".safetensors":
-        from safetensors.numpy import save_file
         save_file(arrays, path)
     elif ext == ".npz":
         np.savez(path, **arrays)

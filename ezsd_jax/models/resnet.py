@@ -79,6 +79,15 @@ def _conv(features: int, k: int, stride: int, dtype: Dtype, name: str) -> nn.Con
                    param_dtype=jnp.float32, kernel_init=conv_init, name=name)
 
 
+def _add_shortcut(x: jax.Array, y: jax.Array, out_ch: int, stride: int, dtype) -> jax.Array:
+    """relu(y + shortcut(x)); the shortcut is a 1x1/stride conv + BN when the shape changes
+    (called inside a block's compact __call__: its modules belong to that block)."""
+    if stride != 1 or x.shape[-1] != out_ch:
+        x = _conv(out_ch, 1, stride, dtype, "downsample_conv")(x)
+        x = FrozenBatchNorm(dtype=dtype, name="downsample_bn")(x)
+    return nn.relu(y + x.astype(dtype))
+
+
 class BasicBlock(nn.Module):
     """torchvision BasicBlock (expansion 1): 3x3/s -> BN -> ReLU -> 3x3 -> BN (+ shortcut)."""
     planes: int
@@ -93,11 +102,7 @@ class BasicBlock(nn.Module):
         y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(y))
         y = _conv(self.planes, 3, 1, self.dtype, "conv2")(y)
         y = FrozenBatchNorm(dtype=self.dtype, name="bn2")(y)
-        shortcut = x
-        if self.stride != 1 or x.shape[-1] != out_ch:
-            shortcut = _conv(out_ch, 1, self.stride, self.dtype, "downsample_conv")(x)
-            shortcut = FrozenBatchNorm(dtype=self.dtype, name="downsample_bn")(shortcut)
-        return nn.relu(y + shortcut.astype(self.dtype))
+        return _add_shortcut(x, y, out_ch, self.stride, self.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -116,11 +121,7 @@ class Bottleneck(nn.Module):
         y = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn2")(y))
         y = _conv(out_ch, 1, 1, self.dtype, "conv3")(y)
         y = FrozenBatchNorm(dtype=self.dtype, name="bn3")(y)
-        shortcut = x
-        if self.stride != 1 or x.shape[-1] != out_ch:
-            shortcut = _conv(out_ch, 1, self.stride, self.dtype, "downsample_conv")(x)
-            shortcut = FrozenBatchNorm(dtype=self.dtype, name="downsample_bn")(shortcut)
-        return nn.relu(y + shortcut.astype(self.dtype))
+        return _add_shortcut(x, y, out_ch, self.stride, self.dtype)
 
 
 class ResNet(nn.Module):

@@ -1,4 +1,5 @@
-"""Anchor layouts: FPN anchors for the RPN and dense sliding anchors for CLIP proposals.
+"""Anchor layouts: FPN anchors for the RPN and the layout of the dense sliding candidates
+of CLIP proposals (clip/proposals.sliding_candidates clips and masks it on device).
 
 Pure numpy, evaluated once at trace time (shapes are static), returning np.float32 xyxy
 boxes in input-image pixels.
@@ -64,26 +65,3 @@ def fpn_anchors(image_hw: tuple[int, int], strides: Sequence[int] = (4, 8, 16, 3
     h, w = int(image_hw[0]), int(image_hw[1])
     return [anchor_grid((math.ceil(h / s), math.ceil(w / s)), s, [size], ratios, offset)
             for s, size in zip(strides, sizes)]
-
-
-def sliding_anchors(image_hw: tuple[int, int], stride: int = 32,
-                    sizes: Sequence[float] = (32, 64, 128, 256, 512),
-                    ratios: Sequence[float] = (0.5, 1.0, 2.0),
-                    clip: bool = True, offset: float = 0.0) -> np.ndarray:
-    """Dense candidate boxes for CLIP proposals: every size and ratio at one stride.
-
-    Laid out like ``anchor_grid`` on a ceil(H/stride) x ceil(W/stride) grid (about 15.7k
-    boxes on 1333 x 800 with the defaults), then, when ``clip`` (default), clipped to the
-    image [0, W] x [0, H]. Boxes with no positive-area overlap with the image are dropped,
-    so every returned box is a real crop; the count is static given ``image_hw``. For
-    padded batches whose real size is known only on device, lay anchors out on the padded
-    size and mask them with ``ops.boxes.visible_mask(boxes, h, w)``.
-    """
-    h, w = int(image_hw[0]), int(image_hw[1])
-    boxes = anchor_grid((math.ceil(h / stride), math.ceil(w / stride)), stride, sizes,
-                        ratios, offset)
-    cl = np.stack([np.clip(boxes[:, 0], 0, w), np.clip(boxes[:, 1], 0, h),
-                   np.clip(boxes[:, 2], 0, w), np.clip(boxes[:, 3], 0, h)], axis=-1)
-    keep = ((cl[:, 2] - cl[:, 0]) > 0) & ((cl[:, 3] - cl[:, 1]) > 0)
-    out = cl if clip else boxes
-    return out[keep].astype(np.float32)

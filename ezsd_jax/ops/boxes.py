@@ -4,7 +4,9 @@ Convention everywhere inside the project: xyxy, absolute float32 pixels of the (
 input image, continuous coordinates (a box [0, 0, 10, 10] is 10 pixels wide; no "+1").
 COCO xywh appears only at the data/evaluation edges (``xyxy_to_xywh``/``xywh_to_xyxy``).
 
-All functions are pure jnp, shape-polymorphic over leading axes and jittable.
+All functions are pure jnp, shape-polymorphic over leading axes and jittable;
+``box_area`` and ``iou_matrix`` also run on host in float64 with ``xp=numpy`` (the
+synthetic data generator places objects with them).
 """
 from __future__ import annotations
 
@@ -32,31 +34,31 @@ def xywh_to_xyxy(b: jnp.ndarray) -> jnp.ndarray:
     return jnp.concatenate([b[..., :2], b[..., :2] + b[..., 2:]], axis=-1)
 
 
-def box_area(b: jnp.ndarray) -> jnp.ndarray:
+def box_area(b: jnp.ndarray, xp=jnp) -> jnp.ndarray:
     """[..., 4] -> [...]: area, with negative widths/heights (inverted boxes) counted as 0."""
-    b = jnp.asarray(b)
-    w = jnp.maximum(b[..., 2] - b[..., 0], 0.0)
-    h = jnp.maximum(b[..., 3] - b[..., 1], 0.0)
+    b = xp.asarray(b)
+    w = xp.maximum(b[..., 2] - b[..., 0], 0.0)
+    h = xp.maximum(b[..., 3] - b[..., 1], 0.0)
     return w * h
 
 
-def iou_matrix(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+def iou_matrix(a: jnp.ndarray, b: jnp.ndarray, xp=jnp) -> jnp.ndarray:
     """Pairwise IoU: a [..., N, 4], b [..., M, 4] -> [..., N, M].
 
     Leading axes broadcast. Pairs whose union is 0 (both boxes zero-area) and pairs with a
-    zero-area box get IoU 0, never NaN.
+    zero-area box get IoU 0, never NaN. xp=numpy computes on host in the inputs' dtype.
     """
-    a = jnp.asarray(a)
-    b = jnp.asarray(b)
-    area_a = box_area(a)[..., :, None]
-    area_b = box_area(b)[..., None, :]
-    lt = jnp.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    rb = jnp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = jnp.maximum(rb - lt, 0.0)
+    a = xp.asarray(a)
+    b = xp.asarray(b)
+    area_a = box_area(a, xp)[..., :, None]
+    area_b = box_area(b, xp)[..., None, :]
+    lt = xp.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = xp.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = xp.maximum(rb - lt, 0.0)
     inter = wh[..., 0] * wh[..., 1]
     union = area_a + area_b - inter
     safe = union > 0
-    return jnp.where(safe, inter / jnp.where(safe, union, 1.0), 0.0)
+    return xp.where(safe, inter / xp.where(safe, union, 1.0), 0.0)
 
 
 def clip_boxes(b: jnp.ndarray, height, width) -> jnp.ndarray:
@@ -73,16 +75,6 @@ def clip_boxes(b: jnp.ndarray, height, width) -> jnp.ndarray:
     x2 = jnp.clip(b[..., 2], 0.0, w)
     y2 = jnp.clip(b[..., 3], 0.0, h)
     return jnp.stack([x1, y1, x2, y2], axis=-1)
-
-
-def visible_mask(b: jnp.ndarray, height, width) -> jnp.ndarray:
-    """[..., 4] -> [...] bool: True where the box overlaps the image with positive area.
-
-    Jittable companion of ``anchors.sliding_anchors`` for padded inputs whose real image
-    size is only known on device: anchors laid out on the padded canvas can be masked with
-    the per-image (height, width).
-    """
-    return box_area(clip_boxes(b, height, width)) > 0
 
 
 def _centre_size(b: jnp.ndarray):

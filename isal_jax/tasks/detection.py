@@ -208,7 +208,7 @@ class DetectionTask:
             target = box_ops.encode(g, anchors[idx])
             pos, sval = batch["rpn_pos"], batch["rpn_valid"]
             cls = optax.sigmoid_binary_cross_entropy(o, pos.astype(jnp.float32))
-            reg = losses._l1(d - target, self.reg_beta).sum(-1)   # as losses.rpn_losses
+            reg = losses.smooth_l1(d - target, self.reg_beta).sum(-1)   # as losses.rpn_losses
             rpn_cls = jnp.sum(jnp.where(sval, cls, 0.0), axis=1) / n_rpn
             rpn_box = jnp.sum(jnp.where(pos, reg, 0.0), axis=1) / n_rpn
             head = m.head(m.roi_features(feats, batch["rois"]), batch["cls_target"], None)

@@ -1,0 +1,91 @@
+"""Detector configuration: one frozen dataclass that the detector assembly
+(models/detector.py) and every RoI head (models/ezsd_head.py) read; built from
+config.model by `DetectorConfig.from_config` (ezsd_jax/train.detector_config)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ezsd_jax.ops.anchors import fpn_anchors
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorConfig:
+    num_classes: int
+    image_size: tuple[int, int] = (1024, 1024)   # padded input H, W (multiple of 64)
+    dtype: str = "float32"                       # compute dtype; params stay float32
+    # backbone
+    stage_sizes: tuple[int, ...] = (3, 4, 6, 3)
+    width: int = 64
+    bottleneck: bool = True
+    frozen_stages: int = 1
+    fpn_channels: int = 256
+    # anchors / RPN
+    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
+    anchor_sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_topk_train: int = 2000
+    rpn_post_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 1000
+    rpn_post_nms_topk_test: int = 1000
+    rpn_nms_threshold: float = 0.7
+    rpn_batch_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_fg_iou: float = 0.7
+    rpn_bg_iou: float = 0.3
+    rpn_loss_weight: float = 1.0
+    # RoI head
+    roi_head: str = "standard"                   # 'standard' | 'ezsd'
+    roi_batch_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    roi_fg_iou: float = 0.5
+    roi_output_size: int = 7
+    roi_sampling_ratio: int = 2
+    box_num_convs: int = 0
+    box_conv_dim: int = 256
+    box_num_fcs: int = 2
+    box_fc_dim: int = 1024
+    bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+    box_loss_weight: float = 1.0
+    # inference
+    test_score_threshold: float = 0.05
+    test_nms_threshold: float = 0.5
+    test_max_detections: int = 100
+    test_topk_candidates: int = 4096
+    # RoI-head-specific options as hashable (key, value) pairs (config.model.ezsd for the
+    # EZSD head; read by ezsd_jax.models.ezsd_head.EZSDHeadConfig). () = head defaults.
+    ezsd: tuple = ()
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, **overrides) -> "DetectorConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in cfg.to_dict().items() if k in fields}
+        unknown = set(cfg.keys()) - fields - {"pretrained", "ezsd"}
+        if unknown:
+            raise ValueError(f"config.model: unknown fields {sorted(unknown)}")
+        d.update(overrides)
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(d.get("ezsd"), dict):
+            d["ezsd"] = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                     for k, v in d["ezsd"].items()))
+        return cls(**d)
+
+    def __post_init__(self):
+        h, w = self.image_size
+        if h % 64 or w % 64:
+            raise ValueError(f"model.image_size {self.image_size} must be multiples of 64 "
+                             "(FPN P6 stride)")
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def anchors(self) -> list[np.ndarray]:
+        return fpn_anchors(self.image_size, self.strides, self.anchor_sizes,
+                           self.anchor_ratios)
+
+
+__all__ = ["DetectorConfig"]
