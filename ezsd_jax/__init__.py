@@ -5,3 +5,12 @@ evaluate. Shared infrastructure (mesh/sharding, checkpoints, metrics, config) li
 package once and is imported by isal_jax too.
 """
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """`ezsd_jax.Detector` (detector_api.py), imported on first use so that
+    `import ezsd_jax` stays light (no JAX)."""
+    if name == "Detector":
+        from ezsd_jax.detector_api import Detector
+        return Detector
+    raise AttributeError(f"module 'ezsd_jax' has no attribute {name!r}")

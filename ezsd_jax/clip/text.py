@@ -15,6 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# predict's --prompts=ensemble (added to the training templates): ViLD-style variants
+ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.",
+                      "there is a {} in the scene.", "this is a photo of a {}.",
+                      "a photo of a small {}.", "a photo of a large {}.")
 
 
 def _vision(module, pixel_values):
@@ -157,6 +161,6 @@ def load_text_embeddings(path: str) -> tuple[list[str], np.ndarray]:
     return names, emb
 
 
-__all__ = ["DEFAULT_TEMPLATES", "encode_image", "encode_text", "l2_normalize", "prompts",
+__all__ = ["DEFAULT_TEMPLATES", "ENSEMBLE_TEMPLATES", "encode_image", "encode_text", "l2_normalize", "prompts",
            "tokenize", "prompt_tokens", "ensemble_text_embeddings", "text_embeddings",
            "save_text_embeddings", "load_text_embeddings"]
