@@ -135,18 +135,9 @@ class Detector:
 
     def _forward(self, hw: tuple[int, int], kb: int, b: int, thr: float, max_det: int):
         key = (hw, kb, b, thr, max_det)
-        fn = self._fns.get(key)
-        if fn is None:
-            import jax
-            from ezsd_jax.models import detector as det
-            model = det.FasterRCNN(dataclasses.replace(
-                self.dcfg, image_size=tuple(hw), num_classes=kb,
-                test_score_threshold=thr, test_max_detections=max_det))
-
-            def infer(variables, images, image_hw, valid, emb, class_valid):
-                batch = {"image": images, "image_hw": image_hw, "valid": valid}
-                return det.forward_infer(model, variables, batch, emb, class_valid)
-            fn = self._fns[key] = jax.jit(infer)
+        dcfg = dataclasses.replace(self.dcfg, image_size=tuple(hw), num_classes=kb,
+                                   test_score_threshold=thr, test_max_detections=max_det)
+        self._fns[key] = fn = _jitted_forward(dcfg)
         return key, fn
 
     def _run_batch(self, items: list, emb: np.ndarray, cvalid: np.ndarray, thr: float,
@@ -270,6 +261,26 @@ class Detector:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+_FORWARDS: dict = {}
+
+
+def _jitted_forward(dcfg):
+    """One jitted forward per detector config (input bucket, vocabulary bucket and
+    thresholds are in it), shared by every Detector of this process: variables are an
+    argument, so a second Detector (a bundle of the same run) reuses the programs."""
+    fn = _FORWARDS.get(dcfg)
+    if fn is None:
+        import jax
+        from ezsd_jax.models import detector as det
+        model = det.FasterRCNN(dcfg)
+
+        def infer(variables, images, image_hw, valid, emb, class_valid):
+            batch = {"image": images, "image_hw": image_hw, "valid": valid}
+            return det.forward_infer(model, variables, batch, emb, class_valid)
+        fn = _FORWARDS[dcfg] = jax.jit(infer)
+    return fn
+
 
 def read_config(path: str):
     """The run's resolved config (config.json, written by ezsd_jax.main) as a ConfigDict."""

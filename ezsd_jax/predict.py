@@ -113,6 +113,8 @@ def predict_main() -> None:
     from ezsd_jax.metrics import Progress
     if not FLAGS.images or not FLAGS.out:
         raise cli.UsageError("--images and --out are required")
+    if FLAGS.batch_size < 1:
+        raise cli.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     if FLAGS.max_detections is not None and FLAGS.max_detections < 1:
         raise cli.UsageError(f"--max_detections must be >= 1, got {FLAGS.max_detections}")
     files = list_images(FLAGS.images)

@@ -70,11 +70,10 @@ def test_ezsd_head_semantic_regression_ignores_padding(rng):
     emb = rng.normal(size=(3, 8)).astype(np.float32)
     pad, _ = buckets.pad_vocabulary(emb, 8)
     feats = rng.normal(size=(1, 6, 7, 7, 32)).astype(np.float32)
-    outs = []
-    for e in (emb, pad):
-        head = EZSDRoIHead(det.DetectorConfig.from_config(m, num_classes=len(e)))
-        v = head.init(jax.random.key(0), feats, None, e)
-        outs.append(jax.device_get(head.apply(v, feats, None, e)))
+    heads = [EZSDRoIHead(det.DetectorConfig.from_config(m, num_classes=len(e)))
+             for e in (emb, pad)]
+    v = heads[0].init(jax.random.key(0), feats, None, emb)    # no class-count params
+    outs = [jax.device_get(h.apply(v, feats, None, e)) for h, e in zip(heads, (emb, pad))]
     np.testing.assert_allclose(outs[1]["logits"][..., :3], outs[0]["logits"][..., :3],
                                rtol=1e-6)
     np.testing.assert_allclose(outs[1]["deltas"], outs[0]["deltas"], rtol=1e-6)
