@@ -56,12 +56,17 @@ def list_images(spec: str) -> list[str]:
     return files
 
 
-def parse_names(detector) -> tuple[list[str], str]:
-    """(names, where from) of exactly one of --names / --names_file / --vocabulary."""
+def check_name_flags(required: bool = True) -> None:
+    """Exactly one of --names / --names_file / --vocabulary (at most one if optional)."""
     given = [f for f in ("names", "names_file", "vocabulary") if FLAGS[f].value]
-    if len(given) != 1:
+    if len(given) > 1 or (required and not given):
         raise cli.UsageError("give exactly one of --names, --names_file, --vocabulary "
                              f"(got {', '.join('--' + g for g in given) or 'none'})")
+
+
+def parse_names(detector) -> tuple[list[str], str]:
+    """(names, where from) of the one of --names / --names_file / --vocabulary given."""
+    check_name_flags()
     if FLAGS.vocabulary:
         try:
             return detector.vocabulary(FLAGS.vocabulary), "split"
@@ -82,10 +87,17 @@ def parse_names(detector) -> tuple[list[str], str]:
     return list(dict.fromkeys(names)), "user"
 
 
-def _load(path: str):
-    from ezsd_jax.detector_api import Detector
+def check_workdir(path: str | None) -> None:
     if not path:
         raise cli.UsageError("--workdir is required (a trained workdir or a bundle)")
+    if not os.path.isdir(path):
+        raise cli.UsageError(f"--workdir={path}: not a directory (a trained workdir or a "
+                             "bundle)")
+
+
+def _load(path: str):
+    check_workdir(path)                 # before importing JAX (seconds)
+    from ezsd_jax.detector_api import Detector
     try:
         return Detector.load(path, batch_size=FLAGS.batch_size)
     except (cli.MissingInput, ValueError) as e:
@@ -96,6 +108,7 @@ def export_main() -> None:
     from ezsd_jax import bundle
     if not FLAGS.out:
         raise cli.UsageError("export: --out=BUNDLE_DIR is required")
+    check_name_flags(required=False)
     det = _load(FLAGS.workdir)
     names = None
     if FLAGS.names or FLAGS.names_file or FLAGS.vocabulary:
@@ -107,17 +120,19 @@ def export_main() -> None:
 
 
 def predict_main() -> None:
-    from ezsd_jax import predict_outputs as po
-    from ezsd_jax.data.images import decode_image
-    from ezsd_jax.data.coco import DataError
-    from ezsd_jax.metrics import Progress
     if not FLAGS.images or not FLAGS.out:
         raise cli.UsageError("--images and --out are required")
     if FLAGS.batch_size < 1:
         raise cli.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     if FLAGS.max_detections is not None and FLAGS.max_detections < 1:
         raise cli.UsageError(f"--max_detections must be >= 1, got {FLAGS.max_detections}")
+    check_name_flags()
     files = list_images(FLAGS.images)
+    check_workdir(FLAGS.workdir)
+    from ezsd_jax import predict_outputs as po      # imports JAX: after the checks
+    from ezsd_jax.data.coco import DataError
+    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.metrics import Progress
     out = cli.prepare_workdir(FLAGS.out)
     det = _load(FLAGS.workdir)
     names, origin = parse_names(det)

@@ -92,3 +92,23 @@ def test_geometry_matches_eval_and_buckets(h, w):
     assert x.shape == (ph, pw, 3) and (x[:nh, :nw] == 7).all() and x[nh:].sum() == 0
     big = buckets.geometry(800, 1200, (1344, 1344), 800, 1333, step=128)
     assert big["resized_hw"] == (800, 1200) and big["padded_hw"] == (896, 1280)
+
+
+def test_predict_cli_bad_input_is_one_line_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "a.png").write_bytes(b"x")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    cases = [([f"--images={tmp_path}/none*.jpg", "--names=a"], "no files"),
+             ([f"--images={tmp_path}", "--names=a", "--vocabulary=all"], "exactly one of"),
+             ([f"--images={tmp_path}", "--names=a", "--workdir=/nonexistent"],
+              "not a directory"),
+             (["export"], "--out=BUNDLE_DIR is required")]
+    for args, msg in cases:
+        out = [] if args == ["export"] else [f"--out={tmp_path}/o"]
+        p = subprocess.run([sys.executable, "-m", "ezsd_jax.predict"] + out + args,
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert p.returncode == 2, (args, p.stderr)
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (args, err)
