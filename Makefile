@@ -31,7 +31,7 @@ demo-ablation: $(STAMP)
 	    --config.ablation.enabled=True
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -53,7 +53,8 @@ class Detector:
         self.clip_dir = clip_dir                  # what bundle.export copies
         # (prompt mode, name) -> [D]; a fixed-vocabulary bundle starts with its names
         self._emb_cache: dict[tuple[str, str], np.ndarray] = dict(fixed_embeddings or {})
-        self._fns: dict = {}
+        # (input bucket, vocabulary bucket, batch, threshold, cap) -> seconds of the
+        # call that compiled it in this process (compile + one run)
         self.compile_seconds: dict = {}
 
     # ------------------------------------------------------------------ loading
@@ -133,12 +134,9 @@ class Detector:
 
     # ------------------------------------------------------------------ forward
 
-    def _forward(self, hw: tuple[int, int], kb: int, b: int, thr: float, max_det: int):
-        key = (hw, kb, b, thr, max_det)
-        dcfg = dataclasses.replace(self.dcfg, image_size=tuple(hw), num_classes=kb,
+    def _program_cfg(self, hw: tuple[int, int], kb: int, thr: float, max_det: int):
+        return dataclasses.replace(self.dcfg, image_size=tuple(hw), num_classes=kb,
                                    test_score_threshold=thr, test_max_detections=max_det)
-        self._fns[key] = fn = _jitted_forward(dcfg)
-        return key, fn
 
     def _run_batch(self, items: list, emb: np.ndarray, cvalid: np.ndarray, thr: float,
                    max_det: int) -> list[list[dict]]:
@@ -146,10 +144,10 @@ class Detector:
         import jax
         from ezsd_jax.evaluate import to_coco_results
         hw = tuple(items[0][1]["padded_hw"])
-        full = (hw, emb.shape[0], self.batch_size, thr, max_det)
+        dcfg = self._program_cfg(hw, emb.shape[0], thr, max_det)
         # a part batch: the full batch's program when compiled already, else the next
         # power of two (a single image does not pay for a whole batch)
-        b = self.batch_size if full in self._fns else min(
+        b = self.batch_size if (dcfg, self.batch_size) in _COMPILED else min(
             self.batch_size, 1 << (len(items) - 1).bit_length())
         images = np.zeros((b,) + tuple(hw) + (3,), np.uint8)
         meta = {"image_id": np.arange(b), "scale": np.ones(b, np.float32),
@@ -160,12 +158,13 @@ class Detector:
             image_hw[i] = info["resized_hw"]
             meta["scale"][i], meta["orig_hw"][i] = info["scale"], info["orig_hw"]
             meta["valid"][i] = True
-        key, fn = self._forward(tuple(hw), emb.shape[0], b, thr, max_det)
         t0 = time.perf_counter()
-        out = fn(self.variables, images, image_hw, meta["valid"], emb, cvalid)
-        out = jax.device_get(out)
-        if key not in self.compile_seconds:       # first call: compile + one run
-            self.compile_seconds[key] = time.perf_counter() - t0
+        out = jax.device_get(_jitted_forward(dcfg)(self.variables, images, image_hw,
+                                                   meta["valid"], emb, cvalid))
+        if (dcfg, b) not in _COMPILED:            # this call compiled it (+ one run)
+            _COMPILED.add((dcfg, b))
+            self.compile_seconds[(hw, emb.shape[0], b, thr, max_det)] = \
+                time.perf_counter() - t0
         res = to_coco_results(out, meta, cat_ids=range(emb.shape[0]))
         per = [[] for _ in items]
         for r in res:
@@ -263,6 +262,7 @@ class Detector:
 # ----------------------------------------------------------------------------- helpers
 
 _FORWARDS: dict = {}
+_COMPILED: set = set()                   # (detector config, batch size) compiled
 
 
 def _jitted_forward(dcfg):

@@ -142,7 +142,9 @@ def _shuffled_text_control(cfg, wd):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The reduced demo trained once for this module: (cfg, workdir). The tests using it
-    share one xdist worker (xdist_group 'demo', `--dist loadgroup` in the Makefile)."""
+    must share one xdist worker: `--dist loadscope` in the Makefile (per module). The
+    xdist_group marks are for `--dist loadgroup`, which pytest 9.2 breaks (the group
+    suffix of node ids no longer takes effect, pytest-dev/pytest-xdist#1386)."""
     from configs import demo_ci
     from ezsd_jax.data.synthetic_stage import point_data_config
     cfg = demo_ci.get_config()
