@@ -28,8 +28,6 @@ import numpy as np
 
 from ezsd_jax import buckets, cli
 
-CKPT_NAME = "ezsd"                       # ezsd/stages.CKPT_NAME (imported lazily below)
-ADAPTED_CLIP = os.path.join("clip_renorm", "adapted_clip")
 PROMPT_MODES = ("single", "ensemble")
 VOCABULARIES = ("base", "novel", "all", "coco")
 
@@ -88,7 +86,8 @@ class Detector:
         variables, step = evaluate.restore_variables(cfg, workdir, det.FasterRCNN(dcfg),
                                                      consts, name=ckpt_name)
         variables = to_device(jax.device_get(variables))
-        clip_dir = os.path.join(workdir, ADAPTED_CLIP)
+        from ezsd_jax.clip.stages import RENORM_DIR
+        clip_dir = os.path.join(workdir, RENORM_DIR, "adapted_clip")
         return cls(cfg, variables, load_text_tower(clip_dir), step=step, source=workdir,
                    base=base, novel=novel, batch_size=batch_size, bucket_step=bucket_step,
                    clip_dir=clip_dir)
