@@ -17,8 +17,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+# the demo, then open-vocabulary predict on a few of its val images with names given here
+DEMO_NAMES ?= orange diamond,purple hexagon,white pentagon,red circle,green square
 demo: $(STAMP)
 	$(VENV)/bin/python -m ezsd_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m ezsd_jax.predict --workdir=$(WORKDIR) \
+	    --images='$(WORKDIR)/synthetic/val/00000000000[1-6].png' \
+	    --names="$(DEMO_NAMES)" --out=$(WORKDIR)/predict
 
 # the demo plus its ablation table (re-uses what `make demo` wrote in the same workdir)
 demo-ablation: $(STAMP)
@@ -26,7 +31,7 @@ demo-ablation: $(STAMP)
 	    --config.ablation.enabled=True
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --durations=15 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS)
 
 # the edit-test loop: every test not marked `slow` (unit and small integration tests);
 # CI runs `make test`, which includes the slow ones

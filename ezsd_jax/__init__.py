@@ -12,3 +12,11 @@ __version__ = "0.1.0"
 # shows under absl (cli.run quiets library loggers to WARNING) and stays silent when the
 # package is imported without a logging handler (Python's last-resort handler: WARNING+).
 logging.getLogger("ezsd_jax").setLevel(logging.INFO)
+
+def __getattr__(name):
+    """`ezsd_jax.Detector` (detector_api.py), imported on first use so that
+    `import ezsd_jax` stays light (no JAX)."""
+    if name == "Detector":
+        from ezsd_jax.detector_api import Detector
+        return Detector
+    raise AttributeError(f"module 'ezsd_jax' has no attribute {name!r}")

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 
 import numpy as np
@@ -448,13 +447,8 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = cli.get_config()
     workdir = cli.prepare_workdir(FLAGS.workdir)
-    from ezsd_jax.checkpoint import CheckpointError
-    try:
-        run_selection(cfg, workdir)
-    except (SelectError, CheckpointError, FileNotFoundError) as e:
-        print(f"isal_jax.select: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_selection(cfg, workdir)   # SelectError / CheckpointError: one line via cli.run
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, extra_user_errors=(SelectError,))

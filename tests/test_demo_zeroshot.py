@@ -12,6 +12,7 @@ The end-to-end test runs every stage of the demo, then two controls:
     ViLD-text on COCO). Measured: ~0.2-0.3 novel AP50. The full run must beat it by a
     clear margin, which a pipeline whose distillation is silently off cannot do.
 """
+import dataclasses
 import json
 import os
 import time
@@ -138,12 +139,19 @@ def _shuffled_text_control(cfg, wd):
     return ezsd_stages.ezsd_eval(c, sub)
 
 
-@pytest.mark.slow
-def test_reduced_demo_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The reduced demo trained once for this module: (cfg, workdir). The tests using it
+    must share one xdist worker: `--dist loadscope` in the Makefile (per module). The
+    xdist_group marks are for `--dist loadgroup`, which pytest 9.2 breaks (the group
+    suffix of node ids no longer takes effect, pytest-dev/pytest-xdist#1386)."""
     from configs import demo_ci
-    from ezsd_jax.demo import stages as demo_stages
+    from ezsd_jax.data.synthetic_stage import point_data_config
     cfg = demo_ci.get_config()
-    wd = str(tmp_path)
+    wd = str(tmp_path_factory.mktemp("demo_ci"))
+    point_data_config(cfg, wd)        # as ezsd_jax.main does (config.json for predict)
+    from ezsd_jax import cli
+    cli.save_config(cfg, wd)
     fns = _stage_fns()
     times = {}
     for name in cfg.stages:
@@ -151,6 +159,15 @@ def test_reduced_demo_end_to_end(tmp_path):
         fns[name](cfg, wd)
         times[name] = round(time.perf_counter() - t0, 1)
     print("stage seconds", times, "total", round(sum(times.values()), 1))
+    return cfg, wd
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo")
+def test_reduced_demo_end_to_end(demo_run):
+    from ezsd_jax.demo import stages as demo_stages
+    cfg, wd = demo_run
+    fns = _stage_fns()
     full = json.load(open(os.path.join(wd, "eval", "ezsd_summary.json")))
     clean = json.load(open(os.path.join(wd, "clip_pretrain", "clean_accuracy.json")))
     crop = json.load(open(os.path.join(wd, "clip_renorm", "crop_accuracy.json")))
@@ -179,3 +196,173 @@ def test_reduced_demo_end_to_end(tmp_path):
     for name in ("demo_data", "clip_pretrain", "renorm", "proposals", "ezsd_eval"):
         fns[name](cfg, wd)
     assert json.load(open(os.path.join(wd, "eval", "ezsd_summary.json"))) == full
+
+
+# ----------------------------------------------------------------------------- predict
+# `python -m ezsd_jax.predict` and the Detector API on the demo's trained workdir: the
+# val images (AP50 from predict's own JSON == ezsd_eval's) and real photos (scikit-learn's
+# sample images) in the variants users have: EXIF-rotated, grayscale, RGBA, 16-bit, CMYK,
+# plus a corrupt JPEG and a text file.
+
+def _photo_variants(d):
+    """Writes the photo variants into `d`; returns {name: upright decoded HxWx3}."""
+    import sklearn
+    from PIL import Image
+    src = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images", "china.jpg")
+    up = np.asarray(Image.open(src).convert("RGB"))[::2, ::2]     # 214 x 320, non-square
+    os.makedirs(d, exist_ok=True)
+    Image.fromarray(up).save(os.path.join(d, "upright.png"))
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(up)))   # 320 x 214 as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6                                   # viewer rotates 90 degrees clockwise
+    stored.save(os.path.join(d, "exif_rotated.png"), exif=exif.tobytes())
+    stored.save(os.path.join(d, "exif_rotated.jpg"), exif=exif.tobytes(), quality=95)
+    g = Image.fromarray(up).convert("L")
+    g.save(os.path.join(d, "gray.png"))
+    Image.fromarray((np.asarray(g).astype(np.uint16) * 257)).save(os.path.join(d, "gray16.png"))
+    Image.fromarray(up).convert("RGBA").save(os.path.join(d, "rgba.png"))
+    Image.fromarray(up).convert("CMYK").save(os.path.join(d, "cmyk.jpg"))
+    with open(src, "rb") as f:
+        data = f.read()
+    with open(os.path.join(d, "corrupt.jpg"), "wb") as f:
+        f.write(data[:len(data) // 3])
+    with open(os.path.join(d, "notes.txt"), "w") as f:
+        f.write("not an image\n")
+    return up
+
+
+@pytest.fixture(scope="module")
+def predict_run(demo_run, tmp_path_factory):
+    """One CLI run over the val images + the photo variants with the split's names."""
+    import subprocess
+    import sys
+    cfg, wd = demo_run
+    d = str(tmp_path_factory.mktemp("predict_in"))
+    for f in sorted(os.listdir(cfg.data.val_images)):
+        os.symlink(os.path.join(cfg.data.val_images, f), os.path.join(d, f))
+    up = _photo_variants(d)
+    out = str(tmp_path_factory.mktemp("predict_out"))
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get(
+        "PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    p = subprocess.run([sys.executable, "-m", "ezsd_jax.predict", f"--workdir={wd}",
+                        f"--images={d}", "--vocabulary=all", f"--out={out}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"out": out, "in": d, "stdout": p.stdout, "upright": up, "cfg": cfg, "wd": wd}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo")
+def test_predict_cli_on_val_and_photos(predict_run):
+    from ezsd_jax.data.coco import read_json
+    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.evaluate import coco_eval
+    from ezsd_jax.train import load_dataset
+    r, cfg, wd = predict_run, predict_run["cfg"], predict_run["wd"]
+    results = json.load(open(os.path.join(r["out"], "detections.json")))
+    summary = json.load(open(os.path.join(r["out"], "summary.json")))
+    n_val = len(os.listdir(cfg.data.val_images))
+    # the corrupt JPEG and the text file: one line each, counted, the rest ran
+    assert summary["skipped"] == 2 and summary["images"] == n_val + 7
+    assert sorted(os.path.basename(s["file"]) for s in summary["skipped_files"]) == \
+        ["corrupt.jpg", "notes.txt"]
+    assert r["stdout"].count("[predict] skipped:") == 2
+    assert "corrupt.jpg" in r["stdout"] and "notes.txt" in r["stdout"]
+    # every box inside its (upright) original image
+    by_file = {}
+    for d in results:
+        by_file.setdefault(os.path.basename(d["file_name"]), []).append(d)
+    assert {"upright.png", "exif_rotated.png", "gray16.png", "cmyk.jpg"} <= set(by_file)
+    sizes = {}
+    for f, dets in by_file.items():
+        h, w = sizes[f] = decode_image(os.path.join(r["in"], f)).shape[:2]
+        for d in dets:
+            x, y, bw, bh = d["bbox"]
+            assert 0 <= x and 0 <= y and bw > 0 and bh > 0
+            assert x + bw <= w + 1e-3 and y + bh <= h + 1e-3, (f, d, (h, w))
+    assert sizes["exif_rotated.jpg"] == sizes["upright.png"] == r["upright"].shape[:2]
+    # EXIF: the rotated file's boxes are the upright file's (same decoded pixels)
+    key = lambda d: (d["category_name"], d["score"], tuple(d["bbox"]))  # noqa: E731
+    assert sorted(map(key, by_file["exif_rotated.png"])) == \
+        sorted(map(key, by_file["upright.png"]))
+    # overlays for every readable file, indexed
+    overlays = os.listdir(os.path.join(r["out"], "overlays"))
+    assert len(overlays) == summary["images"]
+    index = open(os.path.join(r["out"], "index.html")).read()
+    assert all(o in index for o in overlays)
+    # AP50 from predict's own JSON == ezsd_eval's (same checkpoint, names, thresholds)
+    names = summary["names"]
+    ds = load_dataset(cfg.data, "val", category_names=names)
+    gt_ids = {n: i for n, i in zip(ds.cat_names, ds.cat_ids)}
+    img_ids = {os.path.basename(rec.path): rec.image_id for rec in ds.records}
+    coco_res = [dict(d, image_id=img_ids[f], category_id=gt_ids[d["category_name"]])
+                for f, dets in by_file.items() if f in img_ids for d in dets]
+    novel = [gt_ids[n] for n in summary["novel_names"]]
+    assert len(novel) == len(cfg.ezsd.novel_names)
+    gt = ds.coco()
+    ref = read_json(os.path.join(wd, "eval", "ezsd_eval_metrics.json"))
+    mine_all = coco_eval(gt, coco_res, list(img_ids.values()), list(gt_ids.values()))
+    mine_novel = coco_eval(gt, coco_res, list(img_ids.values()), novel)
+    print(f"predict AP50 all {mine_all['AP50']:.4f} novel {mine_novel['AP50']:.4f}; "
+          f"ezsd_eval {ref['all']['AP50']:.4f} / {ref['novel']['AP50']:.4f}")
+    assert ref["novel"]["AP50"] > 0.25               # predict finds the novel objects
+    assert abs(mine_all["AP50"] - ref["all"]["AP50"]) < 1e-3
+    assert abs(mine_novel["AP50"] - ref["novel"]["AP50"]) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo")
+def test_detector_api_order_extra_names_and_bundle(predict_run, tmp_path):
+    import jax
+    from ezsd_jax import buckets
+    from ezsd_jax import Detector
+    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.models import detector as det_mod
+    cfg, wd = predict_run["cfg"], predict_run["wd"]
+    det = Detector.load(wd)
+    vdir = cfg.data.val_images
+    imgs = [decode_image(os.path.join(vdir, f)) for f in sorted(os.listdir(vdir))[:3]]
+    imgs.append(predict_run["upright"])
+    names = det.vocabulary("all")
+    run = lambda ns: dict(det.detect_many(imgs, ns, progress=False))  # noqa: E731
+    a = run(names)
+    assert sum(map(len, a.values())) > 0
+    assert run(names[::-1]) == a                           # order: exactly the same
+    assert run([names[i] for i in np.random.default_rng(0).permutation(len(names))]) == a
+    # extra names: the kept names' logits and boxes are unchanged; their probabilities
+    # are the old ones times one factor <= 1 per proposal (the bigger softmax)
+    extra = ["red mug", "giraffe", "plaid unicorn"]
+    x = buckets.prepare(imgs[0], buckets.geometry(128, 128, (128, 128), 128, 128))
+    batch = {"image": x[None], "image_hw": np.array([[128, 128]], np.int32),
+             "valid": np.array([True])}
+    model = det_mod.FasterRCNN(dataclasses.replace(det.dcfg, num_classes=16))
+    head = jax.jit(lambda e, v: det_mod.infer_parts(model, det.variables, batch, e, v)["head"])
+    outs = []
+    for ns in (sorted(names), sorted(names) + extra):          # 9 and 12 names: bucket 16
+        outs.append(jax.device_get(head(*buckets.pad_vocabulary(det.embed_names(ns), 16))))
+    k = len(names)
+    l0, l1 = outs[0]["logits"][0], outs[1]["logits"][0]
+    np.testing.assert_allclose(l1[:, :k], l0[:, :k], rtol=1e-5, atol=1e-4)
+    logp = lambda z: (z - np.logaddexp.reduce(z.astype(np.float64), -1, keepdims=True)  # noqa
+                      )[:, :k]
+    dlog = logp(l1) - logp(l0)              # log of p_new / p_old for each kept name
+    assert (dlog <= 1e-5).all()
+    np.testing.assert_allclose(dlog, dlog[:, :1].repeat(k, 1), atol=1e-4)
+    same_cls = np.argmax(l1[:, :16], -1) < k
+    np.testing.assert_allclose(outs[1]["deltas"][0][same_cls],
+                               outs[0]["deltas"][0][same_cls], rtol=1e-5, atol=1e-5)
+    # bundles: the adapted CLIP copied (any names), or a fixed vocabulary's embeddings,
+    # which loads without the workdir, detects the same and serves its names only
+    from ezsd_jax import bundle
+    b = bundle.export(det, str(tmp_path / "bundle"))
+    man = json.load(open(os.path.join(b, "manifest.json")))
+    assert man["versions"]["jax"] == jax.__version__ and man["text"] == "clip"
+    assert man["step"] == det.step and man["novel"] == list(cfg.ezsd.novel_names)
+    assert os.path.exists(os.path.join(b, "adapted_clip", "config.json"))
+    fb = bundle.export(det, str(tmp_path / "fixed"), names=names)
+    fixed = Detector.load(fb)
+    assert fixed.clip is None
+    assert dict(fixed.detect_many(imgs, names, progress=False)) == a
+    with pytest.raises(ValueError, match="fixed vocabulary"):
+        fixed.detect(imgs[0], ["giraffe"])

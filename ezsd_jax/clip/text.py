@@ -18,6 +18,10 @@ from ezsd_jax.io_utils import atomic_savez
 from ezsd_jax.ops.vectors import l2_normalize
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# predict's --prompts=ensemble (added to the training templates): ViLD-style variants
+ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.",
+                      "there is a {} in the scene.", "this is a photo of a {}.",
+                      "a photo of a small {}.", "a photo of a large {}.")
 
 
 def _vision(module, pixel_values):
@@ -152,6 +156,6 @@ def load_text_embeddings(path: str) -> tuple[list[str], np.ndarray]:
     return names, emb
 
 
-__all__ = ["DEFAULT_TEMPLATES", "encode_image", "encode_text", "prompts",
+__all__ = ["DEFAULT_TEMPLATES", "ENSEMBLE_TEMPLATES", "encode_image", "encode_text", "prompts",
            "tokenize", "prompt_tokens", "ensemble_text_embeddings", "text_embeddings",
            "save_text_embeddings", "load_text_embeddings"]

@@ -31,6 +31,20 @@ COCO_BASE_48 = (
     "toilet", "tv", "laptop", "mouse", "remote", "microwave", "oven", "toaster",
     "refrigerator", "book", "clock", "vase", "toothbrush")
 
+# The 80 COCO 2017 categories in id order (predict's --vocabulary=coco).
+COCO_80 = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
+    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
+    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
+    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
+    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
+    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse",
+    "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
+    "toothbrush")
+
 SPLITS = ("coco48_17", "lvis", "names")
 
 
@@ -131,5 +145,5 @@ def make_coco_zeroshot_files(train_ann: str, val_ann: str, out_dir: str,
     return {"train": train_out, "val": val_out}
 
 
-__all__ = ["COCO_BASE_48", "COCO_NOVEL_17", "SPLITS", "order_by_file", "lvis_names",
+__all__ = ["COCO_BASE_48", "COCO_NOVEL_17", "COCO_80", "SPLITS", "order_by_file", "lvis_names",
            "zeroshot_names", "all_names", "category_groups", "make_coco_zeroshot_files"]

@@ -149,11 +149,22 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
     return total, out
 
 
+def mask_classes(logits: jax.Array, class_valid) -> jax.Array:
+    """logits [..., K+1] (background last) with the classes where class_valid [K] is False
+    set to -inf: after the softmax they have probability exactly 0 and never detect
+    (a vocabulary padded to a bucket size, detector_api.py)."""
+    keep = jnp.concatenate([jnp.asarray(class_valid, bool), jnp.ones((1,), bool)])
+    return jnp.where(keep, logits, -jnp.inf)
+
+
 def infer_parts(model: FasterRCNN, variables: dict, batch: dict,
-                class_embeddings=None) -> dict:
+                class_embeddings=None, class_valid=None) -> dict:
     """The test-time forward with its intermediates (for callers that need more than
     detections, e.g. ISAL): feats (FPN levels), rpn_objectness / rpn_deltas, proposals
-    [B,P,4] + proposal_valid, head (the box head's outputs) and detections (forward_infer)."""
+    [B,P,4] + proposal_valid, head (the box head's outputs) and detections (forward_infer).
+
+    class_valid [K] bool (optional): classes masked out of the post-processing
+    (`mask_classes`; head['logits'] is returned masked)."""
     c = model.cfg
     hw = valid_hw(batch)
 
@@ -168,6 +179,8 @@ def infer_parts(model: FasterRCNN, variables: dict, batch: dict,
                 "proposals": props, "proposal_valid": pvalid, "head": head_out}
 
     parts = nn.apply(fn, model)(variables)
+    if class_valid is not None:
+        parts["head"]["logits"] = mask_classes(parts["head"]["logits"], class_valid)
     det = postprocess.detections(
         parts["head"]["logits"], parts["head"]["deltas"], parts["proposals"],
         parts["proposal_valid"], hw, score_threshold=c.test_score_threshold,
@@ -179,6 +192,6 @@ def infer_parts(model: FasterRCNN, variables: dict, batch: dict,
 
 
 def forward_infer(model: FasterRCNN, variables: dict, batch: dict,
-                  class_embeddings=None) -> dict:
+                  class_embeddings=None, class_valid=None) -> dict:
     """Detections in padded-input pixels: boxes [B,D,4], scores, classes, valid."""
-    return infer_parts(model, variables, batch, class_embeddings)["detections"]
+    return infer_parts(model, variables, batch, class_embeddings, class_valid)["detections"]

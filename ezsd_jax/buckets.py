@@ -1,0 +1,76 @@
+"""Static shapes for predict on arbitrary photos and vocabularies (detector_api.py): the
+input-size bucket of an image, the vocabulary-size bucket of a name list, and the padding
+of both, so that a folder of mixed-size photos and any vocabulary compile a handful of
+programs instead of one per image or per name list.
+
+  - images: resized like evaluation (data/transforms.example_info: short side to
+    short_side, long side at most max_side, never beyond the model's image_size), then
+    zero-padded bottom/right to the bucket: each side rounded up to a multiple of `step`
+    (a multiple of 64, the FPN's coarsest stride), at most the model's image_size. An
+    image that eval would pad to image_size gets the same pixels here when its bucket is
+    image_size (always for the square demo model);
+  - vocabularies: K names padded to the next power of two >= max(K, min_size); the pad
+    rows repeat the first name's embedding (the EZSD head's semantic regression takes the
+    argmax class, and a tie resolves to the lower, real index) and are masked out of the
+    softmax (models/detector.mask_classes: probability exactly 0, never a detection).
+"""
+from __future__ import annotations
+
+import types
+from typing import Sequence
+
+import numpy as np
+
+from ezsd_jax.data import transforms
+
+
+def vocab_bucket(k: int, min_size: int = 8) -> int:
+    """Padded vocabulary size for k names: the next power of two >= max(k, min_size)."""
+    if k < 1:
+        raise ValueError("vocabulary is empty: give at least one name")
+    n = max(int(k), int(min_size))
+    return 1 << (n - 1).bit_length()
+
+
+def pad_vocabulary(emb: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[K, D] embeddings -> ([size, D] (pad rows = row 0), valid [size] bool)."""
+    emb = np.asarray(emb, np.float32)
+    k = emb.shape[0]
+    if emb.ndim != 2 or not 1 <= k <= size:
+        raise ValueError(f"pad_vocabulary: {emb.shape} embeddings do not fit {size} rows")
+    out = np.concatenate([emb, np.repeat(emb[:1], size - k, axis=0)])
+    return out, np.arange(size) < k
+
+
+def canonical_names(names: Sequence[str]) -> list[str]:
+    """Stripped, de-duplicated, sorted names: the order the model sees, whatever order
+    the user gave (results are then exactly order invariant). Empty names are an error."""
+    out = sorted({str(n).strip() for n in names})
+    if not out or any(not n for n in out):
+        raise ValueError(f"names: empty name in {list(names)!r}")
+    return out
+
+
+def geometry(h: int, w: int, image_size: Sequence[int], short_side: int, max_side: int,
+             step: int = 64) -> dict:
+    """Resize geometry of an h x w (upright) image, as evaluation computes it, plus its
+    input bucket `padded_hw`; the dict is transforms.example_info's (scale, resized_hw,
+    orig_hw, flipped=False, padded_hw)."""
+    if step % 64:
+        raise ValueError(f"bucket step {step} must be a multiple of 64 (FPN stride)")
+    full = (int(image_size[0]), int(image_size[1]))
+    rec = types.SimpleNamespace(height=int(h), width=int(w), image_id=0)
+    info = transforms.example_info(rec, full, short_side, max_side, flip=False)
+    nh, nw = info["resized_hw"]
+    info["padded_hw"] = (min(-(-nh // step) * step, full[0]),
+                         min(-(-nw // step) * step, full[1]))
+    return info
+
+
+def prepare(image: np.ndarray, info: dict) -> np.ndarray:
+    """Decoded uint8 HxWx3 image -> resized and zero-padded to info['padded_hw']."""
+    img = transforms.resize_image(image, info["scale"], info["resized_hw"])
+    return transforms.pad_image(img, *info["padded_hw"])
+
+
+__all__ = ["vocab_bucket", "pad_vocabulary", "canonical_names", "geometry", "prepare"]

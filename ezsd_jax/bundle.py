@@ -1,0 +1,128 @@
+"""An exported predict bundle: one directory that `Detector.load` reads on another machine
+without the training workdir (`python -m ezsd_jax.predict export --workdir=W --out=B`).
+
+  B/manifest.json         format, versions (ezsd_jax, jax, flax, orbax, transformers,
+                          numpy, python), checkpoint step, source workdir, split names,
+                          text source ('clip' or 'embeddings')
+  B/config.json           the run's resolved config (model, data resize, prompt templates)
+  B/detector/<step>/      detector params + batch_stats (checkpoint.Checkpointer)
+  B/adapted_clip/         the re-normalized CLIP (any names), or, with a fixed vocabulary,
+  B/text_embeddings.npz   only the embeddings of those names (clip/text.py format)
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Sequence
+
+import importlib.metadata as md
+
+import jax
+import numpy as np
+
+import ezsd_jax
+from ezsd_jax import cli
+from ezsd_jax.checkpoint import Checkpointer
+from ezsd_jax.clip.text import load_text_embeddings, save_text_embeddings
+from ezsd_jax.ezsd.stages import head_config
+from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.models import detector as det
+from ezsd_jax.trained_run import load_text_tower, read_config, to_device
+
+FORMAT = "ezsd_jax.predict_bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def is_bundle(path: str) -> bool:
+    return os.path.exists(os.path.join(path, MANIFEST))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("ezsd_jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "transformers",
+                "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    if out["ezsd_jax"] is None:
+        out["ezsd_jax"] = ezsd_jax.__version__
+    return out
+
+
+def export(detector, out: str, names: Sequence[str] | None = None,
+           prompts: str = "single") -> str:
+    """Writes the bundle of a loaded Detector into `out` (atomically: a temporary
+    directory renamed into place). names: a fixed vocabulary (its embeddings replace the
+    CLIP); None: the adapted CLIP is copied and any names work."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and os.listdir(out):
+        raise cli.UsageError(f"--out {out} exists and is not empty")
+    tmp = f"{out}.tmp.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with Checkpointer(os.path.join(tmp, "detector"), keep=1) as ck:
+        ck.save(detector.step, detector.variables, force=True)
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "versions": versions(),
+                "step": detector.step, "source": detector.source,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "base": detector.base, "novel": detector.novel}
+    if names:
+        names = list(dict.fromkeys(str(n).strip() for n in names))
+        save_text_embeddings(os.path.join(tmp, "text_embeddings.npz"), names,
+                             detector.embed_names(names, prompts),
+                             detector.templates_for(prompts))
+        manifest.update(text="embeddings", names=names, prompts=prompts)
+    else:
+        src = detector.clip_dir
+        if not src:
+            raise cli.UsageError(f"{detector.source}: this detector has no CLIP directory "
+                                 "to export (a fixed-vocabulary bundle); pass --names")
+        shutil.copytree(src, os.path.join(tmp, "adapted_clip"))
+        manifest.update(text="clip")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        f.write(detector.cfg.to_json_best_effort(indent=2))
+    atomic_write_json(os.path.join(tmp, MANIFEST), manifest)
+    if os.path.exists(out):
+        os.rmdir(out)
+    os.replace(tmp, out)
+    return out
+
+
+def load(cls, path: str, batch_size: int = 8, bucket_step: int = 64):
+    """A Detector (class `cls`) from the bundle at `path`."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        man = json.load(f)
+    if man.get("format") != FORMAT or int(man.get("format_version", 0)) > FORMAT_VERSION:
+        raise cli.MissingInput(f"{path}/{MANIFEST}: not a predict bundle of format "
+                               f"{FORMAT} <= v{FORMAT_VERSION} (got {man.get('format')!r} "
+                               f"v{man.get('format_version')})")
+    cfg = read_config(os.path.join(path, "config.json"))
+    dcfg, hcfg = head_config(cfg, 1)
+    model = det.FasterRCNN(dcfg)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda k: det.init_variables(
+        model, k, 1, np.zeros((1, hcfg.embed_dim), np.float32)), jax.random.key(0))
+    target = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), dict(shapes))
+    step = int(man["step"])
+    with Checkpointer(os.path.join(path, "detector")) as ck:
+        variables = ck.restore(step, target)
+    variables = to_device(jax.device_get(variables))
+    fixed, clip, clip_dir = None, None, None
+    if man.get("text") == "embeddings":
+        names, emb = load_text_embeddings(os.path.join(path, "text_embeddings.npz"))
+        fixed = {(man.get("prompts", "single"), n): e for n, e in zip(names, emb)}
+    else:
+        clip_dir = os.path.join(path, "adapted_clip")
+        clip = load_text_tower(clip_dir)
+    return cls(cfg, variables, clip, step=step, source=path, base=man["base"],
+               novel=man["novel"], batch_size=batch_size, bucket_step=bucket_step,
+               fixed_embeddings=fixed, clip_dir=clip_dir)
+
+
+__all__ = ["is_bundle", "export", "load", "versions", "FORMAT", "FORMAT_VERSION"]

@@ -1,0 +1,217 @@
+"""Open-vocabulary detection on your own images, a thin CLI over detector_api.Detector:
+
+  python -m ezsd_jax.predict --workdir=W --images=PATH_OR_DIR_OR_GLOB \\
+      --names="giraffe,red mug" | --names_file=FILE | --vocabulary=base|novel|all|coco \\
+      --out=DIR [--prompts=single|ensemble] [--score_threshold=S] [--max_detections=N]
+  python -m ezsd_jax.predict export --workdir=W --out=BUNDLE [--names=... (fixed vocab)]
+
+--workdir: a trained workdir (ckpt_ezsd, clip_renorm/adapted_clip) or an exported bundle.
+Writes DIR/detections.json (COCO results + file_name, category_name), DIR/overlays/*.png,
+DIR/index.html, DIR/summary.json (predict_outputs.py). A file that is not a readable image
+is skipped with one line naming it and counted in the summary. Bad arguments or a missing
+input: one line and exit status 2.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+
+from absl import flags
+
+from ezsd_jax import cli
+
+flags.DEFINE_string("workdir", None, "Trained workdir or exported bundle.")
+flags.DEFINE_string("images", None, "An image file, a directory (its files) or a glob.")
+flags.DEFINE_string("names", None, "Comma-separated category names.")
+flags.DEFINE_string("names_file", None, "File with one category name per line.")
+flags.DEFINE_string("vocabulary", None, "base | novel | all (the run's split) | coco.")
+flags.DEFINE_string("out", None, "Output directory (predict) or bundle directory (export).")
+flags.DEFINE_enum("prompts", "single", ["single", "ensemble"],
+                  "Training prompt only, or a prompt ensemble.")
+flags.DEFINE_float("score_threshold", None, "Keep detections above this score "
+                   "(default: the model's test_score_threshold).")
+flags.DEFINE_integer("max_detections", None, "At most this many per image (default: "
+                     "the model's test_max_detections).")
+flags.DEFINE_float("overlay_threshold", 0.3, "Draw detections of at least this score.")
+flags.DEFINE_integer("overlay_max", 20, "Draw at most this many detections per image.")
+flags.DEFINE_boolean("overlays", True, "Write overlay PNGs and index.html.")
+flags.DEFINE_integer("batch_size", 8, "Images per forward.")
+FLAGS = flags.FLAGS
+
+
+def list_images(spec: str) -> list[str]:
+    """A file, a directory (its regular, non-hidden files, sorted) or a glob (sorted)."""
+    if os.path.isdir(spec):
+        files = [os.path.join(spec, f) for f in sorted(os.listdir(spec))
+                 if not f.startswith(".") and os.path.isfile(os.path.join(spec, f))]
+    elif os.path.isfile(spec):
+        files = [spec]
+    else:
+        files = sorted(f for f in glob.glob(spec) if os.path.isfile(f))
+    if not files:
+        raise cli.UsageError(f"--images={spec}: no files (not a file, a directory with "
+                             "files or a matching glob)")
+    return files
+
+
+def check_name_flags(required: bool = True) -> None:
+    """Exactly one of --names / --names_file / --vocabulary (at most one if optional)."""
+    given = [f for f in ("names", "names_file", "vocabulary") if FLAGS[f].value]
+    if len(given) > 1 or (required and not given):
+        raise cli.UsageError("give exactly one of --names, --names_file, --vocabulary "
+                             f"(got {', '.join('--' + g for g in given) or 'none'})")
+
+
+def parse_names(detector) -> tuple[list[str], str]:
+    """(names, where from) of the one of --names / --names_file / --vocabulary given."""
+    check_name_flags()
+    if FLAGS.vocabulary:
+        try:
+            return detector.vocabulary(FLAGS.vocabulary), "split"
+        except ValueError as e:
+            raise cli.UsageError(f"--vocabulary: {e}") from None
+    if FLAGS.names_file:
+        try:
+            with open(FLAGS.names_file, encoding="utf-8") as f:
+                names = [ln.strip() for ln in f if ln.strip()]
+        except OSError as e:
+            raise cli.UsageError(f"--names_file={FLAGS.names_file}: {e.strerror}") from None
+        src = FLAGS.names_file
+    else:
+        names = [n.strip() for n in FLAGS.names.split(",") if n.strip()]
+        src = "--names"
+    if not names:
+        raise cli.UsageError(f"{src}: no names")
+    return list(dict.fromkeys(names)), "user"
+
+
+def check_workdir(path: str | None) -> None:
+    if not path:
+        raise cli.UsageError("--workdir is required (a trained workdir or a bundle)")
+    if not os.path.isdir(path):
+        raise cli.UsageError(f"--workdir={path}: not a directory (a trained workdir or a "
+                             "bundle)")
+
+
+def _load(path: str):
+    check_workdir(path)                 # before importing JAX (seconds)
+    from ezsd_jax.detector_api import Detector
+    try:
+        return Detector.load(path, batch_size=FLAGS.batch_size)
+    except (cli.MissingInput, ValueError) as e:
+        raise cli.UsageError(f"--workdir={path}: {e}") from None
+
+
+def export_main() -> None:
+    from ezsd_jax import bundle
+    if not FLAGS.out:
+        raise cli.UsageError("export: --out=BUNDLE_DIR is required")
+    check_name_flags(required=False)
+    det = _load(FLAGS.workdir)
+    names = None
+    if FLAGS.names or FLAGS.names_file or FLAGS.vocabulary:
+        names, _ = parse_names(det)
+    out = bundle.export(det, FLAGS.out, names, FLAGS.prompts)
+    print(f"[predict export] wrote {out} (step {det.step}, "
+          f"{'fixed vocabulary of ' + str(len(names)) + ' names' if names else 'CLIP text tower'})",
+          flush=True)
+
+
+def predict_main() -> None:
+    if not FLAGS.images or not FLAGS.out:
+        raise cli.UsageError("--images and --out are required")
+    if FLAGS.batch_size < 1:
+        raise cli.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if FLAGS.max_detections is not None and FLAGS.max_detections < 1:
+        raise cli.UsageError(f"--max_detections must be >= 1, got {FLAGS.max_detections}")
+    check_name_flags()
+    files = list_images(FLAGS.images)
+    check_workdir(FLAGS.workdir)
+    from ezsd_jax import predict_outputs as po      # imports JAX: after the checks
+    from ezsd_jax.data.coco import DataError
+    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.metrics import Progress
+    out = cli.prepare_workdir(FLAGS.out)
+    det = _load(FLAGS.workdir)
+    names, origin = parse_names(det)
+    name_ids = {n: i + 1 for i, n in enumerate(names)}
+    id_to_name = {i: n for n, i in name_ids.items()}
+    novel_ids = {name_ids[n] for n in names if n in set(det.novel)}
+    skipped: list[dict] = []
+    decoded: list[int] = []          # detect_many index -> file index
+    arrays: dict = {}
+
+    def images():
+        for fi, path in enumerate(files):
+            try:
+                img = decode_image(path)
+            except DataError as e:
+                print(f"[predict] skipped: {e}", flush=True)
+                skipped.append({"file": path, "error": str(e)})
+                continue
+            decoded.append(fi)
+            arrays[len(decoded) - 1] = img
+            yield img
+
+    print(f"[predict] {len(files)} files, {len(names)} names ({origin}), detector step "
+          f"{det.step} from {det.source}", flush=True)
+    t0 = time.perf_counter()
+    results, rows = [], []
+    progress = Progress(len(files), unit="img", name="predict")
+    try:
+        for n_done, (k, dets) in enumerate(det.detect_many(
+                images(), names, FLAGS.score_threshold, FLAGS.max_detections,
+                FLAGS.prompts, progress=False), 1):
+            progress.tick(n_done + len(skipped))
+            fi = decoded[k]
+            img = arrays.pop(k)
+            res = po.coco_results(fi + 1, files[fi], dets, name_ids)
+            results.extend(res)
+            if FLAGS.overlays:
+                oname = po.overlay_name(fi + 1, files[fi])
+                po.write_overlay(out, oname, img, res, id_to_name, novel_ids,
+                                 FLAGS.overlay_threshold, FLAGS.overlay_max)
+                shown = min(sum(r["score"] >= FLAGS.overlay_threshold for r in res),
+                            FLAGS.overlay_max)
+                rows.append({"index": fi, "file_name": files[fi], "overlay": oname,
+                             "detections": len(res), "shown": shown})
+    except ValueError as e:            # names the model cannot serve (fixed bundle)
+        raise cli.UsageError(str(e)) from None
+    if progress.step < len(files):          # the last files were unreadable
+        progress.tick(len(files), force=True)
+    seconds = time.perf_counter() - t0
+    results.sort(key=lambda r: (r["image_id"], -r["score"]))
+    n_ok = len(files) - len(skipped)
+    summary = {"files": len(files), "images": n_ok, "skipped": len(skipped),
+               "skipped_files": skipped, "detections": len(results), "names": names,
+               "novel_names": [n for n in names if n in set(det.novel)],
+               "prompts": FLAGS.prompts, "step": det.step, "source": det.source,
+               "seconds": round(seconds, 3),
+               "images_per_s": round(n_ok / seconds, 3) if seconds > 0 else None,
+               "compile_seconds": round(sum(det.compile_seconds.values()), 3),
+               "programs": len(det.compile_seconds)}
+    po.write_results(out, results, summary)
+    if FLAGS.overlays:
+        rows.sort(key=lambda r: r["index"])
+        po.write_index(out, rows, f"{n_ok} images, names: {', '.join(names)}")
+    print(f"[predict] {n_ok} images, {len(results)} detections, {len(skipped)} skipped "
+          f"(unreadable); {summary['images_per_s']} images/s incl. "
+          f"{summary['programs']} compiles ({summary['compile_seconds']} s); wrote "
+          f"{out}/detections.json" + (", overlays/, index.html" if FLAGS.overlays else ""),
+          flush=True)
+
+
+def main(argv):
+    args = argv[1:]
+    if args == ["export"]:
+        return export_main()
+    if args:
+        raise cli.UsageError(f"unexpected arguments: {' '.join(args)} (the only command "
+                             "is 'export')")
+    return predict_main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

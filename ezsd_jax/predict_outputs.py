@@ -1,0 +1,83 @@
+"""What `python -m ezsd_jax.predict` writes into --out: the COCO results JSON
+(detections.json), one overlay PNG per image (overlays/, drawn by demo/report.
+draw_detections: novel names of the run's split in magenta with '*', others green), a
+static index.html of the overlays, and summary.json (counts, skipped files, speed).
+Pure host code: no JAX.
+"""
+from __future__ import annotations
+
+import html
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ezsd_jax.demo import report
+from ezsd_jax.io_utils import atomic_write_json, atomic_write_text
+
+OVERLAY_DIR = "overlays"
+MAX_OVERLAY_SIDE = 1024
+
+
+def coco_results(image_id: int, file_name: str, dets: Sequence[Mapping],
+                 name_ids: Mapping[str, int]) -> list[dict]:
+    """detect() dicts of one image -> COCO result dicts (+ file_name, category_name)."""
+    return [{"image_id": int(image_id), "file_name": file_name,
+             "category_id": int(name_ids[d["name"]]), "category_name": d["name"],
+             "bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])}
+            for d in dets]
+
+
+def overlay_name(index: int, path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0] or "image"
+    return f"{index:05d}_{stem}.png"
+
+
+def write_overlay(out_dir: str, name: str, image: np.ndarray, results: Sequence[Mapping],
+                  id_to_name: Mapping[int, str], novel_ids: set,
+                  score_threshold: float, max_dets: int) -> str:
+    """Draws `results` (COCO dicts of this image) on `image` (small images upscaled,
+    large ones downscaled to MAX_OVERLAY_SIDE) and writes overlays/<name>."""
+    h, w = image.shape[:2]
+    long_side = max(h, w)
+    scale = max(1, 384 // long_side)
+    if long_side > MAX_OVERLAY_SIDE:
+        f = MAX_OVERLAY_SIDE / long_side
+        image = np.asarray(Image.fromarray(image).resize(
+            (max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR))
+        results = [dict(r, bbox=[v * f for v in r["bbox"]]) for r in results]
+    im = report.draw_detections(image, results, dict(id_to_name), novel_ids, scale=scale,
+                                score_threshold=score_threshold, max_dets=max_dets)
+    path = os.path.join(out_dir, OVERLAY_DIR, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp.png"
+    im.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_index(out_dir: str, rows: Sequence[Mapping], title: str) -> str:
+    """index.html: one figure per image (overlay, file name, detections drawn)."""
+    cells = []
+    for r in rows:
+        src = html.escape(f"{OVERLAY_DIR}/{r['overlay']}")
+        cap = html.escape(f"{r['file_name']}: {r['shown']} shown / {r['detections']} "
+                          "detections")
+        cells.append(f'<figure><a href="{src}"><img src="{src}" loading="lazy"></a>'
+                     f"<figcaption>{cap}</figcaption></figure>")
+    page = ("<!doctype html><meta charset='utf-8'><title>ezsd_jax predict</title>"
+            "<style>body{font-family:sans-serif;background:#222;color:#eee}"
+            "figure{display:inline-block;margin:6px;vertical-align:top}"
+            "img{max-width:384px;max-height:384px}</style>"
+            f"<h1>{html.escape(title)}</h1>\n" + "\n".join(cells) + "\n")
+    return atomic_write_text(os.path.join(out_dir, "index.html"), page)
+
+
+def write_results(out_dir: str, results: list[dict], summary: dict) -> None:
+    atomic_write_json(os.path.join(out_dir, "detections.json"), results)
+    atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+
+
+__all__ = ["coco_results", "overlay_name", "write_overlay", "write_index", "write_results",
+           "OVERLAY_DIR"]
