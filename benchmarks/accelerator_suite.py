@@ -49,7 +49,7 @@ a try that exceeds it is killed and recorded as "timeout", later entries still r
     clip_vitb32_bf16        90 s   model init ~10 s, 4 compiles (crops, scoring, tower,
                                    full) ~60 s, timed calls ~10 s (2 x 33.5k crops)
     isal_resnet18           60 s   4 variant compiles ~8 s each, 2 timed passes ~5 s
-    predict (to be added)   45 s   one R50 EZSD forward compile + timed batches
+    predict_r50_bf16        45 s   one R50 EZSD forward compile + timed batches
     reserve                 20 s   driver, process starts
     total                  480 s
 The per-try times are ESTIMATES (no accelerator was available when this was written);
@@ -159,6 +159,9 @@ ENTRIES = (
            ("jvp_fused ms/sample", "ms_per_sample.jvp_fused"),
            ("jvp_fused x fwd", "x_forward.jvp_fused")),
           Goal(">= 20x the per-sample loop (jvp_fused)", "speedup_vs_loop.jvp_fused", 20)),
+    Entry("predict_r50_bf16", "bench_predict.py", ("--model=r50", "--size=1333x800",
+          "--names=80", "--batch=8", "--dtype=bfloat16"), (), 45,
+          (("img/s", "images_per_s"), ("compile s", "compile_s"))),
 )
 BUDGET_S = 480
 SMOKE_CAP_S = 150          # per entry on a loaded 2-core CPU

@@ -10,23 +10,28 @@ original pixels.
   python benchmarks/bench_predict.py --smoke --json=/tmp/p.json
 
 --size=WxH of the photos; --names: vocabulary size (random unit text embeddings unless
---workdir, where the demo's CLIP embeds the run's names, repeated). Prints one JSON dict
-(also written to --json) with the device name.
+--workdir, where the demo's CLIP embeds the run's names, repeated). Contract flags
+(benchmarks/contract.py): --smoke, --json, --profile (traces one batch of detect_many),
+--check_args; the result carries env, device memory and the smoke flag.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def parse():
+from benchmarks import contract  # noqa: E402
+
+SMOKE = {"model": "tiny", "size": "96x64", "names": 5, "batch": 2, "images": 4}
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="", help="trained workdir/bundle (else random init)")
     p.add_argument("--model", choices=("tiny", "r50"), default="tiny")
@@ -35,16 +40,16 @@ def parse():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--images", type=int, default=64, help="timed images after warm-up")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds on CPU")
-    p.add_argument("--json", default="", help="also write the result dict here")
-    return p.parse_args()
+    contract.add_args(p)
+    return contract.parse(p, argv, SMOKE)
 
 
 def random_detector(args):
     """A Detector of the chosen architecture, random init, random unit embeddings."""
     import jax
     from configs import coco, demo
-    from ezsd_jax.detector_api import Detector, to_device
+    from ezsd_jax.detector_api import Detector
+    from ezsd_jax.trained_run import to_device
     from ezsd_jax.ezsd.stages import head_config
     from ezsd_jax.models import detector as det
     cfg = (demo if args.model == "tiny" else coco).get_config()
@@ -69,12 +74,8 @@ def random_detector(args):
     return d, names
 
 
-def main():
-    args = parse()
-    if args.smoke:
-        args.model, args.size, args.names, args.batch, args.images = "tiny", "96x64", 5, 2, 4
-        args.workdir = ""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+def main(argv=None):
+    args = parse(argv)
     import jax
     if args.workdir:
         from ezsd_jax.detector_api import Detector
@@ -100,20 +101,17 @@ def main():
                                progress=False))
     dt = time.perf_counter() - t0
     assert len(got) == n
-    dev = jax.devices()[0]
     result = {"bench": "predict", "model": model, "photo_wh": [w, h],
               "input_bucket_hw": [list(k[0]) for k in det.compile_seconds][:1],
               "names": len(names), "vocab_bucket": next(iter(det.compile_seconds))[1],
               "batch": args.batch, "dtype": args.dtype, "images": n,
               "compile_s": round(compile_s, 2), "first_batch_s": round(first_s, 2),
               "images_per_s": round(n / dt, 2), "ms_per_image": round(dt / n * 1e3, 2),
-              "programs": len(det.compile_seconds), "device_kind": dev.device_kind,
-              "platform": dev.platform, "devices": jax.device_count(),
-              "host": platform.processor() or platform.machine()}
-    print(json.dumps(result), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+              "programs": len(det.compile_seconds)}
+    if args.profile:
+        result["profile"] = contract.profile(
+            args, lambda: list(det.detect_many(photos, names, progress=False)))
+    return contract.finish(args, result)
 
 
 if __name__ == "__main__":
