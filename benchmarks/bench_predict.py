@@ -107,7 +107,9 @@ def main(argv=None):
               "batch": args.batch, "dtype": args.dtype, "images": n,
               "compile_s": round(compile_s, 2), "first_batch_s": round(first_s, 2),
               "images_per_s": round(n / dt, 2), "ms_per_image": round(dt / n * 1e3, 2),
-              "programs": len(det.compile_seconds)}
+              "programs": len(det.compile_seconds),
+              "sizes": {"photo_wh": [w, h], "names": len(names), "batch": args.batch,
+                        "images": n, "model": args.model}}
     if args.profile:
         result["profile"] = contract.profile(
             args, lambda: list(det.detect_many(photos, names, progress=False)))
