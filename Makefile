@@ -30,13 +30,17 @@ demo-ablation: $(STAMP)
 	$(VENV)/bin/python -m ezsd_jax.main --config=configs/demo.py --workdir=$(WORKDIR) \
 	    --config.ablation.enabled=True
 
+# two passes: everything on one CPU device (2 xdist workers), then the sharding tests on 8
+# fake devices (tests/conftest.py says why)
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=15 -m "not multidevice" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 EZSD_TEST_DEVICES=8 $(VENV)/bin/python -m pytest -q -p no:xdist -m multidevice $(PYTEST_ARGS)
 
 # the edit-test loop: every test not marked `slow` (unit and small integration tests);
 # CI runs `make test`, which includes the slow ones
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 -m "not slow" --durations=10 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 -m "not slow and not multidevice" --durations=10 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 EZSD_TEST_DEVICES=8 $(VENV)/bin/python -m pytest -q -p no:xdist -m "multidevice and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -121,9 +121,8 @@ def test_expected_gradient_is_weighted_sum_of_class_gradients(rng):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.multidevice
 def test_sharded_scoring_equals_single_device(rng):
-    if jax.device_count() < 8:
-        pytest.skip("needs the 8 fake CPU devices from conftest")
     from ezsd_jax.sharding import make_mesh
     task, state, _ = _setup(SmallCNN(num_classes=5, channels=(4, 6)), rng)
     params, ms = state["params"], task.model_state(state)

@@ -7,6 +7,8 @@ from jax.sharding import PartitionSpec as P
 from configs import toy as toy_config
 from ezsd_jax import sharding, toy
 
+pytestmark = pytest.mark.multidevice
+
 
 def _run_steps(cfg, mesh, n):
     model, tx, state, state_sh = toy.init_state(cfg, mesh)
