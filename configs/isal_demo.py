@@ -16,12 +16,16 @@ def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
     """c.reference + c.influence: the reference's classification settings (shared by the
     ISAL classification configs); the batch sizes and shard size are per machine."""
     # Reference set R for v = sum grad L(R) (isal_jax.selection_io.reference_source):
-    # 'labeled', 'ids_file' (an id list of the pool's split, e.g. a labeled part kept out of
-    # training) or 'split:<name>' (a whole split; the ISAL reference code uses the test
-    # split, which LEAKS the evaluation labels: only configs/isal_cifar10.py does that).
+    # 'labeled', 'heldout' (AL loop: a seeded part of each cycle's labeled set, kept out of
+    # the training of the model that scores the pool; our addition), 'ids_file' (an id list
+    # of the pool's split, e.g. a labeled part kept out of training) or 'split:<name>' (a
+    # whole split; the ISAL reference code uses the test split, which LEAKS the evaluation
+    # labels: only configs/isal_cifar10.py does that).
     c.reference = ml_collections.ConfigDict()
-    c.reference.source = "labeled"   # labeled | ids_file | split:<name>
+    c.reference.source = "labeled"   # labeled | heldout | ids_file | split:<name>
     c.reference.ids_file = ""
+    c.reference.heldout_fraction = 0.2   # heldout: this part of the labeled ids ...
+    c.reference.heldout_size = 0         # ... or exactly this many (when > 0)
 
     c.influence = ml_collections.ConfigDict()
     c.influence.damp = 0.01

@@ -92,6 +92,30 @@ def _get(cfg: Any, path: str) -> tuple[bool, Any]:
     return True, node
 
 
+def heldout_count(n: int, fraction: float, size: int = 0) -> int:
+    """Labeled ids held out as ISAL's reference set (reference.source='heldout'): `size`
+    when > 0, else round(fraction * n), at least 1."""
+    return int(size) if int(size) > 0 else max(1, int(round(float(fraction) * int(n))))
+
+
+def check_reference(ref: Any) -> None:
+    """config.reference: source labeled | heldout | ids_file | split:<name>; the held-out
+    part's fraction in (0, 1) and size >= 0 (0: use the fraction)."""
+    source = ref.get("source")
+    if not (source in ("labeled", "heldout", "ids_file") or (
+            isinstance(source, str) and source.startswith("split:") and len(source) > 6)):
+        raise ConfigError(f"config.reference.source={source!r}: must be 'labeled', "
+                          "'heldout', 'ids_file' or 'split:<name>'")
+    fraction = ref.get("heldout_fraction", 0.2)
+    if not (_is_num(fraction) and 0.0 < fraction < 1.0):
+        raise ConfigError(f"config.reference.heldout_fraction={fraction!r}: must be a "
+                          "number in (0, 1)")
+    size = ref.get("heldout_size", 0)
+    if not _is_int(size) or size < 0:
+        raise ConfigError(f"config.reference.heldout_size={size!r}: must be an integer "
+                          ">= 0 (0: use heldout_fraction)")
+
+
 def validate(cfg: Any) -> None:
     """Raises ConfigError naming the first bad field of `cfg` (an ml_collections
     ConfigDict or any nested mapping)."""
@@ -124,11 +148,16 @@ def validate(cfg: Any) -> None:
     present, shard = _get(cfg, "clip.proposal_shard")
     if present and shard:
         parse_shard(shard)
-    present, source = _get(cfg, "reference.source")          # isal_jax.selection_io
-    if present and not (source in ("labeled", "ids_file") or (
-            isinstance(source, str) and source.startswith("split:") and len(source) > 6)):
-        raise ConfigError(f"config.reference.source={source!r}: must be 'labeled', "
-                          "'ids_file' or 'split:<name>'")
+    present, ref = _get(cfg, "reference")                     # isal_jax.selection_io
+    if present:
+        check_reference(ref)
+        _, initial = _get(cfg, "al.initial")
+        if ref.get("source") == "heldout" and _is_int(initial) and initial >= 1:
+            k = heldout_count(initial, ref.get("heldout_fraction", 0.2),
+                              ref.get("heldout_size", 0))
+            if not 0 < k < initial:
+                raise ConfigError(f"config.reference: holding out {k} of al.initial="
+                                  f"{initial} labels leaves nothing to train on")
     for path, allowed in ENUMS.items():
         present, value = _get(cfg, path)
         if present and value not in allowed:
