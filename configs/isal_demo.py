@@ -11,6 +11,20 @@ Output: workdir/selection_<strategy>.json; ISAL per-shard scores in workdir/isal
 import ml_collections
 
 
+def loader_settings() -> ml_collections.ConfigDict:
+    """Options of the generic loaders (isal_jax.data.load_dataset): dataset 'tfds:<name>'
+    (any image-classification set prepared by tfds as array_record under data_dir) uses all
+    of them, 'folder' (<data_dir>/<split>/<class>/<image>) mean, std and image_size; the
+    named sets (digits, cifar10, registered ones) have their own."""
+    return ml_collections.ConfigDict({
+        "image_key": "image",    # tfds feature of the uint8 [H, W, C] image
+        "label_key": "label",    # tfds ClassLabel feature
+        "mean": (0.5,),          # per channel (or one for all), after scaling to [0, 1]
+        "std": (0.5,),
+        "image_size": (),        # (h, w) to resize to; () = as stored (folder: 32x32)
+    })
+
+
 def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
                       hvp_batch_size: int, pool_batch_size: int, shard_size: int) -> None:
     """c.reference + c.influence: the reference's classification settings (shared by the
@@ -86,10 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.labeled_ids_file = ""       # JSON list of ids; '' -> <workdir>/labeled_ids.json
 
     c.pool = ml_collections.ConfigDict()
-    c.pool.dataset = "digits"     # digits | cifar10
+    c.pool.dataset = "digits"     # digits | cifar10 | tfds:<name> | folder | a registered name
     c.pool.split = "train"
     c.pool.ids_file = ""          # optional JSON list restricting the pool ('' = whole split)
-    c.pool.data_dir = ""          # tfds data_dir for cifar10 (prepared files only)
+    c.pool.data_dir = ""          # tfds data_dir (prepared files only) or the folder's root
+    c.pool.loader = loader_settings()
 
     add_isal_settings(c, ref_batch_size=128, hvp_batch_size=64, pool_batch_size=128,
                       shard_size=512)

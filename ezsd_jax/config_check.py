@@ -116,6 +116,26 @@ def check_reference(ref: Any) -> None:
                           ">= 0 (0: use heldout_fraction)")
 
 
+def check_loader(loader: Any, path: str) -> None:
+    """config.<data|pool>.loader (isal_jax.data.load_dataset): keys are non-empty strings,
+    mean/std 1+ numbers (std > 0), image_size () or (h, w) >= 1."""
+    for key in ("image_key", "label_key"):
+        if key in loader and not (isinstance(loader[key], str) and loader[key]):
+            raise ConfigError(f"config.{path}.{key}={loader[key]!r}: must be a feature name")
+    for key in ("mean", "std"):
+        v = loader.get(key, (0.5,))
+        if not (isinstance(v, (tuple, list)) and v and all(_is_num(x) for x in v)) or (
+                key == "std" and min(v) <= 0):
+            raise ConfigError(f"config.{path}.{key}={v!r}: must be a tuple of "
+                              f"{'positive ' if key == 'std' else ''}numbers (one per "
+                              "channel, or one for all)")
+    size = loader.get("image_size", ())
+    if not (isinstance(size, (tuple, list)) and len(size) in (0, 2) and all(
+            _is_int(x) and x >= 1 for x in size)):
+        raise ConfigError(f"config.{path}.image_size={size!r}: must be () (as stored) or "
+                          "(height, width) >= 1")
+
+
 def validate(cfg: Any) -> None:
     """Raises ConfigError naming the first bad field of `cfg` (an ml_collections
     ConfigDict or any nested mapping)."""
@@ -148,6 +168,10 @@ def validate(cfg: Any) -> None:
     present, shard = _get(cfg, "clip.proposal_shard")
     if present and shard:
         parse_shard(shard)
+    for path in ("data.loader", "pool.loader"):             # isal_jax.data
+        present, loader = _get(cfg, path)
+        if present and hasattr(loader, "keys"):
+            check_loader(loader, path)
     present, ref = _get(cfg, "reference")                     # isal_jax.selection_io
     if present:
         check_reference(ref)

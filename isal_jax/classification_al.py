@@ -78,7 +78,7 @@ class ClassificationALTask:
     def __init__(self, cfg: ml_collections.ConfigDict):
         from isal_jax import select as sel
         from isal_jax import selection_io as sio
-        from isal_jax.data import load_dataset
+        from isal_jax.data import load_dataset, loader_options
         from isal_jax.strategies import STRATEGIES
         from isal_jax.tasks import ClassificationTask
 
@@ -87,8 +87,9 @@ class ClassificationALTask:
         sel.validate_influence(cfg)
         d = cfg.data
         try:
-            self.data = load_dataset(d.dataset, d.pool_split, d.data_dir or None)
-            self.eval_data = load_dataset(d.dataset, d.eval_split, d.data_dir or None)
+            opts = loader_options(d)
+            self.data = load_dataset(d.dataset, d.pool_split, d.data_dir or None, opts)
+            self.eval_data = load_dataset(d.dataset, d.eval_split, d.data_dir or None, opts)
         except (ValueError, FileNotFoundError) as e:
             raise sio.SelectError(f"config.data: {e}") from e
         if self.data.num_classes != cfg.model.num_classes:
@@ -251,7 +252,8 @@ class ClassificationALTask:
         scfg = ml_collections.ConfigDict({
             "strategy": strategy, "budget": int(budget), "seed": int(seed),
             "allow_degenerate": bool(c.get("allow_degenerate", False)),
-            "pool": {"data_dir": c.data.data_dir},
+            "pool": {"dataset": c.data.dataset, "data_dir": c.data.data_dir,
+                     "loader": c.data.get("loader", {})},
             "model": c.model.to_dict(), "influence": c.influence.to_dict(),
             "reference": c.reference.to_dict(), "mesh": c.mesh.to_dict(),
             "debug": {"kill_after_shard": int(c.debug.kill_after_shard)}})

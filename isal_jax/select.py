@@ -263,10 +263,12 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
             except ValueError as e:
                 raise SelectError(str(e)) from e
         else:
-            from isal_jax.data import load_dataset
+            from isal_jax.data import load_dataset, loader_options
             try:
-                data_dir = (cfg.get("pool") or {}).get("data_dir", "") or None
-                ref_data = load_dataset(data.name, arg, data_dir)
+                pool_cfg = cfg.get("pool") or {}
+                ref_data = load_dataset(pool_cfg.get("dataset", data.name), arg,
+                                        pool_cfg.get("data_dir", "") or None,
+                                        loader_options(pool_cfg))
             except (ValueError, FileNotFoundError) as e:
                 raise SelectError(f"config.reference.source={cfg.reference.source!r}: {e}"
                                   ) from e
@@ -409,7 +411,7 @@ def run_selection(cfg, workdir: str) -> str:
     """Runs the configured strategy and writes workdir/selection_<strategy>.json; returns
     its path. Raises SelectError on bad input."""
     import jax
-    from isal_jax.data import load_dataset
+    from isal_jax.data import load_dataset, loader_options
     from isal_jax.tasks import ClassificationTask
 
     if cfg.get("task", "classification") == "detection":   # e.g. configs/isal_voc.py
@@ -422,7 +424,8 @@ def run_selection(cfg, workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     try:
-        data = load_dataset(cfg.pool.dataset, cfg.pool.split, cfg.pool.data_dir or None)
+        data = load_dataset(cfg.pool.dataset, cfg.pool.split, cfg.pool.data_dir or None,
+                            loader_options(cfg.pool))
     except (ValueError, FileNotFoundError) as e:
         raise SelectError(f"config.pool: {e}") from e
     if data.num_classes != cfg.model.num_classes:
