@@ -201,7 +201,7 @@ def load_tfds(name: str, split: str, data_dir: str | None = None, *, image_key: 
                    key=_version_key)
     if not infos:
         raise FileNotFoundError(
-            f"{what}: no prepared data set under data_dir {root!r} (looked for "
+            f"{what}: no prepared dataset under data_dir {root!r} (looked for "
             f"{os.path.join(root, name, '*', 'dataset_info.json')}; prepare it with `tfds "
             f"build {name} --data_dir=DIR --file_format=array_record`){howto}")
     import tensorflow_datasets as tfds

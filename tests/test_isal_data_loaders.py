@@ -65,7 +65,7 @@ def test_tfds_loader_values_and_options(tfds_dir):
 
 
 @pytest.mark.parametrize("name,split,opts,text", [
-    ("tfds:nope", "val", {}, "tfds:nope: no prepared data set under data_dir"),
+    ("tfds:nope", "val", {}, "tfds:nope: no prepared dataset under data_dir"),
     ("tfds:isal_tiny_images", "test", {}, "split 'test' is not prepared"),
     ("tfds:isal_tiny_images", "val", {"label_key": "y"}, "loader.image_key='image' is not a"),
     ("tfds:isal_tiny_images", "val", {"image_key": "pixels", "label_key": "pixels"},
