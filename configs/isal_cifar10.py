@@ -30,11 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.al.debug_kill_after = ""
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "cifar10"      # digits | cifar10
+    c.data.dataset = "cifar10"      # digits | cifar10 | tfds:<name> | folder | registered
     c.data.pool_split = "train"     # the unlabeled pool (50k)
     c.data.eval_split = "test"      # accuracy is measured here (10k)
     c.data.data_dir = ""            # tfds data_dir with prepared files ('' = $TFDS_DATA_DIR)
     c.data.pool_ids_file = ""       # optional JSON id list restricting the pool
+    c.data.loader = isal_demo.loader_settings()   # tfds:<name> / folder only
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "resnet18"       # mlp | cnn | resnet18

@@ -11,17 +11,35 @@ Output: workdir/selection_<strategy>.json; ISAL per-shard scores in workdir/isal
 import ml_collections
 
 
+def loader_settings() -> ml_collections.ConfigDict:
+    """Options of the generic loaders (isal_jax.data.load_dataset): dataset 'tfds:<name>'
+    (any image-classification set prepared by tfds as array_record under data_dir) uses all
+    of them, 'folder' (<data_dir>/<split>/<class>/<image>) mean, std and image_size; the
+    named sets (digits, cifar10, registered ones) have their own."""
+    return ml_collections.ConfigDict({
+        "image_key": "image",    # tfds feature of the uint8 [H, W, C] image
+        "label_key": "label",    # tfds ClassLabel feature
+        "mean": (0.5,),          # per channel (or one for all), after scaling to [0, 1]
+        "std": (0.5,),
+        "image_size": (),        # (h, w) to resize to; () = as stored (folder: 32x32)
+    })
+
+
 def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
                       hvp_batch_size: int, pool_batch_size: int, shard_size: int) -> None:
     """c.reference + c.influence: the reference's classification settings (shared by the
     ISAL classification configs); the batch sizes and shard size are per machine."""
     # Reference set R for v = sum grad L(R) (isal_jax.selection_io.reference_source):
-    # 'labeled', 'ids_file' (an id list of the pool's split, e.g. a labeled part kept out of
-    # training) or 'split:<name>' (a whole split; the ISAL reference code uses the test
-    # split, which LEAKS the evaluation labels: only configs/isal_cifar10.py does that).
+    # 'labeled', 'heldout' (AL loop: a seeded part of each cycle's labeled set, kept out of
+    # the training of the model that scores the pool; our addition), 'ids_file' (an id list
+    # of the pool's split, e.g. a labeled part kept out of training) or 'split:<name>' (a
+    # whole split; the ISAL reference code uses the test split, which LEAKS the evaluation
+    # labels: only configs/isal_cifar10.py does that).
     c.reference = ml_collections.ConfigDict()
-    c.reference.source = "labeled"   # labeled | ids_file | split:<name>
+    c.reference.source = "labeled"   # labeled | heldout | ids_file | split:<name>
     c.reference.ids_file = ""
+    c.reference.heldout_fraction = 0.2   # heldout: this part of the labeled ids ...
+    c.reference.heldout_size = 0         # ... or exactly this many (when > 0)
 
     c.influence = ml_collections.ConfigDict()
     c.influence.damp = 0.01
@@ -82,10 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.labeled_ids_file = ""       # JSON list of ids; '' -> <workdir>/labeled_ids.json
 
     c.pool = ml_collections.ConfigDict()
-    c.pool.dataset = "digits"     # digits | cifar10
+    c.pool.dataset = "digits"     # digits | cifar10 | tfds:<name> | folder | a registered name
     c.pool.split = "train"
     c.pool.ids_file = ""          # optional JSON list restricting the pool ('' = whole split)
-    c.pool.data_dir = ""          # tfds data_dir for cifar10 (prepared files only)
+    c.pool.data_dir = ""          # tfds data_dir (prepared files only) or the folder's root
+    c.pool.loader = loader_settings()
 
     add_isal_settings(c, ref_batch_size=128, hvp_batch_size=64, pool_batch_size=128,
                       shard_size=512)

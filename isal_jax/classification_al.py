@@ -16,6 +16,14 @@ isal_jax.loop.run_experiment. Per cycle:
   select    isal_jax.select.run_strategy: the same code as the standalone selection step
             (baselines from softmax / penultimate features; ISAL = reference gradient,
             LiSSA s_test, JVP pool scores in resumable shards under <cycle dir>/isal_scores).
+            With reference.source='heldout' (our addition), ISAL scores the pool with a
+            second model, trained the same way on the labeled ids minus a seeded held-out
+            part (selection_io.heldout_split, drawn per cycle seed) into <cycle
+            dir>/selection_model; v sums that part's gradients. Held out rather than
+            cross-fitted: one extra training per cycle instead of K; the evaluated model
+            keeps every label, so the strategies stay paired (cycle 0 is the same model)
+            and the held-out labels are not lost to the model the user keeps. The ids go
+            to <cycle dir>/lissa.json ('heldout_ids').
 
 CIFAR-10 needs prepared tfds files (isal_jax.data.CIFAR10_HOWTO); digits is offline.
 """
@@ -70,7 +78,7 @@ class ClassificationALTask:
     def __init__(self, cfg: ml_collections.ConfigDict):
         from isal_jax import select as sel
         from isal_jax import selection_io as sio
-        from isal_jax.data import load_dataset
+        from isal_jax.data import load_dataset, loader_options
         from isal_jax.strategies import STRATEGIES
         from isal_jax.tasks import ClassificationTask
 
@@ -79,8 +87,9 @@ class ClassificationALTask:
         sel.validate_influence(cfg)
         d = cfg.data
         try:
-            self.data = load_dataset(d.dataset, d.pool_split, d.data_dir or None)
-            self.eval_data = load_dataset(d.dataset, d.eval_split, d.data_dir or None)
+            opts = loader_options(d)
+            self.data = load_dataset(d.dataset, d.pool_split, d.data_dir or None, opts)
+            self.eval_data = load_dataset(d.dataset, d.eval_split, d.data_dir or None, opts)
         except (ValueError, FileNotFoundError) as e:
             raise sio.SelectError(f"config.data: {e}") from e
         if self.data.num_classes != cfg.model.num_classes:
@@ -238,21 +247,34 @@ class ClassificationALTask:
                unlabeled_ids: np.ndarray, budget: int, seed: int,
                workdir: str) -> tuple[np.ndarray, np.ndarray]:
         from isal_jax import select as sel
+        from isal_jax import selection_io as sio
         c = self.cfg
         scfg = ml_collections.ConfigDict({
             "strategy": strategy, "budget": int(budget), "seed": int(seed),
             "allow_degenerate": bool(c.get("allow_degenerate", False)),
-            "pool": {"data_dir": c.data.data_dir},
+            "pool": {"dataset": c.data.dataset, "data_dir": c.data.data_dir,
+                     "loader": c.data.get("loader", {})},
             "model": c.model.to_dict(), "influence": c.influence.to_dict(),
             "reference": c.reference.to_dict(), "mesh": c.mesh.to_dict(),
             "debug": {"kill_after_shard": int(c.debug.kill_after_shard)}})
+        labeled_ids = np.asarray(labeled_ids, np.int64)
+        held = None
+        if strategy == "isal" and sio.reference_source(c.reference)[0] == "heldout":
+            # The selection model: trained like the cycle's model (same seed and recipe) on
+            # the labeled ids minus a seeded held-out part, whose gradient is v. The
+            # evaluated model (`state`) keeps every label.
+            labeled_ids, held = sio.heldout_split(labeled_ids, seed, c.reference)
+            state = self.train(labeled_ids, seed, os.path.join(workdir, "selection_model"))
         selection, info, _ = sel.run_strategy(
             scfg, workdir, self.task, {"params": state["params"],
                                        "batch_stats": state["batch_stats"]},
-            self.data, np.asarray(labeled_ids, np.int64), np.asarray(unlabeled_ids, np.int64),
-            checkpoint=state["checkpoint"])
+            self.data, labeled_ids, np.asarray(unlabeled_ids, np.int64),
+            checkpoint=state["checkpoint"], reference_ids=held)
         if info:
             from ezsd_jax.io_utils import atomic_write_json
+            if held is not None:
+                info = {**info, "reference": "heldout", "heldout_ids": [int(i) for i in held],
+                        "num_selection_model_train": int(len(labeled_ids))}
             atomic_write_json(os.path.join(workdir, "lissa.json"),
                               {k: v for k, v in info.items() if k != "norm_trace"})
         return selection.ids, selection.scores

@@ -9,8 +9,9 @@ is checked against them.
 * digits: sklearn.datasets.load_digits (1797 images, ships with scikit-learn), float32
   images [N, 8, 8, 1] in [0, 1]. Splits 'train' (1437) / 'test' (360) come from a fixed
   seed-0 permutation; 'all' is everything.
-* cifar10: `tfds.data_source('cifar10', data_dir=...)` over ALREADY-PREPARED array_record
-  files; never downloads (see `CIFAR10_HOWTO`). Images normalized with the CIFAR mean/std.
+* tfds:<name>: any image-classification set ALREADY PREPARED by tfds as array_record files
+  under data_dir (`load_tfds`: configurable image/label keys, mean/std, image size); never
+  downloads. cifar10 is this with the CIFAR mean/std (see `CIFAR10_HOWTO`).
 * folder: an image folder, <data_dir>/<split>/<class>/<image> (`load_image_folder`).
 * a user's own: `ClassificationData.from_arrays(images, labels, ids)`, made loadable by
   name with `register_dataset(name, loader)`.
@@ -34,6 +35,8 @@ CIFAR10_HOWTO = (
     "    tfds build cifar10 --data_dir=DIR --file_format=array_record\n"
     "then copy DIR here and pass it as pool.data_dir (or set TFDS_DATA_DIR). Expected "
     "layout: DIR/cifar10/<version>/dataset_info.json + cifar10-<split>.array_record-*.")
+CIFAR10_HOWTO_SHORT = ("on a machine with network and TensorFlow; isal_jax.data.CIFAR10_HOWTO "
+                       "has the steps")
 
 
 @dataclasses.dataclass
@@ -148,7 +151,7 @@ def load_digits(split: str = "train") -> ClassificationData:
     return ClassificationData("digits", split, ids, 10, (8, 8, 1), fetch)
 
 
-# ----------------------------------------------------------------------------- cifar10
+# ----------------------------------------------------------------------------- tfds
 
 def _tfds_dir(data_dir: str | None) -> str:
     if data_dir:
@@ -156,33 +159,102 @@ def _tfds_dir(data_dir: str | None) -> str:
     return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
 
 
-def load_cifar10(split: str = "train", data_dir: str | None = None) -> ClassificationData:
+def _version_key(path: str):
+    v = os.path.basename(os.path.dirname(path))
+    return tuple(int(x) if x.isdigit() else -1 for x in v.split("."))
+
+
+def to_model_input(images: np.ndarray, image_size: Sequence[int], mean, std) -> np.ndarray:
+    """uint8 (or [0, 255]) images [B, H, W, C] -> float32 [B, h, w, C]: scaled to [0, 1],
+    resized to image_size (bilinear; () keeps the size), (x - mean) / std per channel."""
+    x = np.asarray(images, np.float32) / 255.0
+    if len(image_size) and tuple(x.shape[1:3]) != tuple(int(s) for s in image_size):
+        import jax
+        x = np.asarray(jax.image.resize(x, (x.shape[0], int(image_size[0]),
+                                            int(image_size[1]), x.shape[3]), "bilinear"))
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def _check_norm(what: str, channels: int, mean, std) -> None:
+    for field, v in (("mean", mean), ("std", std)):
+        if len(v) not in (1, channels):
+            raise ValueError(f"{what}: loader.{field} has {len(v)} values for {channels}-channel "
+                             "images (give 1 or one per channel)")
+    if min(std) <= 0:
+        raise ValueError(f"{what}: loader.std must be > 0, got {tuple(std)}")
+
+
+def load_tfds(name: str, split: str, data_dir: str | None = None, *, image_key: str = "image",
+              label_key: str = "label", mean=(0.5,), std=(0.5,), image_size=(),
+              howto: str = "") -> ClassificationData:
+    """Any image-classification data set ALREADY PREPARED by tfds as array_record files
+    (`tfds build NAME --data_dir=DIR --file_format=array_record`), read through
+    tfds.builder_from_directory (the builder class is not needed; never downloads):
+    DIR/NAME/<version>/dataset_info.json, the newest version. `split`: any tfds split
+    ('train', 'test', 'train[:80%]', ...). `image_key` / `label_key`: the features holding
+    the image (uint8 [H, W, C]) and its ClassLabel. Images -> to_model_input(image_size,
+    mean, std); image_size () keeps the stored size (which must then be fixed). Ids: the
+    index within the split. Every mistake is a one-line error naming the data set."""
     root = _tfds_dir(data_dir)
-    infos = glob.glob(os.path.join(root, "cifar10", "*", "dataset_info.json"))
+    what = f"tfds:{name}"
+    infos = sorted(glob.glob(os.path.join(root, name, "*", "dataset_info.json")),
+                   key=_version_key)
     if not infos:
-        raise FileNotFoundError(f"cifar10: no prepared dataset under {root!r} (looked for "
-                                f"{root}/cifar10/*/dataset_info.json).\n{CIFAR10_HOWTO}")
-    if not glob.glob(os.path.join(os.path.dirname(sorted(infos)[-1]), f"*{split}*")):
-        raise FileNotFoundError(f"cifar10: split {split!r} is not prepared under "
-                                f"{os.path.dirname(sorted(infos)[-1])}.\n{CIFAR10_HOWTO}")
+        raise FileNotFoundError(
+            f"{what}: no prepared dataset under data_dir {root!r} (looked for "
+            f"{os.path.join(root, name, '*', 'dataset_info.json')}; prepare it with `tfds "
+            f"build {name} --data_dir=DIR --file_format=array_record`){howto}")
     import tensorflow_datasets as tfds
+    builder = tfds.builder_from_directory(os.path.dirname(infos[-1]))
+    info = builder.info
+    base = [p.split("[")[0] for p in split.split("+")]
+    missing = [b for b in base if b not in info.splits]
+    if missing:
+        raise FileNotFoundError(f"{what}: split {split!r} is not prepared under "
+                                f"{os.path.dirname(infos[-1])!r} (has {sorted(info.splits)})"
+                                f"{howto}")
+    feats = info.features
+    for key, field in ((image_key, "image_key"), (label_key, "label_key")):
+        if key not in feats:
+            raise ValueError(f"{what}: loader.{field}={key!r} is not a feature (features: "
+                             f"{sorted(feats.keys())})")
+    num_classes = getattr(feats[label_key], "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"{what}: feature {label_key!r} is not a ClassLabel (no number of "
+                         "classes)")
+    shape = tuple(feats[image_key].shape)
+    if len(shape) != 3:
+        raise ValueError(f"{what}: feature {image_key!r} has shape {shape}, not [H, W, C]")
+    if not len(image_size) and None in shape[:2]:
+        raise ValueError(f"{what}: images have variable size {shape}; set loader.image_size")
+    if shape[2] is None:
+        raise ValueError(f"{what}: feature {image_key!r} has no fixed channel count")
+    _check_norm(what, shape[2], mean, std)
     try:
-        source = tfds.data_source("cifar10", split=split, data_dir=root, download=False,
-                                  try_gcs=False)
-    except Exception as e:  # tfds raises several types; keep the cause, add the how-to
-        raise FileNotFoundError(f"cifar10: cannot open split {split!r} under {root!r} "
-                                f"({type(e).__name__}: {e}).\n{CIFAR10_HOWTO}") from e
-    ids = np.arange(len(source), dtype=np.int64)
+        source = builder.as_data_source(split=split)
+    except Exception as e:  # tfds raises several types (e.g. tfrecord files: no random access)
+        raise FileNotFoundError(f"{what}: cannot open split {split!r} under {root!r} "
+                                f"({type(e).__name__}: {e}; random access needs "
+                                f"--file_format=array_record){howto}") from e
+    out_hw = tuple(int(v) for v in image_size) if len(image_size) else shape[:2]
 
     def fetch(pos):
         pos = [int(p) for p in pos]
         recs = source.__getitems__(pos) if hasattr(source, "__getitems__") else \
             [source[p] for p in pos]
-        img = np.stack([np.asarray(r["image"]) for r in recs]).astype(np.float32) / 255.0
-        img = (img - CIFAR10_MEAN) / CIFAR10_STD
-        lbl = np.asarray([int(r["label"]) for r in recs], np.int32)
-        return img, lbl
-    return ClassificationData("cifar10", split, ids, 10, (32, 32, 3), fetch)
+        img = to_model_input(np.stack([np.asarray(r[image_key]) for r in recs]), out_hw,
+                             mean, std)
+        return img, np.asarray([int(r[label_key]) for r in recs], np.int32)
+    return ClassificationData(what, split, np.arange(len(source), dtype=np.int64),
+                              int(num_classes), (*out_hw, int(shape[2])), fetch)
+
+
+def load_cifar10(split: str = "train", data_dir: str | None = None) -> ClassificationData:
+    """CIFAR-10 from prepared tfds files, normalized with the CIFAR mean/std."""
+    d = load_tfds("cifar10", split, data_dir, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                  howto=f" ({CIFAR10_HOWTO_SHORT})")
+    d.name = "cifar10"
+    return d
 
 
 # ----------------------------------------------------------------------------- image folder
@@ -191,12 +263,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def load_image_folder(split: str, data_dir: str | None = None, *,
-                      image_size: tuple[int, int] = (32, 32), mean=(0.5, 0.5, 0.5),
-                      std=(0.5, 0.5, 0.5)) -> ClassificationData:
+                      image_size: Sequence[int] = (32, 32), mean=(0.5,),
+                      std=(0.5,)) -> ClassificationData:
     """<data_dir>/<split>/<class name>/<image file>: one sub-folder per class (classes in
     sorted name order = label 0, 1, ...), images decoded by ezsd_jax.data.images
-    (EXIF-upright RGB), resized to `image_size` (bilinear), scaled to [0, 1] and
-    normalized with mean/std. Ids: the index in the sorted file list of the split."""
+    (EXIF-upright RGB) -> to_model_input(image_size (() -> 32x32), mean, std). Ids: the
+    index in the sorted file list of the split."""
     from ezsd_jax.data.images import decode_image
     if not data_dir:
         raise ValueError("folder: set data_dir to the folder that holds <split>/<class>/")
@@ -213,21 +285,15 @@ def load_image_folder(split: str, data_dir: str | None = None, *,
                 labels.append(k)
     if not files:
         raise FileNotFoundError(f"folder: no images under {root!r}/<class>/")
+    _check_norm(f"folder:{data_dir}", 3, mean, std)
     labels = np.asarray(labels, np.int32)
-    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-    h, w = int(image_size[0]), int(image_size[1])
+    hw = tuple(int(v) for v in image_size) if len(image_size) else (32, 32)
 
     def fetch(pos):
-        import jax
-        out = []
-        for p in pos:
-            img = decode_image(files[int(p)]).astype(np.float32) / 255.0
-            if img.shape[:2] != (h, w):
-                img = np.asarray(jax.image.resize(img, (h, w, 3), "bilinear"))
-            out.append((img - mean) / std)
-        return np.stack(out), labels[np.asarray(pos, np.int64)]
+        return (np.concatenate([to_model_input(decode_image(files[int(p)])[None], hw, mean, std)
+                                for p in pos]), labels[np.asarray(pos, np.int64)])
     return ClassificationData(f"folder:{data_dir}", split, np.arange(len(files), dtype=np.int64),
-                              len(classes), (h, w, 3), fetch)
+                              len(classes), (*hw, 3), fetch)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -235,7 +301,6 @@ def load_image_folder(split: str, data_dir: str | None = None, *,
 DATASETS: dict[str, Callable[..., ClassificationData]] = {
     "digits": lambda split, data_dir=None: load_digits(split),
     "cifar10": load_cifar10,
-    "folder": load_image_folder,
 }
 
 
@@ -248,8 +313,32 @@ def register_dataset(name: str, loader: Callable[..., ClassificationData]) -> No
     DATASETS[str(name)] = loader
 
 
-def load_dataset(name: str, split: str, data_dir: str | None = None) -> ClassificationData:
+LOADER_OPTIONS = ("image_key", "label_key", "mean", "std", "image_size")
+
+
+def loader_options(node) -> dict:
+    """config.data / config.pool -> the keyword options of its `loader` sub-config (those
+    of LOADER_OPTIONS that are set; {} when there is none)."""
+    loader = node.get("loader") if hasattr(node, "get") else None
+    if not loader:
+        return {}
+    return {k: (tuple(loader[k]) if isinstance(loader[k], (list, tuple)) else loader[k])
+            for k in LOADER_OPTIONS if k in loader}
+
+
+def load_dataset(name: str, split: str, data_dir: str | None = None,
+                 options: dict | None = None) -> ClassificationData:
+    """name: 'tfds:<tfds name>' (load_tfds, any prepared image-classification set),
+    'folder' (load_image_folder), or one of DATASETS. `options` (loader_options): image
+    key/label key, mean/std, image size; used by tfds:<name> (all) and folder (mean, std,
+    image_size); the named sets (digits, cifar10, registered ones) have their own."""
+    options = dict(options or {})
+    if name.startswith("tfds:") and len(name) > 5:
+        return load_tfds(name[5:], split, data_dir, **options)
+    if name == "folder":
+        return load_image_folder(split, data_dir, **{k: v for k, v in options.items()
+                                                     if k in ("mean", "std", "image_size")})
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or "
-                         "isal_jax.data.register_dataset)")
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}, "
+                         "tfds:<name> (or isal_jax.data.register_dataset)")
     return DATASETS[name](split, data_dir=data_dir)

@@ -158,6 +158,10 @@ def detection_isal(cfg, workdir: str, dtask, state: dict, data: DetectionData,
         elif kind == "ids_file":
             ref_ids = data.check(read_id_list(arg, "config.reference.ids_file"),
                                  "config.reference.ids_file")
+        elif kind == "heldout":
+            raise SelectError("config.reference.source='heldout' is implemented for "
+                              "classification only; for detection use labeled, ids_file or "
+                              "split:<name>")
         else:
             if split_data is None:
                 raise SelectError(f"config.reference.source={cfg.reference.source!r}: this "

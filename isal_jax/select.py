@@ -68,6 +68,11 @@ def _validate(cfg) -> None:
     if int(cfg.budget) < 1:
         raise SelectError(f"config.budget must be >= 1, got {cfg.budget}")
     validate_influence(cfg)
+    if reference_source(cfg.reference)[0] == "heldout":
+        raise SelectError("config.reference.source='heldout' needs a model trained without "
+                          "the held-out ids, which only the AL loop (isal_jax.main) trains; "
+                          "here hold ids out of your training yourself and pass them with "
+                          "reference.source=ids_file")
 
 
 def validate_influence(cfg) -> None:
@@ -218,7 +223,7 @@ def s_test_line(info: dict, seconds: float) -> str:
 
 
 def run_isal(cfg, workdir, task, state, data, labeled, pool,
-             fingerprint) -> tuple[np.ndarray, dict]:
+             fingerprint, reference_ids=None) -> tuple[np.ndarray, dict]:
     from ezsd_jax.metrics import MetricWriter, Progress
     from ezsd_jax.sharding import check_batch_divisible, make_mesh
     from isal_jax import influence as infl
@@ -246,6 +251,11 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
         ref_data = data
         if kind == "labeled":
             ref_ids = labeled
+        elif kind == "heldout":
+            if reference_ids is None:
+                raise SelectError("config.reference.source='heldout': no held-out ids given "
+                                  "(only the AL loop holds ids out of training)")
+            ref_ids = np.asarray(reference_ids, np.int64)
         elif kind == "ids_file":
             ref_ids = read_id_list(arg, "config.reference.ids_file")
             try:
@@ -253,10 +263,12 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
             except ValueError as e:
                 raise SelectError(str(e)) from e
         else:
-            from isal_jax.data import load_dataset
+            from isal_jax.data import load_dataset, loader_options
             try:
-                data_dir = (cfg.get("pool") or {}).get("data_dir", "") or None
-                ref_data = load_dataset(data.name, arg, data_dir)
+                pool_cfg = cfg.get("pool") or {}
+                ref_data = load_dataset(pool_cfg.get("dataset", data.name), arg,
+                                        pool_cfg.get("data_dir", "") or None,
+                                        loader_options(pool_cfg))
             except (ValueError, FileNotFoundError) as e:
                 raise SelectError(f"config.reference.source={cfg.reference.source!r}: {e}"
                                   ) from e
@@ -339,12 +351,14 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
 
 
 def run_strategy(cfg, workdir: str, task, state, data, labeled: np.ndarray, pool: np.ndarray,
-                 checkpoint: tuple[str, int]):
+                 checkpoint: tuple[str, int], reference_ids=None):
     """Runs `cfg.strategy` (budget `cfg.budget`, seed `cfg.seed`) on `pool` for a restored
     `state` {'params', 'batch_stats'}. Returns (Selection, lissa_info ({} for baselines),
     isal fingerprint or None). `checkpoint` = (dir, step) of `state`, part of the ISAL
-    fingerprint (score shards of another model are never reused). Shared by this script
-    and the active-learning loop (isal_jax/classification_al.py)."""
+    fingerprint (score shards of another model are never reused). `labeled`: the ids
+    `state` was trained on (ISAL's HVP set); `reference_ids`: the held-out ids of
+    reference.source='heldout'. Shared by this script and the active-learning loop
+    (isal_jax/classification_al.py)."""
     from isal_jax import strategies
     fn = strategies.get_strategy(cfg.strategy)
     bs = int(cfg.influence.pool_batch_size)
@@ -363,12 +377,15 @@ def run_strategy(cfg, workdir: str, task, state, data, labeled: np.ndarray, pool
         check_model_outputs(lab_feats, "penultimate features (labeled set)", allow=allow)
         return _strategy(fn, pool, cfg, features=feats, labeled_features=lab_feats), {}, None
     ckdir, step = checkpoint
-    fp = fingerprint({"influence": cfg.influence.to_dict(), "seed": cfg.seed,
-                       "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
-                       "checkpoint": [ckdir, step], "pool": [data.name, data.split,
-                                                             ids_hash(pool)],
-                       "labeled": ids_hash(labeled)})
-    scores, lissa_info = run_isal(cfg, workdir, task, state, data, labeled, pool, fp)
+    settings = {"influence": cfg.influence.to_dict(), "seed": cfg.seed,
+                "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
+                "checkpoint": [ckdir, step], "pool": [data.name, data.split, ids_hash(pool)],
+                "labeled": ids_hash(labeled)}
+    if reference_ids is not None:
+        settings["reference_ids"] = ids_hash(reference_ids)
+    fp = fingerprint(settings)
+    scores, lissa_info = run_isal(cfg, workdir, task, state, data, labeled, pool, fp,
+                                  reference_ids)
     check_model_outputs(scores, "influence scores", allow=allow)
     diversity = str(cfg.influence.get("diversity", "none"))
     if diversity == "class_balanced":     # our addition: top-k per pseudo class
@@ -394,7 +411,7 @@ def run_selection(cfg, workdir: str) -> str:
     """Runs the configured strategy and writes workdir/selection_<strategy>.json; returns
     its path. Raises SelectError on bad input."""
     import jax
-    from isal_jax.data import load_dataset
+    from isal_jax.data import load_dataset, loader_options
     from isal_jax.tasks import ClassificationTask
 
     if cfg.get("task", "classification") == "detection":   # e.g. configs/isal_voc.py
@@ -407,7 +424,8 @@ def run_selection(cfg, workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     try:
-        data = load_dataset(cfg.pool.dataset, cfg.pool.split, cfg.pool.data_dir or None)
+        data = load_dataset(cfg.pool.dataset, cfg.pool.split, cfg.pool.data_dir or None,
+                            loader_options(cfg.pool))
     except (ValueError, FileNotFoundError) as e:
         raise SelectError(f"config.pool: {e}") from e
     if data.num_classes != cfg.model.num_classes:

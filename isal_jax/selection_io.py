@@ -88,25 +88,48 @@ def load_cached(path: str, fp: str, ids=None) -> dict | None:
     return None
 
 
-REFERENCE_SOURCES = ("labeled", "ids_file", "split:<name>")
+REFERENCE_SOURCES = ("labeled", "heldout", "ids_file", "split:<name>")
 
 
 def reference_source(ref) -> tuple[str, str]:
-    """config.reference -> ('labeled', '') | ('ids_file', path) | ('split', split name).
+    """config.reference -> ('labeled', '') | ('heldout', '') | ('ids_file', path) |
+    ('split', split name).
 
-    labeled     v sums the labeled set's gradients (our default: no evaluation labels).
+    labeled     v sums the labeled set's gradients (no evaluation labels; but after training
+                to ~100% train accuracy that gradient is ~0 and set by a few unfitted samples).
+    heldout     a part of the labeled set (`heldout_split`) kept out of the training of the
+                model that scores the pool (AL loop, classification; see classification_al).
     ids_file    an id list of the pool's split (e.g. a labeled part kept out of training).
     split:NAME  every sample of the data set's split NAME: the reference's choice (the
                 CIFAR-10 test set, VOC/COCO val) -- it LEAKS the evaluation split's labels
                 into the selection when NAME is the split that is evaluated."""
+    from ezsd_jax.config_check import ConfigError, check_reference
+    try:
+        check_reference(ref)
+    except ConfigError as e:
+        raise SelectError(str(e)) from e
     src = str(ref.source)
-    if src == "labeled":
-        return "labeled", ""
+    if src in ("labeled", "heldout"):
+        return src, ""
     if src == "ids_file":
         if not ref.ids_file:
             raise SelectError("config.reference.source='ids_file' needs "
                               "config.reference.ids_file")
         return "ids_file", str(ref.ids_file)
-    if src.startswith("split:") and len(src) > 6:
-        return "split", src[6:]
-    raise SelectError(f"config.reference.source={src!r} is not one of {REFERENCE_SOURCES}")
+    return "split", src[6:]
+
+
+def heldout_split(labeled, seed: int, ref) -> tuple[np.ndarray, np.ndarray]:
+    """(kept for training, held out) of the labeled ids, both sorted: a seeded draw of
+    `heldout_count(len(labeled), ...)` ids; the same (labeled ids, seed) -> the same split,
+    so a resumed cycle holds out the same ids. seed: the AL cycle's seed."""
+    from ezsd_jax.config_check import heldout_count
+    labeled = np.sort(np.asarray(labeled, np.int64))
+    k = heldout_count(len(labeled), float(ref.get("heldout_fraction", 0.2)),
+                      int(ref.get("heldout_size", 0)))
+    if not 0 < k < len(labeled):
+        raise SelectError(f"config.reference: holding out {k} of {len(labeled)} labeled ids "
+                          "leaves nothing to train on or nothing held out (set "
+                          "reference.heldout_fraction / heldout_size)")
+    held = np.sort(np.random.default_rng([int(seed), 0x4E1D]).choice(labeled, k, replace=False))
+    return np.setdiff1d(labeled, held), held
