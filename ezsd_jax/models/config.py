@@ -48,6 +48,10 @@ class DetectorConfig:
     box_conv_dim: int = 256
     box_num_fcs: int = 2
     box_fc_dim: int = 1024
+    # mmdet ConvFCBBoxHead counts as six digits ('301212', models/box_head.parse_box_head_spec);
+    # '' = the layout of box_num_convs / box_num_fcs (EZSD: shared convs, box_num_fcs FCs
+    # per branch; standard: one shared stack)
+    box_head_spec: str = ""
     bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
     box_loss_weight: float = 1.0
     # inference

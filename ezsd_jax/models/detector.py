@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ezsd_jax.models import losses, postprocess, proposal_generator
-from ezsd_jax.models.box_head import BoxHead, BoxRegressor, LinearClassifier
+from ezsd_jax.models.box_head import (BoxHead, BoxRegressor, LinearClassifier, branch_heads,
+                                     flatten_rois, parse_box_head_spec)
 from ezsd_jax.models.config import DetectorConfig
 from ezsd_jax.models.ezsd_head import EZSDRoIHead
 from ezsd_jax.models.fpn import FPN
@@ -37,11 +38,18 @@ class StandardRoIHead(nn.Module):
     @nn.compact
     def __call__(self, roi_feats, reg_classes=None, class_embeddings=None):
         c = self.cfg
-        x = BoxHead(c.box_num_convs, c.box_conv_dim, c.box_num_fcs, c.box_fc_dim,
-                    dtype=c.jnp_dtype, name="box_head")(roi_feats)
+        if c.box_head_spec:   # branched (mmdet ConvFCBBoxHead)
+            shared, cls_head, reg_head = branch_heads(
+                parse_box_head_spec(c.box_head_spec), c.box_conv_dim, c.box_fc_dim,
+                c.jnp_dtype, named=True)
+            x = shared(roi_feats)
+            xc, xr = flatten_rois(cls_head(x)), flatten_rois(reg_head(x))
+        else:
+            xc = xr = BoxHead(c.box_num_convs, c.box_conv_dim, c.box_num_fcs, c.box_fc_dim,
+                              dtype=c.jnp_dtype, name="box_head")(roi_feats)
         return {"logits": LinearClassifier(c.num_classes, dtype=c.jnp_dtype,
-                                           name="classifier")(x),
-                "deltas": BoxRegressor(dtype=c.jnp_dtype, name="regressor")(x)}
+                                           name="classifier")(xc),
+                "deltas": BoxRegressor(dtype=c.jnp_dtype, name="regressor")(xr)}
 
 
 def make_roi_head(cfg: DetectorConfig) -> nn.Module:
