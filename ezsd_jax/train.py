@@ -121,10 +121,13 @@ def make_train_step(model: det.FasterRCNN, tx, mesh, state_sh, seed: int,
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree_util.tree_map(lambda p, u: p + u, state["params"], updates)
         metrics = dict(metrics)
+        stats = state["batch_stats"]
+        if det.SEESAW_COUNTS in metrics:   # the seesaw loss's running counts
+            stats = {**stats, det.SEESAW_COUNTS: metrics.pop(det.SEESAW_COUNTS)}
         metrics["grad_norm"] = optim_global_norm(grads)
         if sched is not None:
             metrics["lr"] = sched(state["step"])
-        new = {"params": params, "batch_stats": state["batch_stats"],
+        new = {"params": params, "batch_stats": stats,
                "opt_state": opt_state, "step": state["step"] + 1}
         return new, metrics
 

@@ -11,7 +11,10 @@ so the same parameters serve any vocabulary.
     logits  = temperature * [cos(r, t_1) .. cos(r, t_K), bg(r)]     background LAST
     deltas  = Linear(fc_dim + D -> 4)([FC -> FC (shared), t_cls])   regression branch
 (model.box_head_spec, e.g. the reference's '301212', sets the shared and branch layers
-instead: models/box_head.parse_box_head_spec.)
+instead: models/box_head.parse_box_head_spec.) With model.box_cls_loss='seesaw' the
+background is a 2-way objectness Linear(D -> 2) without temperature, as the reference's
+ConvFCEmbeddingBBoxHead with SeesawLoss: 'seesaw_logits' [B,R,K+2] = [temp * cos, obj]
+for the loss, and 'logits' = losses.seesaw_scores of them (log-probabilities [K+1]).
 bg is a learned Linear(D -> 1) without bias, temperature = exp(log_temperature), learned,
 initialized to 100. t_cls is the (normalized) text embedding of the class: the assigned GT
 class in training (`reg_classes`, zeros for background = K), the argmax foreground class
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 from ezsd_jax.models.box_head import (BoxRegressor, branch_heads, flatten_rois,
                                      parse_box_head_spec, xavier_fill)
 from ezsd_jax.models.config import DetectorConfig
+from ezsd_jax.models.losses import seesaw_scores
 from ezsd_jax.ops.vectors import l2_normalize
 
 
@@ -83,8 +87,12 @@ class EZSDRoIHead(nn.Module):
             spec, c.box_conv_dim, c.box_fc_dim, dt)
         self.embed_proj = nn.Dense(h.embed_dim, dtype=dt, param_dtype=jnp.float32,
                                    kernel_init=xavier_fill, bias_init=nn.initializers.zeros)
+        self.seesaw = c.box_cls_loss == "seesaw"
+        if self.seesaw and not h.learned_background:
+            raise ValueError("model.box_cls_loss='seesaw' needs model.ezsd.learned_background "
+                             "(the objectness logits)")
         if h.learned_background:
-            self.background = nn.Dense(1, use_bias=False, dtype=jnp.float32,
+            self.background = nn.Dense(2 if self.seesaw else 1, use_bias=False, dtype=jnp.float32,
                                        param_dtype=jnp.float32,
                                        kernel_init=nn.initializers.normal(0.01))
         self.log_temperature = self.param(
@@ -108,9 +116,12 @@ class EZSDRoIHead(nn.Module):
         return t if self.hcfg.learn_temperature else jax.lax.stop_gradient(t)
 
     def classify(self, r: jax.Array, class_embeddings: jax.Array) -> jax.Array:
-        """r [B,R,D] unit norm, class_embeddings [K,D] -> logits [B,R,K+1] (bg last)."""
+        """r [B,R,D] unit norm, class_embeddings [K,D] -> logits [B,R,K+1] (bg last);
+        [B,R,K+2] (classes, object, background) with the seesaw loss."""
         t = jax.lax.stop_gradient(l2_normalize(class_embeddings))
         cos = jnp.einsum("brd,kd->brk", r, t)
+        if self.seesaw:   # [B,R,K+2]: objectness logits are not scaled (reference)
+            return jnp.concatenate([self.temperature() * cos, self.background(r)], axis=-1)
         if self.hcfg.learned_background:
             bg = self.background(r)
         else:
@@ -133,6 +144,10 @@ class EZSDRoIHead(nn.Module):
         x = self.shared(roi_feats)
         r = self._embed_from_shared(x)
         logits = self.classify(r, class_embeddings)
+        extra_out = {}
+        if self.seesaw:
+            extra_out["seesaw_logits"] = logits
+            logits = seesaw_scores(logits)
         feat = self.regression_features(x)
         if h.semantic_regression:
             if reg_classes is None:   # test: the predicted (argmax foreground) class
@@ -144,4 +159,4 @@ class EZSDRoIHead(nn.Module):
             deltas = self.regressor(feat, extra)
         else:
             deltas = self.regressor(feat)
-        return {"logits": logits, "deltas": deltas, "embedding": r}
+        return {"logits": logits, "deltas": deltas, "embedding": r, **extra_out}
