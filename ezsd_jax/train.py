@@ -43,18 +43,22 @@ def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
 
 
 def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
-                  extra_fn: Callable | None = None) -> DetectionPipeline:
+                  extra_fn: Callable | None = None, detector: bool = True
+                  ) -> DetectionPipeline:
+    """The pipeline of config.data. detector=False (the CLIP stages) leaves out the
+    detector's repeat-factor sampling and multi-scale range (data.repeat_threshold,
+    data.short_side_range), which the reference's CLIP runs do not use."""
     d = cfg.data
     pc = jax.process_count()
     if batch_size % pc:
         raise ValueError(f"batch size {batch_size} not divisible by {pc} processes")
     thr = float(d.get("repeat_threshold", 0.0) or 0.0)
     factors = None
-    if train and thr > 0:   # class-balanced repeat-factor sampling (LVIS)
+    if train and detector and thr > 0:   # class-balanced repeat-factor sampling (LVIS)
         factors = repeat_factors([r.classes for r in dataset.records], thr)
         log.info(f"repeat-factor sampling t={thr}: {len(factors)} images -> "
                  f"{int(np.ceil(factors).sum())} per epoch")
-    scale_range = tuple(d.get("short_side_range", ()) or ()) or None
+    scale_range = (tuple(d.get("short_side_range", ()) or ()) or None) if detector else None
     return DetectionPipeline(
         dataset, batch_size=batch_size // pc, image_size=tuple(cfg.model.image_size),
         max_boxes=d.max_boxes, train=train, short_side=d.short_side, max_side=d.max_side,

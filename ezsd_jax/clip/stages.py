@@ -69,6 +69,23 @@ def split_names(cfg) -> tuple[list[str], list[str], list[str]]:
     return base, novel, splits.all_names(base, novel, ann)
 
 
+SCORE_NAMES = ("split", "dataset")
+
+
+def scoring_names(cfg) -> list[str]:
+    """The names the proposal stage's softmax (scores, confidences, base-class filter) runs
+    over, and that renorm writes text embeddings for: config.clip.score_names 'split'
+    (base + novel of the split) or 'dataset' (every category of config.data.train_ann in
+    id order: the reference's 80 COCO names, of which the 48/17 split uses 65)."""
+    mode = cfg.clip.get("score_names", "split")
+    if mode not in SCORE_NAMES:
+        raise ValueError(f"config.clip.score_names: {mode!r} is not one of {SCORE_NAMES}")
+    base, novel, names = split_names(cfg)
+    if mode == "split":
+        return names
+    return splits.category_names(cfg.data.train_ann)
+
+
 def clip_source(cfg, workdir: str) -> str:
     """The teacher before re-normalization: config.clip.model, else the toy CLIP of the
     clip_pretrain stage in the workdir."""
@@ -225,9 +242,9 @@ def renorm(cfg, workdir: str) -> dict:
         # run_renorm builds its state from `params` as given: replicate them on the mesh
         # (else the state sits on one device and the data-sharded batch on all of them)
         params = jax.device_put(flax.core.unfreeze(params), sharding.replicated(mesh))
-        pipe = make_pipeline(dataset, cfg, True, bs)
+        pipe = make_pipeline(dataset, cfg, True, bs, detector=False)
         try:
-            run_renorm(model, params, tok, pipe.train_iterator, base, names, steps,
+            run_renorm(model, params, tok, pipe.train_iterator, base, scoring_names(cfg), steps,
                        cfg.clip.renorm, out, class_names=dataset.cat_names, mean=mean,
                        std=std, mesh=mesh)
         finally:
@@ -258,9 +275,10 @@ def proposal_shard(cfg) -> tuple[int, int]:
 def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir: str
                        ) -> dict:
     """Proposals of every training image (base GT only loaded) with the CLIP in
-    `clip_dir` classifying over the names of `text_path` (all names of the split) into
-    the ProposalStore `out_dir`. Returns run_proposals' stats (or {'skipped': all})."""
-    base, novel, names = split_names(cfg)
+    `clip_dir` classifying over `scoring_names` (rows of `text_path`; config.clip.score_names)
+    into the ProposalStore `out_dir`. Returns run_proposals' stats (or {'skipped': all})."""
+    base, _, _ = split_names(cfg)
+    names = scoring_names(cfg)
     dataset = load_dataset(cfg.data, "train", category_names=base)
     cs = int(cfg.clip.proposal_images_per_chunk)
     n = len(dataset.records)
@@ -324,5 +342,5 @@ def _barrier_if_multiprocess() -> None:
 
 
 __all__ = ["clip_pretrain", "renorm", "proposals", "generate_proposals", "clip_source",
-           "split_names", "renorm_steps", "val_crop_accuracy", "PRETRAIN_DIR",
-           "RENORM_DIR", "PROPOSALS_DIR"]
+           "split_names", "scoring_names", "SCORE_NAMES", "renorm_steps", "val_crop_accuracy",
+           "PRETRAIN_DIR", "RENORM_DIR", "PROPOSALS_DIR"]

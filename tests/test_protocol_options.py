@@ -1,0 +1,57 @@
+"""Protocol options of issue 13 outside the model: the proposal stage's vocabulary
+(clip.score_names: the split's names or every name of the train file, as the reference's
+80-name softmax on COCO 48/17) and COCO evaluation at the reference's maxDets
+(100, 300, 1000) next to the standard (1, 10, 100), checked with pycocotools' own counts."""
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from ezsd_jax.clip.stages import scoring_names
+from ezsd_jax.evaluate import REFERENCE_MAX_DETS, coco_eval
+
+
+def _cfg(tmp_path, mode):
+    cats = [{"id": i, "name": n} for i, n in [(7, "g"), (1, "a"), (3, "c"), (2, "b"), (5, "e")]]
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps({"images": [], "annotations": [], "categories": cats}))
+    return ml_collections.ConfigDict(dict(
+        data=dict(train_ann=str(ann)),
+        ezsd=dict(split="names", base_names=("c", "a"), novel_names=("e",)),
+        clip=dict(score_names=mode)))
+
+
+def test_scoring_names_split_or_whole_file(tmp_path):
+    assert scoring_names(_cfg(tmp_path, "split")) == ["a", "c", "e"]       # id order
+    assert scoring_names(_cfg(tmp_path, "dataset")) == ["a", "b", "c", "e", "g"]
+    with pytest.raises(ValueError, match="score_names"):
+        scoring_names(_cfg(tmp_path, "all"))
+
+
+def _gt(n):
+    """One 1000x1000 image, one category, n GT boxes on a grid."""
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 400.0,
+             "bbox": [40.0 * (i % 25), 40.0 * (i // 25), 20.0, 20.0]} for i in range(n)]
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "width": 1000, "height": 1000}], "annotations": anns,
+                    "categories": [{"id": 1, "name": "x"}]}
+    coco.createIndex()
+    return coco, anns
+
+
+def test_reference_max_dets_count_beyond_100_per_category(rng):
+    coco, anns = _gt(200)
+    # 200 perfect detections with random scores: at maxDets 100 only half can match
+    res = [{"image_id": 1, "category_id": 1, "bbox": a["bbox"], "score": float(s)}
+           for a, s in zip(anns, rng.uniform(0.1, 1.0, len(anns)))]
+    std = coco_eval(coco, res, [1])
+    ref = coco_eval(coco, res, [1], max_dets=REFERENCE_MAX_DETS)
+    # AP is read at 100 in both; AP50 at maxDets[2]: 100 -> half the GT, 1000 -> all
+    assert std["AP"] == pytest.approx(ref["AP"], abs=1e-6)
+    assert ref["AP50"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.3 < std["AP50"] < 0.7
+    np.testing.assert_allclose(std["AP"], std["AP50"], atol=1e-6)   # perfect boxes
+    with pytest.raises(ValueError, match="max_dets"):
+        coco_eval(coco, res, [1], max_dets=(10, 300, 1000))
