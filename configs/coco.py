@@ -61,6 +61,7 @@ def clip_config(**overrides) -> ml_collections.ConfigDict:
         model="openai/clip-vit-base-patch32",   # or a local directory (offline)
         score_names="split",        # proposals' softmax over 'split' | 'dataset' names
         renorm_epochs=12,
+        renorm_epoch_unit="boxes",  # epochs of base boxes at crops_per_step | 'images'
         renorm=ml_collections.ConfigDict(dict(
             lr=1e-4, weight_decay=1e-4, grad_clip=0.1, text_layernorms=True,
             loss="sigmoid", templates=("a photo of a {}.",), enlarge=1.2,

@@ -55,3 +55,19 @@ def test_reference_max_dets_count_beyond_100_per_category(rng):
     np.testing.assert_allclose(std["AP"], std["AP50"], atol=1e-6)   # perfect boxes
     with pytest.raises(ValueError, match="max_dets"):
         coco_eval(coco, res, [1], max_dets=(10, 300, 1000))
+
+
+def test_renorm_steps_per_box_or_per_image():
+    from ezsd_jax.clip.stages import renorm_steps
+
+    def cfg(**clip):
+        c = dict(renorm_steps=0, renorm_epochs=12, renorm=dict(crops_per_step=64))
+        c.update(clip)
+        return ml_collections.ConfigDict(dict(clip=c, train=dict(batch_size=16)))
+    assert renorm_steps(cfg(), num_boxes=1000, num_images=130) == 188          # 12000 / 64
+    # the reference: 4 images per step with all their boxes, 12 epochs of the images
+    assert renorm_steps(cfg(renorm_epoch_unit="images", renorm_batch_size=4), 1000, 130) == 390
+    assert renorm_steps(cfg(renorm_epoch_unit="images"), 1000, 130) == 98      # train batch
+    assert renorm_steps(cfg(renorm_steps=7, renorm_epoch_unit="images"), 1000, 130) == 7
+    with pytest.raises(ValueError, match="renorm_epoch_unit"):
+        renorm_steps(cfg(renorm_epoch_unit="crops"), 1000, 130)

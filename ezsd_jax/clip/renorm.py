@@ -399,13 +399,16 @@ def run_renorm(model, params, tokenizer,
         mask=mask)
     step_fn = jax.jit(step_fn, donate_argnums=(0,))
     rng_base = int(c["seed"])
+    counts = {"available": 0, "dropped": 0}
 
     def batches(start: int) -> Iterator[dict]:
         it = batch_iterator(start) if callable(batch_iterator) else iter(batch_iterator)
         for i, b in enumerate(it):
             rng = np.random.default_rng([rng_base, start + i])
-            sb, _ = flatten_gt_boxes(b, c["crops_per_step"], label_map, rng,
-                                     groups=local_groups)
+            sb, st = flatten_gt_boxes(b, c["crops_per_step"], label_map, rng,
+                                      groups=local_groups)
+            for k in counts:
+                counts[k] += st[k]
             yield sb
 
     state = init_state(params, tx)
@@ -414,6 +417,10 @@ def run_renorm(model, params, tokenizer,
                                  mesh=mesh, ckpt_every=int(c["ckpt_every"]),
                                  keep=int(c["keep"]), log_every=int(c["log_every"]),
                                  items_per_step=float(c["crops_per_step"]), unit="crop")
+    if counts["available"]:
+        log.info(f"[renorm] {counts['dropped']} of {counts['available']} base boxes seen in "
+                 f"this run were left out of full steps (crops_per_step="
+                 f"{c['crops_per_step']})")
     params = state["params"]
     clip_dir = save_adapted_clip(os.path.join(workdir, "adapted_clip"), model, params,
                                  tokenizer, mean, std)

@@ -173,14 +173,31 @@ def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- renorm
 
-def renorm_steps(cfg, num_boxes: int) -> int:
+RENORM_EPOCH_UNITS = ("boxes", "images")
+
+
+def renorm_steps(cfg, num_boxes: int, num_images: int = 0) -> int:
     """config.clip.renorm_steps when > 0, else renorm_epochs passes over the base GT boxes
-    at renorm.crops_per_step crops per step."""
+    at renorm.crops_per_step crops per step (clip.renorm_epoch_unit 'boxes'), or over the
+    images at renorm_batch_size images per step with all their boxes ('images': the
+    reference's 4 images per step)."""
     steps = int(cfg.clip.get("renorm_steps", 0) or 0)
     if steps > 0:
         return steps
-    per = int(cfg.clip.renorm.get("crops_per_step", 64))
-    return max(1, math.ceil(float(cfg.clip.renorm_epochs) * num_boxes / per))
+    unit = cfg.clip.get("renorm_epoch_unit", "boxes")
+    if unit not in RENORM_EPOCH_UNITS:
+        raise ValueError(f"config.clip.renorm_epoch_unit: {unit!r} is not one of "
+                         f"{RENORM_EPOCH_UNITS}")
+    if unit == "images":
+        per, n = renorm_batch_size(cfg), num_images
+    else:
+        per, n = int(cfg.clip.renorm.get("crops_per_step", 64)), num_boxes
+    return max(1, math.ceil(float(cfg.clip.renorm_epochs) * n / per))
+
+
+def renorm_batch_size(cfg) -> int:
+    """Images per renorm step: config.clip.renorm_batch_size, else train.batch_size."""
+    return int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
 
 
 def val_crop_accuracy(cfg, model, params, text_emb: np.ndarray, names, is_base,
@@ -234,8 +251,8 @@ def renorm(cfg, workdir: str) -> dict:
     if not done:
         dataset = load_dataset(cfg.data, "train", category_names=base)
         n_boxes = int(sum(len(r.boxes) for r in dataset.records))
-        steps = renorm_steps(cfg, n_boxes)
-        bs = int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
+        steps = renorm_steps(cfg, n_boxes, len(dataset.records))
+        bs = renorm_batch_size(cfg)
         log.info(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
                  f"of {len(base)} base names; {steps} steps of {bs} images")
         mesh = sharding.make_mesh(cfg.mesh)
@@ -342,5 +359,6 @@ def _barrier_if_multiprocess() -> None:
 
 
 __all__ = ["clip_pretrain", "renorm", "proposals", "generate_proposals", "clip_source",
-           "split_names", "scoring_names", "SCORE_NAMES", "renorm_steps", "val_crop_accuracy",
+           "split_names", "scoring_names", "SCORE_NAMES", "renorm_steps", "renorm_batch_size",
+           "RENORM_EPOCH_UNITS", "val_crop_accuracy",
            "PRETRAIN_DIR", "RENORM_DIR", "PROPOSALS_DIR"]
