@@ -62,9 +62,10 @@ def clip_config(**overrides) -> ml_collections.ConfigDict:
         score_names="split",        # proposals' softmax over 'split' | 'dataset' names
         renorm_epochs=12,
         renorm_epoch_unit="boxes",  # epochs of base boxes at crops_per_step | 'images'
+        renorm_repeat_threshold=0.0,  # > 0: class-balanced repeats in renorm (LVIS)
         renorm=ml_collections.ConfigDict(dict(
             lr=1e-4, weight_decay=1e-4, grad_clip=0.1, text_layernorms=True,
-            loss="sigmoid", templates=("a photo of a {}.",), enlarge=1.2,
+            loss="sigmoid", templates=("a photo of a {}.",), enlarge=1.2, size_weight=False,
             crops_per_step=64, flip_prob=0.5, seed=0, ckpt_every=1000, keep=3,
             log_every=50, method="bicubic")),
         proposals=ml_collections.ConfigDict(dict(

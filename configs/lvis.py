@@ -53,6 +53,10 @@ def get_config():
     cfg.clip = clip_config(renorm_epochs=18, score_names="dataset")
     cfg.clip.renorm.text_layernorms = False
     cfg.clip.renorm.templates = ("a photo of a {}",)
+    # renorm (cls_finetuner_clip_lvis_base_train_over_sample.py + use_size_weight=True):
+    # class-balanced repeats t=0.001 and box-size-weighted loss
+    cfg.clip.renorm_repeat_threshold = 1e-3
+    cfg.clip.renorm.size_weight = True
     # LVIS proposals (docs/ezsd-method.md section 2): 500 per image sampled at random after the IoU
     # filter, no base-class filter.
     cfg.clip.proposals.update(dict(keep=500, selection="random", drop_base=False))

@@ -43,22 +43,24 @@ def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
 
 
 def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
-                  extra_fn: Callable | None = None, detector: bool = True
-                  ) -> DetectionPipeline:
-    """The pipeline of config.data. detector=False (the CLIP stages) leaves out the
-    detector's repeat-factor sampling and multi-scale range (data.repeat_threshold,
-    data.short_side_range), which the reference's CLIP runs do not use."""
+                  extra_fn: Callable | None = None, repeat_threshold: float | None = None,
+                  multiscale: bool = True) -> DetectionPipeline:
+    """The pipeline of config.data. Training samples with repeat factors when
+    `repeat_threshold` (default data.repeat_threshold) is > 0 and draws the short side from
+    data.short_side_range when `multiscale` (the CLIP stages pass False: the reference's
+    CLIP runs use one scale)."""
     d = cfg.data
     pc = jax.process_count()
     if batch_size % pc:
         raise ValueError(f"batch size {batch_size} not divisible by {pc} processes")
-    thr = float(d.get("repeat_threshold", 0.0) or 0.0)
+    thr = float(d.get("repeat_threshold", 0.0) if repeat_threshold is None
+                else repeat_threshold) or 0.0
     factors = None
-    if train and detector and thr > 0:   # class-balanced repeat-factor sampling (LVIS)
+    if train and thr > 0:   # class-balanced repeat-factor sampling (LVIS)
         factors = repeat_factors([r.classes for r in dataset.records], thr)
         log.info(f"repeat-factor sampling t={thr}: {len(factors)} images -> "
                  f"{int(np.ceil(factors).sum())} per epoch")
-    scale_range = (tuple(d.get("short_side_range", ()) or ()) or None) if detector else None
+    scale_range = (tuple(d.get("short_side_range", ()) or ()) or None) if multiscale else None
     return DetectionPipeline(
         dataset, batch_size=batch_size // pc, image_size=tuple(cfg.model.image_size),
         max_boxes=d.max_boxes, train=train, short_side=d.short_side, max_side=d.max_side,

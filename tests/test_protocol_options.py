@@ -71,3 +71,45 @@ def test_renorm_steps_per_box_or_per_image():
     assert renorm_steps(cfg(renorm_steps=7, renorm_epoch_unit="images"), 1000, 130) == 7
     with pytest.raises(ValueError, match="renorm_epoch_unit"):
         renorm_steps(cfg(renorm_epoch_unit="crops"), 1000, 130)
+
+
+def _np_size_weights(boxes, img_h, img_w):
+    """EZAD ClipEncoderHead.loss, use_size_weight=True, transcribed."""
+    img_factor = np.sqrt(img_h * img_w)
+    bbox_factor = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    weight = np.exp(-(bbox_factor / img_factor))
+    return weight * (boxes.shape[0] / weight.sum())
+
+
+def test_renorm_size_weights_match_reference_and_weight_the_loss(rng):
+    import jax.numpy as jnp
+    from ezsd_jax.clip.renorm import classification_loss, flatten_gt_boxes, size_weights
+    b, m = 2, 6
+    xy = rng.uniform(0, 60, (b, m, 2))
+    wh = rng.uniform(2, 60, (b, m, 2))
+    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+    hw = np.array([[100, 120], [90, 64]], np.int32)
+    mask = np.ones((b, m), bool)
+    mask[1, 4:] = False
+    classes = rng.integers(0, 3, (b, m))
+    label_map = np.array([0, -1, 1])              # class 1 is not a base class
+    batch = {"image": np.zeros((b, 128, 128, 3), np.uint8), "boxes": boxes,
+             "classes": classes, "box_mask": mask, "image_hw": hw}
+    sb, st = flatten_gt_boxes(batch, 16, label_map, np.random.default_rng(0), size_weight=True)
+    assert st["dropped"] == 0 and sb["mask"].sum() == st["available"]
+    for i in range(b):
+        sel = mask[i] & (label_map[classes[i]] >= 0)
+        want = _np_size_weights(boxes[i, sel].astype(np.float64), *hw[i])
+        got = sb["weight"][sb["mask"] & (sb["box_image"] == i)]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(size_weights(boxes[i, sel], hw[i]), want, rtol=1e-5)
+    assert "weight" not in flatten_gt_boxes(batch, 16, label_map, np.random.default_rng(0))[0]
+    # weighted loss = sum(w * per-crop loss) / number of valid crops
+    k, c = 16, 3
+    logits = rng.normal(size=(k, c)).astype(np.float32)
+    labels = rng.integers(0, c, k)
+    valid, w = sb["mask"], sb["weight"]
+    per = -np.log(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))[np.arange(k), labels]
+    got = float(classification_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                    jnp.asarray(valid), "softmax", jnp.asarray(w)))
+    np.testing.assert_allclose(got, (per * w * valid).sum() / valid.sum(), rtol=1e-5)

@@ -63,7 +63,7 @@ def test_distillation_and_clip_rows(cfg):
     assert (r.lr, r.weight_decay, r.grad_clip, r.loss) == (1e-4, 1e-4, 0.1, "sigmoid")
     assert tuple(r.templates) == ("a photo of a {}",)           # no full stop
     assert r.flip_prob == 0.5 and r.enlarge == 1.2
-    assert r.crops_per_step == 64                               # deviates (to change)
+    assert r.crops_per_step == 64 and c.renorm_epoch_unit == "boxes"   # deviates
     p = c.proposals
     assert (p.stride, tuple(p.sizes), tuple(p.ratios)) == (32, (32, 64, 128, 256, 512),
                                                            (0.5, 1.0, 2.0))
@@ -80,6 +80,7 @@ def test_coco_rows():
     assert c.ezsd.eval.protocol == "coco" and c.ezsd.split == "coco48_17"
     assert tuple(c.ezsd.eval.reference_max_dets) == REFERENCE_MAX_DETS == (100, 300, 1000)
     assert c.clip.renorm_epochs == 12 and c.clip.renorm.text_layernorms
+    assert c.clip.renorm_repeat_threshold == 0.0 and not c.clip.renorm.size_weight
     m = c.model
     assert (m.box_cls_loss, m.rpn_reg_loss_weight, m.box_reg_loss_weight) == \
         ("softmax", 1.0, 1.0)
@@ -102,6 +103,7 @@ def test_lvis_rows():
     assert (lv.clip.proposals.keep, lv.clip.proposals.selection, lv.clip.proposals.drop_base) \
         == (500, "random", False)
     assert lv.clip.renorm_epochs == 18 and not lv.clip.renorm.text_layernorms
+    assert lv.clip.renorm_repeat_threshold == 1e-3 and lv.clip.renorm.size_weight
     assert lv.data.max_boxes == 300 and m.test_topk_candidates == 8192
 
 

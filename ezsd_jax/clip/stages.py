@@ -250,16 +250,19 @@ def renorm(cfg, workdir: str) -> dict:
                                names, is_base, mean, std, max_images)
     if not done:
         dataset = load_dataset(cfg.data, "train", category_names=base)
-        n_boxes = int(sum(len(r.boxes) for r in dataset.records))
-        steps = renorm_steps(cfg, n_boxes, len(dataset.records))
         bs = renorm_batch_size(cfg)
-        log.info(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
-                 f"of {len(base)} base names; {steps} steps of {bs} images")
+        # class-balanced repeats (LVIS): an epoch is the repeated list, as the reference's
+        pipe = make_pipeline(dataset, cfg, True, bs, multiscale=False, repeat_threshold=float(
+            cfg.clip.get("renorm_repeat_threshold", 0.0) or 0.0))
+        epoch = pipe.epoch_index
+        n_boxes = int(sum(len(dataset.records[i].boxes) for i in epoch))
+        steps = renorm_steps(cfg, n_boxes, len(epoch))
+        log.info(f"[renorm] teacher {src}; {len(epoch)} images, {n_boxes} base boxes per "
+                 f"epoch of {len(base)} base names; {steps} steps of {bs} images")
         mesh = sharding.make_mesh(cfg.mesh)
         # run_renorm builds its state from `params` as given: replicate them on the mesh
         # (else the state sits on one device and the data-sharded batch on all of them)
         params = jax.device_put(flax.core.unfreeze(params), sharding.replicated(mesh))
-        pipe = make_pipeline(dataset, cfg, True, bs, detector=False)
         try:
             run_renorm(model, params, tok, pipe.train_iterator, base, scoring_names(cfg), steps,
                        cfg.clip.renorm, out, class_names=dataset.cat_names, mean=mean,

@@ -145,6 +145,13 @@ class DetectionPipeline:
         return len(self.records) if self._epoch_index is None else len(self._epoch_index)
 
     @property
+    def epoch_index(self) -> np.ndarray:
+        """Record indices of one train epoch (each record once, or repeated), unordered."""
+        if self._epoch_index is None:
+            return np.arange(len(self.records))
+        return self._epoch_index
+
+    @property
     def steps_per_epoch(self) -> int:
         """Train steps per pass over the data (at least 1; the stream wraps epochs)."""
         return max(1, self.epoch_length // self.global_batch_size)
