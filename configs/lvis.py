@@ -14,7 +14,8 @@ Every value is compared with the authors' LVIS run, item by item, in docs/protoc
 '301212', train proposals 2000 -> 1000, first 200 stored proposals, renorm prompt): seesaw
 loss, regression loss weight 2 (RPN and RoI), class-balanced repeat-factor sampling
 (t = 0.001; 48 epochs of the repeated list, so train.steps = 0 and train.epochs = 48),
-multi-scale training with the short side in 640..800 on the static 1344x1344 canvas.
+multi-scale training with the short side in 640..800 on the static 1344x1344 canvas;
+renorm with the same repeats and the reference's box-size-weighted loss.
 """
 
 from configs import common

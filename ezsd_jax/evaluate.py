@@ -200,9 +200,16 @@ def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detect
     if step is None:
         raise cli.MissingInput(f"no detector checkpoint in {workdir}/ckpt_{name}: run the "
                                 "train stage first")
+    stats = target["batch_stats"]
+    counts = stats.get(det.SEESAW_COUNTS)
+    if counts is not None:   # sized by the TRAINING vocabulary, not this model's
+        shape = ckpt.stored_shape(step, ("batch_stats", det.SEESAW_COUNTS))
+        stats[det.SEESAW_COUNTS] = jax.ShapeDtypeStruct(shape, counts.dtype,
+                                                        sharding=counts.sharding)
     state = ckpt.restore(step, target)
     ckpt.close()
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}, step
+    stats = {k: v for k, v in state["batch_stats"].items() if k != det.SEESAW_COUNTS}
+    return {"params": state["params"], "batch_stats": stats}, step
 
 
 def run(cfg, workdir: str) -> dict:

@@ -125,3 +125,17 @@ def test_ezsd_head_seesaw_outputs(rng):
     assert shapes["batch_stats"][det.SEESAW_COUNTS].shape == (k + 1,)
     with pytest.raises(ValueError, match="roi_head='ezsd'"):
         det.DetectorConfig(num_classes=3, box_cls_loss="seesaw")
+
+
+def test_checkpoint_stored_shape_of_the_counts(tmp_path):
+    """The counts are sized by the TRAINING vocabulary: evaluation over more names reads
+    their stored shape (evaluate.restore_variables) instead of its own model's."""
+    from ezsd_jax.checkpoint import CheckpointError, Checkpointer
+    ck = Checkpointer(str(tmp_path / "ck"))
+    ck.save(3, {"batch_stats": {det.SEESAW_COUNTS: jnp.zeros((7,))}, "step": jnp.ones(())},
+            force=True)
+    ck.wait()
+    assert ck.stored_shape(3, ("batch_stats", det.SEESAW_COUNTS)) == (7,)
+    with pytest.raises(CheckpointError, match="has no batch_stats/nothing"):
+        ck.stored_shape(3, ("batch_stats", "nothing"))
+    ck.close()

@@ -130,6 +130,9 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
     c = model.cfg
     stats = dict(variables.get("batch_stats", {}))
     counts = stats.pop(SEESAW_COUNTS, None)
+    if c.box_cls_loss == "seesaw" and counts is None:
+        raise ValueError(f"model.box_cls_loss='seesaw': the variables lack batch_stats"
+                         f"['{SEESAW_COUNTS}'] (make them with detector.init_variables)")
     variables = {**variables, "batch_stats": stats}
     anchors = jnp.asarray(np.concatenate(c.anchors(), axis=0))
     hw = valid_hw(batch)
