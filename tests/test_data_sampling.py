@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ezsd_jax.data.sampling import repeat_factors, repeat_index
-from tests.test_data_pipeline import _dataset, _pipe
+from test_data_pipeline import _dataset, _pipe
 
 
 def _np_repeat_factors(labels, num_classes, t):

@@ -146,7 +146,8 @@ class DetectionPipeline:
 
     @property
     def epoch_index(self) -> np.ndarray:
-        """Record indices of one train epoch (each record once, or repeated), unordered."""
+        """Record indices of one train epoch (each record once, or repeated), in record
+        order (each epoch permutes them)."""
         if self._epoch_index is None:
             return np.arange(len(self.records))
         return self._epoch_index
