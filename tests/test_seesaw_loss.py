@@ -103,7 +103,7 @@ def test_seesaw_box_losses_counts_and_scores_match_mmdet(rng):
 
 def test_ezsd_head_seesaw_outputs(rng):
     d, k = 8, 4
-    m = common.tiny_model_config(image_size=(128, 128), roi_head="ezsd", fpn_channels=8,
+    m = common.tiny_model_config(image_size=(64, 64), roi_head="ezsd", fpn_channels=8,
                                  box_conv_dim=8, box_fc_dim=16, box_cls_loss="seesaw")
     m.ezsd = dict(embed_dim=d)
     cfg = det.DetectorConfig.from_config(m, num_classes=k)
