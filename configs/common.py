@@ -33,6 +33,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         roi_fg_iou=0.5, roi_output_size=7, roi_sampling_ratio=2,
         box_num_convs=0, box_conv_dim=256, box_num_fcs=2, box_fc_dim=1024,
         bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), box_loss_weight=1.0,
+        rpn_reg_loss_weight=1.0, box_reg_loss_weight=1.0, box_cls_loss="softmax",
+        seesaw_p=0.8, seesaw_q=2.0, box_head_spec="",
         test_score_threshold=0.05, test_nms_threshold=0.5, test_max_detections=100,
         test_topk_candidates=4096,
     ))
@@ -59,6 +61,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         train_ann="", train_images="", val_ann="", val_images="",
         category_names=(),          # () = every category in the annotation file
         short_side=800, max_side=1333, max_boxes=100, flip_prob=0.5,
+        short_side_range=(),        # (lo, hi): train short side uniform in lo..hi ('range')
+        repeat_threshold=0.0,       # > 0: class-balanced repeat-factor sampling (t)
         num_threads=8, prefetch=2,
         on_error="raise",           # 'raise' | 'skip' (counted) for bad annotations/images
     ))

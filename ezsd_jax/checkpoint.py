@@ -82,6 +82,20 @@ class Checkpointer:
             return False
         return self.save(step, state, force=True)
 
+    def stored_shape(self, step: int, path: tuple[str, ...]) -> tuple[int, ...]:
+        """Shape of the array at `path` (dict keys) in the checkpoint of `step`."""
+        # the manager's single item is orbax's "default" (StandardSave)
+        with ocp.StandardCheckpointer() as reader:
+            md = reader.metadata(os.path.join(self.directory, str(int(step)), "default"))
+        node = md.item_metadata
+        try:
+            for k in path:
+                node = node[k]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} has no "
+                                  f"{'/'.join(path)}") from e
+        return tuple(node.shape)
+
     def restore(self, step: int, target: Any) -> Any:
         """Restores `step` with the structure, dtypes and shardings of `target`."""
         try:

@@ -44,6 +44,10 @@ ENUMS: dict[str, tuple] = {
     "ezsd.eval.protocol": ("coco", "lvis"),                     # ezsd.stages
     "ezsd.distill.on_missing": ("raise", "empty"),              # ezsd.distill
     "clip.proposals.selection": ("top", "random"),              # clip.proposals
+    "clip.score_names": ("split", "dataset"),                   # clip.stages.scoring_names
+    "clip.renorm_epoch_unit": ("boxes", "images"),              # clip.stages.renorm_steps
+    "ezsd.distill.sample": ("random", "first"),                 # ezsd.distill
+    "model.box_cls_loss": ("softmax", "seesaw"),                # models.losses
     "influence.pseudo_label": ("argmax", "expected"),           # isal_jax.tasks.classification
 }
 

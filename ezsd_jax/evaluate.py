@@ -58,14 +58,18 @@ def to_coco_results(det: dict, meta: dict, cat_ids: Sequence[int]) -> list[dict]
 
 def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
               cat_ids: Sequence[int] | None = None, verbose: bool = False,
-              iou_type: str = "bbox") -> dict:
+              iou_type: str = "bbox", max_dets: Sequence[int] = (1, 10, 100)) -> dict:
     """COCOeval `iou_type` ('bbox', or 'segm' for RLE 'segmentation' results; GT crowd
     regions are ignore regions) on `img_ids` (and `cat_ids` when given). Empty results ->
     all zeros.
 
-    The standard protocol: at most 100 detections per image (maxDets 1/10/100; pycocotools'
-    summary AP is read at 100, so other values would report AP as 0). A model's
+    The standard protocol: maxDets 1/10/100 (per image and category). pycocotools reads
+    the summary AP at 100 and AP50 / AP75 / APs/m/l at max_dets[2]: the EZSD reference's
+    (100, 300, 1000) reports AP at 100 and AP50 at 1000 (REFERENCE_MAX_DETS). A model's
     test_max_detections only caps what it outputs."""
+    if len(max_dets) != 3 or 100 not in max_dets:
+        raise ValueError(f"coco_eval: max_dets needs 3 values including 100 (pycocotools "
+                         f"reads AP at 100), got {tuple(max_dets)}")
     if cat_ids is not None:
         results = [r for r in results if r["category_id"] in set(cat_ids)]
     if not results:
@@ -77,13 +81,20 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
         ev.params.imgIds = list(img_ids)
         if cat_ids is not None:
             ev.params.catIds = list(cat_ids)
-        ev.params.maxDets = [1, 10, 100]
+        ev.params.maxDets = [int(m) for m in max_dets]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     if verbose:
         print(buf.getvalue(), flush=True)  # the COCOeval table is the result
     return {k: float(max(v, 0.0)) for k, v in zip(COCO_STAT_NAMES, ev.stats)}
+
+
+REFERENCE_MAX_DETS = (100, 300, 1000)   # EZSD reference (mmdet coco.py _evaluate_by_class_split)
+
+
+def max_dets_key(max_dets: Sequence[int]) -> str:
+    return "maxDets_" + "_".join(str(int(m)) for m in max_dets)
 
 
 def run_inference(infer_fn: Callable, pipeline, mesh, cat_ids: Sequence[int],
@@ -148,10 +159,11 @@ def place_on_mesh(tree, mesh):
 
 
 def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
-                      groups: dict[str, Sequence[int]] | None = None, name: str = "eval"
-                      ) -> dict:
+                      groups: dict[str, Sequence[int]] | None = None, name: str = "eval",
+                      also_max_dets: Sequence[int] = ()) -> dict:
     """Runs inference over `dataset` and COCOeval per group of category ids
-    (default: one group 'all'). Returns {group: stats}."""
+    (default: one group 'all'). Returns {group: stats}; with `also_max_dets` (e.g.
+    REFERENCE_MAX_DETS) also {'maxDets_100_300_1000': {group: stats}}."""
     mesh = sharding.make_mesh(cfg.mesh)
     variables = place_on_mesh(variables, mesh)
     var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
@@ -165,6 +177,10 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
     img_ids = [r.image_id for r in dataset.records]
     groups = groups or {"all": list(dataset.cat_ids)}
     metrics = {g: coco_eval(coco_gt, results, img_ids, ids) for g, ids in groups.items()}
+    if also_max_dets:
+        metrics[max_dets_key(also_max_dets)] = {
+            g: coco_eval(coco_gt, results, img_ids, ids, max_dets=also_max_dets)
+            for g, ids in groups.items()}
     metrics["num_images"] = len(img_ids)
     metrics["num_detections"] = len(results)
     write_eval_outputs(workdir, name, results, metrics)
@@ -184,9 +200,16 @@ def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detect
     if step is None:
         raise cli.MissingInput(f"no detector checkpoint in {workdir}/ckpt_{name}: run the "
                                 "train stage first")
+    stats = target["batch_stats"]
+    counts = stats.get(det.SEESAW_COUNTS)
+    if counts is not None:   # sized by the TRAINING vocabulary, not this model's
+        shape = ckpt.stored_shape(step, ("batch_stats", det.SEESAW_COUNTS))
+        stats[det.SEESAW_COUNTS] = jax.ShapeDtypeStruct(shape, counts.dtype,
+                                                        sharding=counts.sharding)
     state = ckpt.restore(step, target)
     ckpt.close()
-    return {"params": state["params"], "batch_stats": state["batch_stats"]}, step
+    stats = {k: v for k, v in state["batch_stats"].items() if k != det.SEESAW_COUNTS}
+    return {"params": state["params"], "batch_stats": stats}, step
 
 
 def run(cfg, workdir: str) -> dict:

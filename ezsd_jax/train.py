@@ -10,17 +10,20 @@ terms through `extra_loss_fn` (EZSD distillation) and constants through `consts`
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from ezsd_jax import optim, sharding, train_loop
 from ezsd_jax.data.coco import CocoDataset, load_coco
 from ezsd_jax.data.pipeline import DetectionPipeline
+from ezsd_jax.data.sampling import repeat_factors
 from ezsd_jax.models import detector as det
 from ezsd_jax.models.pretrained import load_state_dict, torchvision_to_flax
 from ezsd_jax.models.resnet import trainable_mask
@@ -40,17 +43,30 @@ def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
 
 
 def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
-                  extra_fn: Callable | None = None) -> DetectionPipeline:
+                  extra_fn: Callable | None = None, repeat_threshold: float | None = None,
+                  multiscale: bool = True) -> DetectionPipeline:
+    """The pipeline of config.data. Training samples with repeat factors when
+    `repeat_threshold` (default data.repeat_threshold) is > 0 and draws the short side from
+    data.short_side_range when `multiscale` (the CLIP stages pass False: the reference's
+    CLIP runs use one scale)."""
     d = cfg.data
     pc = jax.process_count()
     if batch_size % pc:
         raise ValueError(f"batch size {batch_size} not divisible by {pc} processes")
+    thr = float(d.get("repeat_threshold", 0.0) if repeat_threshold is None
+                else repeat_threshold) or 0.0
+    factors = None
+    if train and thr > 0:   # class-balanced repeat-factor sampling (LVIS)
+        factors = repeat_factors([r.classes for r in dataset.records], thr)
+        log.info(f"repeat-factor sampling t={thr}: {len(factors)} images -> "
+                 f"{int(np.ceil(factors).sum())} per epoch")
+    scale_range = (tuple(d.get("short_side_range", ()) or ()) or None) if multiscale else None
     return DetectionPipeline(
         dataset, batch_size=batch_size // pc, image_size=tuple(cfg.model.image_size),
         max_boxes=d.max_boxes, train=train, short_side=d.short_side, max_side=d.max_side,
         flip_prob=d.flip_prob if train else 0.0, seed=cfg.train.seed,
         num_threads=d.num_threads, prefetch=d.prefetch, extra_fn=extra_fn,
-        on_error=d.on_error)
+        on_error=d.on_error, repeat_factors=factors, short_side_range=scale_range)
 
 
 def detector_config(cfg, num_classes: int) -> det.DetectorConfig:
@@ -77,10 +93,23 @@ def make_optimizer(cfg, params, steps: int):
     return tx, mask, sched
 
 
+def train_steps(t: ml_collections.ConfigDict, pipe: DetectionPipeline) -> int:
+    """config.train.steps when > 0, else train.epochs passes of the pipeline's epoch (with
+    repeat-factor sampling: of the repeated list, as mmdetection counts epochs)."""
+    if int(t.steps) > 0:
+        return int(t.steps)
+    epochs = float(t.get("epochs", 0) or 0)
+    if epochs <= 0:
+        raise ValueError("config.train: set train.steps > 0 or train.epochs > 0")
+    return max(1, math.ceil(epochs * pipe.steps_per_epoch))
+
+
 def init_train_state(model: det.FasterRCNN, cfg, mesh, key, consts: dict,
-                     init_fn: Callable[[dict], dict] | None = None):
-    """Train state {'params','batch_stats','opt_state','step'} placed with its shardings."""
-    tx, mask, sched = make_optimizer(cfg, _abstract_params(model, consts), cfg.train.steps)
+                     init_fn: Callable[[dict], dict] | None = None, steps: int | None = None):
+    """Train state {'params','batch_stats','opt_state','step'} placed with its shardings
+    (`steps` sets the lr schedule's length; default config.train.steps)."""
+    tx, mask, sched = make_optimizer(cfg, _abstract_params(model, consts),
+                                     int(steps or max(1, cfg.train.steps)))
 
     def init(k):
         v = det.init_variables(model, k, 1, consts.get("class_embeddings"))
@@ -121,10 +150,13 @@ def make_train_step(model: det.FasterRCNN, tx, mesh, state_sh, seed: int,
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree_util.tree_map(lambda p, u: p + u, state["params"], updates)
         metrics = dict(metrics)
+        stats = state["batch_stats"]
+        if det.SEESAW_COUNTS in metrics:   # the seesaw loss's running counts
+            stats = {**stats, det.SEESAW_COUNTS: metrics.pop(det.SEESAW_COUNTS)}
         metrics["grad_norm"] = optim_global_norm(grads)
         if sched is not None:
             metrics["lr"] = sched(state["step"])
-        new = {"params": params, "batch_stats": state["batch_stats"],
+        new = {"params": params, "batch_stats": stats,
                "opt_state": opt_state, "step": state["step"] + 1}
         return new, metrics
 
@@ -137,7 +169,8 @@ def optim_global_norm(tree) -> jax.Array:
                         for x in jax.tree_util.tree_leaves(tree)))
 
 
-def initial_state(model: det.FasterRCNN, cfg, mesh, consts: dict, init_fn=None):
+def initial_state(model: det.FasterRCNN, cfg, mesh, consts: dict, init_fn=None,
+                  steps: int | None = None):
     """-> (state, state shardings, tx, schedule): a fresh train state (seed
     config.train.seed) on `mesh`. config.model.pretrained (a torchvision-format ResNet
     file) replaces the backbone's weights and BN statistics; `init_fn` may edit the
@@ -151,7 +184,8 @@ def initial_state(model: det.FasterRCNN, cfg, mesh, consts: dict, init_fn=None):
             v = load_pretrained_backbone(v, pretrained, dcfg)
         return init_fn(v) if init_fn is not None else v
 
-    init, state_sh, tx, sched = init_train_state(model, cfg, mesh, key, consts, full_init)
+    init, state_sh, tx, sched = init_train_state(model, cfg, mesh, key, consts, full_init,
+                                                 steps)
     if pretrained:  # host-side file loading cannot run under jit: init eagerly, then place
         state = jax.device_put(init(key), state_sh)
     else:
@@ -168,16 +202,17 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
     sharding.check_batch_divisible(t.batch_size, mesh)
     dcfg = detector_config(cfg, dataset.num_classes)
     model = det.FasterRCNN(dcfg)
-    state, state_sh, tx, sched = initial_state(model, cfg, mesh, consts, init_fn)
-    step_fn = make_train_step(model, tx, mesh, state_sh, t.seed, extra_loss_fn, sched)
-    consts_dev = jax.device_put(consts, sharding.replicated(mesh))
     pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn)
-    log.info(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
-             f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps")
+    steps = train_steps(t, pipe)
     try:
+        state, state_sh, tx, sched = initial_state(model, cfg, mesh, consts, init_fn, steps)
+        step_fn = make_train_step(model, tx, mesh, state_sh, t.seed, extra_loss_fn, sched)
+        consts_dev = jax.device_put(consts, sharding.replicated(mesh))
+        log.info(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
+                 f"{pipe.steps_per_epoch} steps/epoch, {steps} steps")
         state, _ = train_loop.fit(
             state=state, step_fn=lambda s, b: step_fn(s, b, consts_dev),
-            batches=pipe.train_iterator, num_steps=t.steps, workdir=workdir, name=name,
+            batches=pipe.train_iterator, num_steps=steps, workdir=workdir, name=name,
             mesh=mesh, ckpt_every=t.ckpt_every, keep=t.keep_checkpoints,
             log_every=t.log_every, items_per_step=t.batch_size, unit="img",
             debug_kill_at_step=cfg.debug.kill_at_step,

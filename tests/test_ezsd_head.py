@@ -81,7 +81,7 @@ def test_temperature_and_background_are_learned(rng):
 
 def _reg_feat(head, variables, feats):
     return np.asarray(head.apply(variables, feats,
-                                 method=lambda m, x: m.reg_head(m._flat_shared(x))))
+                                 method=lambda m, x: m.regression_features(m.shared(x))))
 
 
 def test_semantic_regression_uses_the_assigned_class_embedding(rng):

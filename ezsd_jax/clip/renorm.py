@@ -86,11 +86,15 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> dict:
 # ----------------------------------------------------------------------------- step
 
 def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray,
-                        kind: str = "sigmoid") -> jnp.ndarray:
+                        kind: str = "sigmoid", weight: jnp.ndarray | None = None
+                        ) -> jnp.ndarray:
     """Mean loss over valid rows. sigmoid: BCE on one-hot targets averaged over classes
-    (mmdet's use_sigmoid CrossEntropyLoss); softmax: cross-entropy."""
+    (mmdet's use_sigmoid CrossEntropyLoss); softmax: cross-entropy. `weight` [K] scales
+    each row (size weights, mean 1 per image); the divisor stays the valid count."""
     mask = mask.astype(jnp.float32)
     denom = jnp.maximum(mask.sum(), 1.0)
+    if weight is not None:
+        mask = mask * weight.astype(jnp.float32)
     onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
     if kind == "sigmoid":
         per = optax.sigmoid_binary_cross_entropy(logits, onehot).mean(axis=-1)
@@ -161,7 +165,8 @@ def make_renorm_train_step(model, tx: optax.GradientTransformation, *,
                 txt = fixed
             scale = jnp.exp(jax.lax.stop_gradient(params["logit_scale"]))
             logits = scale * img @ txt.T
-            return classification_loss(logits, jnp.maximum(labels, 0), valid, loss), logits
+            return classification_loss(logits, jnp.maximum(labels, 0), valid, loss,
+                                       batch.get("weight")), logits
 
         (value, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -280,15 +285,30 @@ def valid_hw(batch: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.minimum(hw, np.asarray(img.shape[1:3])).astype(np.int32)
 
 
+def size_weights(boxes: np.ndarray, image_hw) -> np.ndarray:
+    """The reference's LVIS renorm box weights (ClipEncoderHead use_size_weight):
+    exp(-sqrt(box area) / sqrt(image area)) over one image's boxes [n, 4] (image_hw: the
+    resized image), normalized to mean 1 over those boxes."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if not len(boxes):
+        return np.zeros((0,), np.float32)
+    h, w = (float(v) for v in image_hw)
+    side = np.sqrt(np.maximum(boxes[:, 2] - boxes[:, 0], 0) * np.maximum(boxes[:, 3] -
+                                                                          boxes[:, 1], 0))
+    wt = np.exp(-side / np.sqrt(h * w))
+    return (wt * len(wt) / wt.sum()).astype(np.float32)
+
+
 def flatten_gt_boxes(batch: Mapping[str, np.ndarray], crops_per_step: int,
                      label_map: np.ndarray, rng: np.random.Generator,
-                     groups: int = 1) -> tuple[dict, dict]:
+                     groups: int = 1, size_weight: bool = False) -> tuple[dict, dict]:
     """Pipeline batch -> step batch with a fixed number K of GT crops.
 
     Valid GT boxes (box_mask & image valid & label_map[class] >= 0) of the batch are
     listed; if more than K/groups fall in one group, a random subset is kept (counted in
     `dropped`); slots left over are masked. label_map maps dataset class ids to base
-    indices (-1: not trained on, e.g. a novel class).
+    indices (-1: not trained on, e.g. a novel class). With `size_weight` the step batch
+    also holds 'weight' [K]: `size_weights` of each image's boxes (before the subset).
     Returns (step batch, stats {'available', 'dropped'}).
     """
     image = np.asarray(batch["image"])
@@ -311,6 +331,13 @@ def flatten_gt_boxes(batch: Mapping[str, np.ndarray], crops_per_step: int,
     out_img = np.zeros((k,), np.int32)
     out_lab = np.zeros((k,), np.int32)
     out_mask = np.zeros((k,), bool)
+    out_w = np.zeros((k,), np.float32)
+    if size_weight:
+        hw = valid_hw(batch)
+        img_w = np.zeros(labels.shape, np.float32)
+        for i in range(b):
+            sel = labels[i] >= 0
+            img_w[i, sel] = size_weights(boxes[i, sel], hw[i])
     available = dropped = 0
     for g in range(groups):
         ii, jj = np.nonzero(labels[g * bg:(g + 1) * bg] >= 0)
@@ -324,8 +351,12 @@ def flatten_gt_boxes(batch: Mapping[str, np.ndarray], crops_per_step: int,
         out_img[s] = ii
         out_lab[s] = labels[g * bg + ii, jj]
         out_mask[s] = True
+        if size_weight:
+            out_w[s] = img_w[g * bg + ii, jj]
     step_batch = {"image": image, "image_hw": valid_hw(batch), "boxes": out_boxes,
                   "box_image": out_img, "labels": out_lab, "mask": out_mask}
+    if size_weight:
+        step_batch["weight"] = out_w
     return step_batch, {"available": available, "dropped": dropped}
 
 
@@ -338,7 +369,8 @@ def label_map_for(class_names: Sequence[str], base_names: Sequence[str]) -> np.n
 _DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, grad_clip=0.1, text_layernorms=True,
                  loss="sigmoid", templates=DEFAULT_TEMPLATES, enlarge=1.2,
                  crops_per_step=64, flip_prob=0.5, seed=0, ckpt_every=1000, keep=3,
-                 log_every=50, method="bicubic", window=None, out_size=None)
+                 log_every=50, method="bicubic", window=None, out_size=None,
+                 size_weight=False)
 
 
 def _cfg(cfg: Any) -> dict:
@@ -399,13 +431,16 @@ def run_renorm(model, params, tokenizer,
         mask=mask)
     step_fn = jax.jit(step_fn, donate_argnums=(0,))
     rng_base = int(c["seed"])
+    counts = {"available": 0, "dropped": 0}
 
     def batches(start: int) -> Iterator[dict]:
         it = batch_iterator(start) if callable(batch_iterator) else iter(batch_iterator)
         for i, b in enumerate(it):
             rng = np.random.default_rng([rng_base, start + i])
-            sb, _ = flatten_gt_boxes(b, c["crops_per_step"], label_map, rng,
-                                     groups=local_groups)
+            sb, st = flatten_gt_boxes(b, c["crops_per_step"], label_map, rng,
+                                      groups=local_groups, size_weight=bool(c["size_weight"]))
+            for k in counts:
+                counts[k] += st[k]
             yield sb
 
     state = init_state(params, tx)
@@ -414,6 +449,10 @@ def run_renorm(model, params, tokenizer,
                                  mesh=mesh, ckpt_every=int(c["ckpt_every"]),
                                  keep=int(c["keep"]), log_every=int(c["log_every"]),
                                  items_per_step=float(c["crops_per_step"]), unit="crop")
+    if counts["available"]:
+        log.info(f"[renorm] {counts['dropped']} of {counts['available']} base boxes seen in "
+                 f"this run were left out of full steps (crops_per_step="
+                 f"{c['crops_per_step']})")
     params = state["params"]
     clip_dir = save_adapted_clip(os.path.join(workdir, "adapted_clip"), model, params,
                                  tokenizer, mean, std)
@@ -426,4 +465,4 @@ def run_renorm(model, params, tokenizer,
 
 __all__ = ["layernorm_mask", "make_optimizer", "init_state", "classification_loss",
            "make_renorm_train_step", "crop_predictions", "crop_accuracy", "save_adapted_clip",
-           "valid_hw", "flatten_gt_boxes", "label_map_for", "run_renorm"]
+           "valid_hw", "size_weights", "flatten_gt_boxes", "label_map_for", "run_renorm"]

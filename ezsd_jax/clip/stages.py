@@ -69,6 +69,23 @@ def split_names(cfg) -> tuple[list[str], list[str], list[str]]:
     return base, novel, splits.all_names(base, novel, ann)
 
 
+SCORE_NAMES = ("split", "dataset")
+
+
+def scoring_names(cfg) -> list[str]:
+    """The names the proposal stage's softmax (scores, confidences, base-class filter) runs
+    over, and that renorm writes text embeddings for: config.clip.score_names 'split'
+    (base + novel of the split) or 'dataset' (every category of config.data.train_ann in
+    id order: the reference's 80 COCO names, of which the 48/17 split uses 65)."""
+    mode = cfg.clip.get("score_names", "split")
+    if mode not in SCORE_NAMES:
+        raise ValueError(f"config.clip.score_names: {mode!r} is not one of {SCORE_NAMES}")
+    base, novel, names = split_names(cfg)
+    if mode == "split":
+        return names
+    return splits.category_names(cfg.data.train_ann)
+
+
 def clip_source(cfg, workdir: str) -> str:
     """The teacher before re-normalization: config.clip.model, else the toy CLIP of the
     clip_pretrain stage in the workdir."""
@@ -156,14 +173,31 @@ def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- renorm
 
-def renorm_steps(cfg, num_boxes: int) -> int:
+RENORM_EPOCH_UNITS = ("boxes", "images")
+
+
+def renorm_steps(cfg, num_boxes: int, num_images: int = 0) -> int:
     """config.clip.renorm_steps when > 0, else renorm_epochs passes over the base GT boxes
-    at renorm.crops_per_step crops per step."""
+    at renorm.crops_per_step crops per step (clip.renorm_epoch_unit 'boxes'), or over the
+    images at renorm_batch_size images per step with all their boxes ('images': the
+    reference's 4 images per step)."""
     steps = int(cfg.clip.get("renorm_steps", 0) or 0)
     if steps > 0:
         return steps
-    per = int(cfg.clip.renorm.get("crops_per_step", 64))
-    return max(1, math.ceil(float(cfg.clip.renorm_epochs) * num_boxes / per))
+    unit = cfg.clip.get("renorm_epoch_unit", "boxes")
+    if unit not in RENORM_EPOCH_UNITS:
+        raise ValueError(f"config.clip.renorm_epoch_unit: {unit!r} is not one of "
+                         f"{RENORM_EPOCH_UNITS}")
+    if unit == "images":
+        per, n = renorm_batch_size(cfg), num_images
+    else:
+        per, n = int(cfg.clip.renorm.get("crops_per_step", 64)), num_boxes
+    return max(1, math.ceil(float(cfg.clip.renorm_epochs) * n / per))
+
+
+def renorm_batch_size(cfg) -> int:
+    """Images per renorm step: config.clip.renorm_batch_size, else train.batch_size."""
+    return int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
 
 
 def val_crop_accuracy(cfg, model, params, text_emb: np.ndarray, names, is_base,
@@ -216,18 +250,21 @@ def renorm(cfg, workdir: str) -> dict:
                                names, is_base, mean, std, max_images)
     if not done:
         dataset = load_dataset(cfg.data, "train", category_names=base)
-        n_boxes = int(sum(len(r.boxes) for r in dataset.records))
-        steps = renorm_steps(cfg, n_boxes)
-        bs = int(cfg.clip.get("renorm_batch_size", 0) or cfg.train.batch_size)
-        log.info(f"[renorm] teacher {src}; {len(dataset.records)} images, {n_boxes} base boxes "
-                 f"of {len(base)} base names; {steps} steps of {bs} images")
+        bs = renorm_batch_size(cfg)
+        # class-balanced repeats (LVIS): an epoch is the repeated list, as the reference's
+        pipe = make_pipeline(dataset, cfg, True, bs, multiscale=False, repeat_threshold=float(
+            cfg.clip.get("renorm_repeat_threshold", 0.0) or 0.0))
+        epoch = pipe.epoch_index
+        n_boxes = int(sum(len(dataset.records[i].boxes) for i in epoch))
+        steps = renorm_steps(cfg, n_boxes, len(epoch))
+        log.info(f"[renorm] teacher {src}; {len(epoch)} images, {n_boxes} base boxes per "
+                 f"epoch of {len(base)} base names; {steps} steps of {bs} images")
         mesh = sharding.make_mesh(cfg.mesh)
         # run_renorm builds its state from `params` as given: replicate them on the mesh
         # (else the state sits on one device and the data-sharded batch on all of them)
         params = jax.device_put(flax.core.unfreeze(params), sharding.replicated(mesh))
-        pipe = make_pipeline(dataset, cfg, True, bs)
         try:
-            run_renorm(model, params, tok, pipe.train_iterator, base, names, steps,
+            run_renorm(model, params, tok, pipe.train_iterator, base, scoring_names(cfg), steps,
                        cfg.clip.renorm, out, class_names=dataset.cat_names, mean=mean,
                        std=std, mesh=mesh)
         finally:
@@ -258,9 +295,10 @@ def proposal_shard(cfg) -> tuple[int, int]:
 def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir: str
                        ) -> dict:
     """Proposals of every training image (base GT only loaded) with the CLIP in
-    `clip_dir` classifying over the names of `text_path` (all names of the split) into
-    the ProposalStore `out_dir`. Returns run_proposals' stats (or {'skipped': all})."""
-    base, novel, names = split_names(cfg)
+    `clip_dir` classifying over `scoring_names` (rows of `text_path`; config.clip.score_names)
+    into the ProposalStore `out_dir`. Returns run_proposals' stats (or {'skipped': all})."""
+    base, _, _ = split_names(cfg)
+    names = scoring_names(cfg)
     dataset = load_dataset(cfg.data, "train", category_names=base)
     cs = int(cfg.clip.proposal_images_per_chunk)
     n = len(dataset.records)
@@ -324,5 +362,6 @@ def _barrier_if_multiprocess() -> None:
 
 
 __all__ = ["clip_pretrain", "renorm", "proposals", "generate_proposals", "clip_source",
-           "split_names", "renorm_steps", "val_crop_accuracy", "PRETRAIN_DIR",
-           "RENORM_DIR", "PROPOSALS_DIR"]
+           "split_names", "scoring_names", "SCORE_NAMES", "renorm_steps", "renorm_batch_size",
+           "RENORM_EPOCH_UNITS", "val_crop_accuracy",
+           "PRETRAIN_DIR", "RENORM_DIR", "PROPOSALS_DIR"]

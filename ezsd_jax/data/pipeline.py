@@ -8,6 +8,10 @@ Each process reads its own disjoint part of the dataset and yields per-process b
     [s*G + p*B, s*G + (p+1)*B). Every random choice of an item (flip, box subset) is
     seeded by (seed, its stream position), so `train_iterator(start_step=k)` yields
     exactly what an uninterrupted run yields from step k, whatever the thread timing.
+    With `repeat_factors` (data/sampling.py) an epoch is a permutation of the repeated
+    index list instead; with `short_side_range` (lo, hi) each train item's short side is
+    drawn uniformly from the integers lo..hi (mmdet multiscale_mode='range'), again from
+    the item's own seed; the padded shape stays `image_size`.
   - eval: a contiguous slice per process (`sharding.process_slice`), every image once;
     the last batches are padded with valid=False entries so that all processes yield
     the same number of batches.
@@ -32,6 +36,7 @@ import numpy as np
 from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
 from ezsd_jax.config_check import ON_ERROR
 from ezsd_jax.data.images import decode_image
+from ezsd_jax.data.sampling import repeat_index
 from ezsd_jax.data.transforms import example_info, prepare_example
 from ezsd_jax.sharding import process_slice
 
@@ -77,7 +82,8 @@ class DetectionPipeline:
                  flip_prob: float = 0.5, seed: int = 0, num_threads: int = 4,
                  prefetch: int = 2, process_index: int | None = None,
                  process_count: int | None = None, extra_fn: ExtraFn | None = None,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", repeat_factors: np.ndarray | None = None,
+                 short_side_range: tuple[int, int] | None = None):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -94,8 +100,20 @@ class DetectionPipeline:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if not 0.0 <= flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        if repeat_factors is not None and len(repeat_factors) != len(dataset.records):
+            raise ValueError(f"repeat_factors has {len(repeat_factors)} entries for "
+                             f"{len(dataset.records)} records")
+        if short_side_range:
+            lo, hi = (int(v) for v in short_side_range)
+            if not 0 < lo <= hi:
+                raise ValueError(f"short_side_range must be (lo, hi) with 0 < lo <= hi, got "
+                                 f"{short_side_range}")
         self.dataset = dataset
         self.records = dataset.records
+        self._epoch_index = (None if repeat_factors is None or not train
+                             else repeat_index(repeat_factors))
+        self.short_side_range = (tuple(int(v) for v in short_side_range)
+                                 if short_side_range and train else None)
         self.batch_size = int(batch_size)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.max_boxes = int(max_boxes)
@@ -122,9 +140,22 @@ class DetectionPipeline:
         return self.batch_size * self.process_count
 
     @property
+    def epoch_length(self) -> int:
+        """Train items per epoch: the records, or their repeated list (repeat_factors)."""
+        return len(self.records) if self._epoch_index is None else len(self._epoch_index)
+
+    @property
+    def epoch_index(self) -> np.ndarray:
+        """Record indices of one train epoch (each record once, or repeated), in record
+        order (each epoch permutes them)."""
+        if self._epoch_index is None:
+            return np.arange(len(self.records))
+        return self._epoch_index
+
+    @property
     def steps_per_epoch(self) -> int:
         """Train steps per pass over the data (at least 1; the stream wraps epochs)."""
-        return max(1, len(self.records) // self.global_batch_size)
+        return max(1, self.epoch_length // self.global_batch_size)
 
     @property
     def num_eval_batches(self) -> int:
@@ -156,7 +187,7 @@ class DetectionPipeline:
         if self.train:
             if not self.records:
                 raise DataError(f"{self.dataset.ann_file}: no images to train on")
-            n, G, B = len(self.records), self.global_batch_size, self.batch_size
+            n, G, B = self.epoch_length, self.global_batch_size, self.batch_size
             start = epoch * n + self.process_index * B
 
             def plans():
@@ -206,7 +237,7 @@ class DetectionPipeline:
     # ---- internals ---------------------------------------------------------------
     def _stream_item(self, k: int) -> tuple[int, int]:
         """Train stream position k -> (record index, k as the item's random key)."""
-        n = len(self.records)
+        n = self.epoch_length
         epoch, pos = divmod(k, n)
         perm = self._perms.get(epoch)
         if perm is None:
@@ -214,6 +245,8 @@ class DetectionPipeline:
             if len(self._perms) >= 2:
                 self._perms.pop(min(self._perms))
             self._perms[epoch] = perm
+        if self._epoch_index is not None:
+            return int(self._epoch_index[perm[pos]]), k
         return int(perm[pos]), k
 
     def _run(self, plans) -> Iterator[dict]:
@@ -283,6 +316,9 @@ class DetectionPipeline:
     def _fill_record(self, arrays: dict, slot: int, rec: ImageRecord, key: int) -> None:
         rng = np.random.default_rng((self.seed, key)) if self.train else None
         flip = bool(rng.random() < self.flip_prob) if self.train else False
+        short = self.short_side
+        if self.short_side_range is not None:
+            short = int(rng.integers(self.short_side_range[0], self.short_side_range[1] + 1))
         try:
             image = decode_image(rec.path)
             if image.shape[:2] != (rec.height, rec.width):
@@ -294,7 +330,7 @@ class DetectionPipeline:
                 raise
             self._note_unreadable(e)
             return  # the slot stays padding (valid=False)
-        ex = prepare_example(rec, image, self.image_size, self.short_side, self.max_side,
+        ex = prepare_example(rec, image, self.image_size, short, self.max_side,
                              flip, out=arrays["image"][slot])
         boxes, classes, info = ex["boxes"], ex["classes"], ex["info"]
         n = len(boxes)

@@ -59,6 +59,11 @@ def _categories(ann_file: str) -> list[dict]:
     return sorted(cats, key=lambda c: c["id"])
 
 
+def category_names(ann_file: str) -> list[str]:
+    """Every category name of `ann_file`, in category-id order."""
+    return [c["name"] for c in _categories(ann_file)]
+
+
 def order_by_file(names: Sequence[str], ann_file: str) -> list[str]:
     """`names` sorted by their category id in `ann_file`; a name absent from the file is
     a DataError listing them."""
@@ -145,5 +150,6 @@ def make_coco_zeroshot_files(train_ann: str, val_ann: str, out_dir: str,
     return {"train": train_out, "val": val_out}
 
 
-__all__ = ["COCO_BASE_48", "COCO_NOVEL_17", "COCO_80", "SPLITS", "order_by_file", "lvis_names",
+__all__ = ["COCO_BASE_48", "COCO_NOVEL_17", "COCO_80", "SPLITS", "category_names",
+           "order_by_file", "lvis_names",
            "zeroshot_names", "all_names", "category_groups", "make_coco_zeroshot_files"]

@@ -14,7 +14,8 @@ proposals, which write the text embeddings and the proposal store into the workd
 
 Inputs (config.ezsd): split ('coco48_17' | 'lvis' | 'names' + base_names/novel_names),
 text_embeddings (.npz of the renorm stage; '' = <workdir>/DEFAULT_TEXT_EMBEDDINGS), proposals_dir ('' = <workdir>/proposals), distill (loss/sampling options),
-eval (protocol, force).
+eval (protocol, force, reference_max_dets: COCO maxDets reported alongside the standard
+1/10/100, e.g. the reference's (100, 300, 1000)).
 """
 from __future__ import annotations
 
@@ -184,9 +185,15 @@ def ezsd_eval(cfg, workdir: str) -> dict:
              f"{ec.protocol}")
     groups = splits.category_groups(val_ann, base, novel)
     if ec.protocol == "coco":
+        also = tuple(ec.get("reference_max_dets", ()) or ())
         metrics = evaluate.evaluate_detector(cfg, workdir, model, variables, dataset, consts,
-                                             groups=groups, name=EVAL_NAME)
+                                             groups=groups, name=EVAL_NAME,
+                                             also_max_dets=also)
         summary = {g: {"AP50": metrics[g]["AP50"], "AP": metrics[g]["AP"]} for g in groups}
+        if also:   # the reference's maxDets, reported alongside the standard ones
+            key = evaluate.max_dets_key(also)
+            summary[key] = {g: {"AP50": metrics[key][g]["AP50"], "AP": metrics[key][g]["AP"]}
+                            for g in groups}
     elif ec.protocol == "lvis":
         results = _run_inference(cfg, model, variables, dataset, consts, EVAL_NAME)
         img_ids = [r.image_id for r in dataset.records]

@@ -8,20 +8,24 @@ NHWC, unlike torch's C, H, W; only matters when importing torch box-head weights
 `num_fcs` FCs with ReLU after each. Init as detectron2: convs c2_msra_fill (kaiming normal,
 fan_out), FCs c2_xavier_fill (U(+-sqrt(3/fan_in))), biases 0.
 
-The EZSD head ("4 shared convs, separate branches") is three BoxHeads:
-    shared = BoxHead(num_convs=4, num_fcs=0, name='shared')(roi)   # [B,R,7,7,256]
-    cls_feat = BoxHead(num_convs=0, num_fcs=2, name='cls_head')(shared)   # [B,R,1024]
-    reg_feat = BoxHead(num_convs=0, num_fcs=2, name='reg_head')(shared)   # [B,R,1024]
+Branched heads (mmdet ConvFCBBoxHead: shared convs -> shared FCs -> per branch convs ->
+FCs) are three BoxHeads built by `branch_heads(spec, ...)`; `spec` holds the six counts
+BOX_HEAD_SPEC_FIELDS, written as mmdet's six-digit name ("301212": 3 shared convs, 0 shared
+FCs, 1 conv + 2 FCs in the classification and in the regression branch), parsed by
+`parse_box_head_spec`. The EZSD head of the reference's final runs:
+    shared = BoxHead(num_convs=3, num_fcs=0, name='shared')(roi)          # [B,R,7,7,256]
+    cls_feat = BoxHead(num_convs=1, num_fcs=2, name='cls_head')(shared)   # [B,R,1024]
+    reg_feat = BoxHead(num_convs=1, num_fcs=2, name='reg_head')(shared)   # [B,R,1024]
     deltas = BoxRegressor()(reg_feat, extra=text_emb_of_class)           # [B,R,4]
 (num_fcs=0 returns the conv features unflattened; a BoxHead with num_convs=0 also accepts
-already flattened [B,R,D] input.)
+already flattened [B,R,D] input; `flatten_rois` flattens a branch without FCs.)
 
 Class convention (project-wide): logits have num_classes + 1 columns and BACKGROUND IS THE
 LAST INDEX (num_classes). Classifier and regressor outputs are float32.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,6 +77,48 @@ class BoxHead(nn.Module):
                          name=f"fc_{i}")(x)
             x = nn.relu(x)
         return x
+
+
+BOX_HEAD_SPEC_FIELDS = ("num_shared_convs", "num_shared_fcs", "num_cls_convs", "num_cls_fcs",
+                        "num_reg_convs", "num_reg_fcs")
+
+
+def parse_box_head_spec(spec) -> tuple[int, ...]:
+    """mmdet's six-digit head name ('301212') or six ints -> the counts of
+    BOX_HEAD_SPEC_FIELDS. As mmdet: branch convs need num_shared_fcs == 0, and each branch
+    must end in features (some layer somewhere)."""
+    if isinstance(spec, str):
+        if len(spec) != 6 or not spec.isdigit():
+            raise ValueError(f"model.box_head_spec: need six digits ({', '.join(BOX_HEAD_SPEC_FIELDS)}"
+                             f"), e.g. '301212'; got {spec!r}")
+        out = tuple(int(ch) for ch in spec)
+    else:
+        out = tuple(int(v) for v in spec)
+        if len(out) != 6 or min(out) < 0:
+            raise ValueError(f"model.box_head_spec: need six counts >= 0, got {spec!r}")
+    if (out[2] or out[4]) and out[1]:
+        raise ValueError(f"model.box_head_spec {spec!r}: branch convs need num_shared_fcs=0 "
+                         "(mmdet ConvFCBBoxHead)")
+    if not sum(out):
+        raise ValueError(f"model.box_head_spec {spec!r}: the head has no layer")
+    return out
+
+
+def branch_heads(spec: Sequence[int], conv_dim: int, fc_dim: int, dtype: Dtype,
+                 norm: Optional[str] = None, named: bool = False
+                 ) -> tuple["BoxHead", "BoxHead", "BoxHead"]:
+    """(shared, cls_head, reg_head) BoxHeads of a parsed spec. In a parent's setup assign
+    them to attributes of those names; in a compact method pass named=True."""
+    sc, sf, cc, cf, rc, rf = spec
+    names = ("shared", "cls_head", "reg_head") if named else (None,) * 3
+    return tuple(BoxHead(num_convs=nc, conv_dim=conv_dim, num_fcs=nf, fc_dim=fc_dim,
+                         norm=norm, dtype=dtype, **({"name": n} if n else {}))
+                 for (nc, nf), n in zip(((sc, sf), (cc, cf), (rc, rf)), names))
+
+
+def flatten_rois(x: jax.Array) -> jax.Array:
+    """[B,R,...] -> [B,R,D] (H, W, C order; a branch that ends without FCs)."""
+    return x.reshape(x.shape[:2] + (-1,))
 
 
 class LinearClassifier(nn.Module):

@@ -48,8 +48,20 @@ class DetectorConfig:
     box_conv_dim: int = 256
     box_num_fcs: int = 2
     box_fc_dim: int = 1024
+    # mmdet ConvFCBBoxHead counts as six digits ('301212', models/box_head.parse_box_head_spec);
+    # '' = the layout of box_num_convs / box_num_fcs (EZSD: shared convs, box_num_fcs FCs
+    # per branch; standard: one shared stack)
+    box_head_spec: str = ""
     bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
     box_loss_weight: float = 1.0
+    # weights of the REGRESSION terms alone (the reference's loss_bbox.loss_weight; LVIS 2)
+    rpn_reg_loss_weight: float = 1.0
+    box_reg_loss_weight: float = 1.0
+    # RoI classification loss: 'softmax' (CE) | 'seesaw' (mmdet SeesawLoss; EZSD head only:
+    # K class logits + a 2-way objectness, models/losses.seesaw_box_losses)
+    box_cls_loss: str = "softmax"
+    seesaw_p: float = 0.8
+    seesaw_q: float = 2.0
     # inference
     test_score_threshold: float = 0.05
     test_nms_threshold: float = 0.5
@@ -74,6 +86,12 @@ class DetectorConfig:
         return cls(**d)
 
     def __post_init__(self):
+        if self.box_cls_loss not in ("softmax", "seesaw"):
+            raise ValueError(f"model.box_cls_loss: {self.box_cls_loss!r} is not 'softmax' or "
+                             "'seesaw'")
+        if self.box_cls_loss == "seesaw" and self.roi_head != "ezsd":
+            raise ValueError("model.box_cls_loss='seesaw' needs model.roi_head='ezsd' (the "
+                             "plain linear classifier has no objectness output)")
         h, w = self.image_size
         if h % 64 or w % 64:
             raise ValueError(f"model.image_size {self.image_size} must be multiples of 64 "

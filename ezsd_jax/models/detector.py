@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ezsd_jax.models import losses, postprocess, proposal_generator
-from ezsd_jax.models.box_head import BoxHead, BoxRegressor, LinearClassifier
+from ezsd_jax.models.box_head import (BoxHead, BoxRegressor, LinearClassifier, branch_heads,
+                                     flatten_rois, parse_box_head_spec)
 from ezsd_jax.models.config import DetectorConfig
 from ezsd_jax.models.ezsd_head import EZSDRoIHead
 from ezsd_jax.models.fpn import FPN
@@ -37,11 +38,18 @@ class StandardRoIHead(nn.Module):
     @nn.compact
     def __call__(self, roi_feats, reg_classes=None, class_embeddings=None):
         c = self.cfg
-        x = BoxHead(c.box_num_convs, c.box_conv_dim, c.box_num_fcs, c.box_fc_dim,
-                    dtype=c.jnp_dtype, name="box_head")(roi_feats)
+        if c.box_head_spec:   # branched (mmdet ConvFCBBoxHead)
+            shared, cls_head, reg_head = branch_heads(
+                parse_box_head_spec(c.box_head_spec), c.box_conv_dim, c.box_fc_dim,
+                c.jnp_dtype, named=True)
+            x = shared(roi_feats)
+            xc, xr = flatten_rois(cls_head(x)), flatten_rois(reg_head(x))
+        else:
+            xc = xr = BoxHead(c.box_num_convs, c.box_conv_dim, c.box_num_fcs, c.box_fc_dim,
+                              dtype=c.jnp_dtype, name="box_head")(roi_feats)
         return {"logits": LinearClassifier(c.num_classes, dtype=c.jnp_dtype,
-                                           name="classifier")(x),
-                "deltas": BoxRegressor(dtype=c.jnp_dtype, name="regressor")(x)}
+                                           name="classifier")(xc),
+                "deltas": BoxRegressor(dtype=c.jnp_dtype, name="regressor")(xr)}
 
 
 def make_roi_head(cfg: DetectorConfig) -> nn.Module:
@@ -87,12 +95,19 @@ class FasterRCNN(nn.Module):
         return obj, dlt, out
 
 
+SEESAW_COUNTS = "seesaw_cum_samples"   # batch_stats entry: sampled RoIs per class [K+1]
+
+
 def init_variables(model: FasterRCNN, key, batch_size: int = 1,
                    class_embeddings=None) -> dict:
     h, w = model.cfg.image_size
     images = jnp.zeros((batch_size, h, w, 3), jnp.float32)
     rois = jnp.tile(jnp.array([[[0.0, 0.0, 32.0, 32.0]]]), (batch_size, 4, 1))
-    return model.init(key, images, rois, class_embeddings)
+    v = model.init(key, images, rois, class_embeddings)
+    if model.cfg.box_cls_loss == "seesaw":   # the loss's running counts, checkpointed
+        v = {**v, "batch_stats": {**v.get("batch_stats", {}), SEESAW_COUNTS: jnp.zeros(
+            (model.cfg.num_classes + 1,), jnp.float32)}}
+    return v
 
 
 def _concat_levels(obj, dlt):
@@ -109,8 +124,16 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
     """Total loss and metrics for one batch (dict from the data pipeline, on device).
 
     extra_loss_fn(module, feats, batch, key) -> dict of named losses (added to the total)
-    lets a method add terms that need the features (EZSD distillation)."""
+    lets a method add terms that need the features (EZSD distillation). With the seesaw
+    loss the metrics carry the updated counts under SEESAW_COUNTS (the train step stores
+    them in batch_stats)."""
     c = model.cfg
+    stats = dict(variables.get("batch_stats", {}))
+    counts = stats.pop(SEESAW_COUNTS, None)
+    if c.box_cls_loss == "seesaw" and counts is None:
+        raise ValueError(f"model.box_cls_loss='seesaw': the variables lack batch_stats"
+                         f"['{SEESAW_COUNTS}'] (make them with detector.init_variables)")
+    variables = {**variables, "batch_stats": stats}
     anchors = jnp.asarray(np.concatenate(c.anchors(), axis=0))
     hw = valid_hw(batch)
     k_rpn, k_roi, k_extra = jax.random.split(key, 3)
@@ -135,15 +158,23 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
             bbox_reg_weights=c.bbox_reg_weights)
         reg_classes = tgt["cls_target"]
         head_out = m.head(m.roi_features(feats, tgt["rois"]), reg_classes, class_embeddings)
-        out.update(losses.box_losses(head_out["logits"], head_out["deltas"], tgt,
-                                     batch["valid"]))
+        if c.box_cls_loss == "seesaw":
+            cum = losses.seesaw_counts(counts, tgt["cls_target"],
+                                       tgt["roi_valid"] & batch["valid"][:, None])
+            out.update(losses.seesaw_box_losses(
+                head_out["seesaw_logits"], head_out["deltas"], tgt, batch["valid"], cum,
+                c.seesaw_p, c.seesaw_q))
+            out[SEESAW_COUNTS] = jax.lax.stop_gradient(cum)
+        else:
+            out.update(losses.box_losses(head_out["logits"], head_out["deltas"], tgt,
+                                         batch["valid"]))
         if extra_loss_fn is not None:
             out.update(extra_loss_fn(m, feats, batch, k_extra))
         return out
 
     out = nn.apply(fn, model)(variables)
-    total = (c.rpn_loss_weight * (out["rpn_cls"] + out["rpn_box"])
-             + c.box_loss_weight * (out["box_cls"] + out["box_reg"]))
+    total = (c.rpn_loss_weight * (out["rpn_cls"] + c.rpn_reg_loss_weight * out["rpn_box"])
+             + c.box_loss_weight * (out["box_cls"] + c.box_reg_loss_weight * out["box_reg"]))
     total = total + sum(v for k, v in out.items() if k.startswith("loss_"))
     out["loss"] = total
     return total, out

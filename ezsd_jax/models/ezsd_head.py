@@ -10,6 +10,11 @@ so the same parameters serve any vocabulary.
     r       = L2norm(Linear(fc_dim -> D)(FC -> FC (shared)))        classification branch
     logits  = temperature * [cos(r, t_1) .. cos(r, t_K), bg(r)]     background LAST
     deltas  = Linear(fc_dim + D -> 4)([FC -> FC (shared), t_cls])   regression branch
+(model.box_head_spec, e.g. the reference's '301212', sets the shared and branch layers
+instead: models/box_head.parse_box_head_spec.) With model.box_cls_loss='seesaw' the
+background is a 2-way objectness Linear(D -> 2) without temperature, as the reference's
+ConvFCEmbeddingBBoxHead with SeesawLoss: 'seesaw_logits' [B,R,K+2] = [temp * cos, obj]
+for the loss, and 'logits' = losses.seesaw_scores of them (log-probabilities [K+1]).
 bg is a learned Linear(D -> 1) without bias, temperature = exp(log_temperature), learned,
 initialized to 100. t_cls is the (normalized) text embedding of the class: the assigned GT
 class in training (`reg_classes`, zeros for background = K), the argmax foreground class
@@ -30,8 +35,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ezsd_jax.models.box_head import BoxHead, BoxRegressor, xavier_fill
+from ezsd_jax.models.box_head import (BoxRegressor, branch_heads, flatten_rois,
+                                     parse_box_head_spec, xavier_fill)
 from ezsd_jax.models.config import DetectorConfig
+from ezsd_jax.models.losses import seesaw_scores
 from ezsd_jax.ops.vectors import l2_normalize
 
 
@@ -68,20 +75,24 @@ class EZSDRoIHead(nn.Module):
     def setup(self):
         c = self.cfg
         h = EZSDHeadConfig.from_detector(c)
-        if c.box_num_fcs < 1:
+        if c.box_head_spec:
+            spec = parse_box_head_spec(c.box_head_spec)
+        elif c.box_num_fcs < 1:
             raise ValueError("EZSD head: model.box_num_fcs must be >= 1 (the branches' FCs)")
+        else:
+            spec = (c.box_num_convs, 0, 0, c.box_num_fcs, 0, c.box_num_fcs)
         self.hcfg = h
         dt = c.jnp_dtype
-        self.shared = BoxHead(num_convs=c.box_num_convs, conv_dim=c.box_conv_dim, num_fcs=0,
-                              dtype=dt)
-        self.cls_head = BoxHead(num_convs=0, num_fcs=c.box_num_fcs, fc_dim=c.box_fc_dim,
-                                dtype=dt)
-        self.reg_head = BoxHead(num_convs=0, num_fcs=c.box_num_fcs, fc_dim=c.box_fc_dim,
-                                dtype=dt)
+        self.shared, self.cls_head, self.reg_head = branch_heads(
+            spec, c.box_conv_dim, c.box_fc_dim, dt)
         self.embed_proj = nn.Dense(h.embed_dim, dtype=dt, param_dtype=jnp.float32,
                                    kernel_init=xavier_fill, bias_init=nn.initializers.zeros)
+        self.seesaw = c.box_cls_loss == "seesaw"
+        if self.seesaw and not h.learned_background:
+            raise ValueError("model.box_cls_loss='seesaw' needs model.ezsd.learned_background "
+                             "(the objectness logits)")
         if h.learned_background:
-            self.background = nn.Dense(1, use_bias=False, dtype=jnp.float32,
+            self.background = nn.Dense(2 if self.seesaw else 1, use_bias=False, dtype=jnp.float32,
                                        param_dtype=jnp.float32,
                                        kernel_init=nn.initializers.normal(0.01))
         self.log_temperature = self.param(
@@ -89,25 +100,28 @@ class EZSDRoIHead(nn.Module):
             jnp.float32)
         self.regressor = BoxRegressor(dtype=dt)
 
-    def _flat_shared(self, roi_feats):
-        x = self.shared(roi_feats)
-        return x.reshape(x.shape[:2] + (-1,))
-
     def _embed_from_shared(self, x):
-        return l2_normalize(self.embed_proj(self.cls_head(x)))
+        return l2_normalize(self.embed_proj(flatten_rois(self.cls_head(x))))
+
+    def regression_features(self, shared: jax.Array) -> jax.Array:
+        """The regression branch on the shared features: [B,R,fc_dim] (flattened)."""
+        return flatten_rois(self.reg_head(shared))
 
     def embed(self, roi_feats: jax.Array) -> jax.Array:
         """Region embeddings r [B,R,D] (float32, unit norm): the classification branch."""
-        return self._embed_from_shared(self._flat_shared(roi_feats))
+        return self._embed_from_shared(self.shared(roi_feats))
 
     def temperature(self) -> jax.Array:
         t = jnp.exp(self.log_temperature)
         return t if self.hcfg.learn_temperature else jax.lax.stop_gradient(t)
 
     def classify(self, r: jax.Array, class_embeddings: jax.Array) -> jax.Array:
-        """r [B,R,D] unit norm, class_embeddings [K,D] -> logits [B,R,K+1] (bg last)."""
+        """r [B,R,D] unit norm, class_embeddings [K,D] -> logits [B,R,K+1] (bg last);
+        [B,R,K+2] (classes, object, background) with the seesaw loss."""
         t = jax.lax.stop_gradient(l2_normalize(class_embeddings))
         cos = jnp.einsum("brd,kd->brk", r, t)
+        if self.seesaw:   # [B,R,K+2]: objectness logits are not scaled (reference)
+            return jnp.concatenate([self.temperature() * cos, self.background(r)], axis=-1)
         if self.hcfg.learned_background:
             bg = self.background(r)
         else:
@@ -127,10 +141,14 @@ class EZSDRoIHead(nn.Module):
         if k != self.cfg.num_classes:
             raise ValueError(f"EZSD head: {k} class embeddings but the detector has "
                              f"num_classes={self.cfg.num_classes}")
-        x = self._flat_shared(roi_feats)
+        x = self.shared(roi_feats)
         r = self._embed_from_shared(x)
         logits = self.classify(r, class_embeddings)
-        feat = self.reg_head(x)
+        extra_out = {}
+        if self.seesaw:
+            extra_out["seesaw_logits"] = logits
+            logits = seesaw_scores(logits)
+        feat = self.regression_features(x)
         if h.semantic_regression:
             if reg_classes is None:   # test: the predicted (argmax foreground) class
                 reg_classes = jnp.argmax(logits[..., :k], axis=-1)
@@ -141,4 +159,4 @@ class EZSDRoIHead(nn.Module):
             deltas = self.regressor(feat, extra)
         else:
             deltas = self.regressor(feat)
-        return {"logits": logits, "deltas": deltas, "embedding": r}
+        return {"logits": logits, "deltas": deltas, "embedding": r, **extra_out}

@@ -6,6 +6,15 @@
 - sample_rois: proposals + GT boxes, matched at IoU 0.5, 512 sampled per image at 25%
   positives; class targets (background = num_classes, the last index) and box targets.
 - box_losses: softmax CE over the sampled RoIs + class-agnostic L1 on foreground deltas.
+- seesaw_box_losses: the same with mmdet's SeesawLoss (LVIS; Wang et al., CVPR 2021) for
+  the classification: logits [K + 2] = K class logits + a 2-way objectness (object,
+  background); the class term (`seesaw_ce`, positives only) reweights the negative
+  classes of each RoI by the mitigation factor min(1, N_j / N_i)^p (N = cumulative
+  sampled RoIs per class, `seesaw_counts`, carried in the train state) and the
+  compensation factor max(1, s_j / s_i)^q (s = detached softmax); the objectness term is
+  plain CE. Both are divided by the number of sampled RoIs (mmdet's avg_factor).
+  `seesaw_scores` turns [K + 2] logits into the test-time log-probabilities [K + 1]
+  (classes x P(object), background last), so post-processing stays the same.
 """
 from __future__ import annotations
 
@@ -81,18 +90,82 @@ def sample_rois(key, proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: 
             "fg": fg, "matched_gt": mg}
 
 
+def _roi_terms(pred: jax.Array, deltas: jax.Array, targets: dict, image_valid: jax.Array,
+               beta: float) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    """(w valid RoIs, fg, n = number of valid RoIs, {box_reg, accuracies}) shared by both
+    classification losses; pred [B, R] is the predicted class (bg = K)."""
+    valid = targets["roi_valid"] & image_valid[:, None]
+    w = valid.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    fg = (targets["fg"] & valid).astype(jnp.float32)
+    reg = smooth_l1(deltas - targets["box_target"], beta).sum(-1)
+    hit = pred == targets["cls_target"]
+    return w, fg, n, {"box_reg": jnp.sum(reg * fg) / n, "roi_acc": jnp.sum(hit * w) / n,
+                      "roi_fg_acc": jnp.sum(hit * fg) / jnp.maximum(jnp.sum(fg), 1.0),
+                      "roi_num_fg": jnp.sum(fg) / pred.shape[0]}
+
+
 def box_losses(logits: jax.Array, deltas: jax.Array, targets: dict, image_valid: jax.Array,
                beta: float = 0.0) -> dict:
     """Softmax CE over all sampled RoIs, L1 on foreground deltas; both divided by the
     number of sampled RoIs (detectron2)."""
-    valid = targets["roi_valid"] & image_valid[:, None]
-    w = valid.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(w), 1.0)
+    w, _, n, out = _roi_terms(jnp.argmax(logits, axis=-1), deltas, targets, image_valid,
+                              beta)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets["cls_target"])
-    fg = (targets["fg"] & valid).astype(jnp.float32)
-    reg = smooth_l1(deltas - targets["box_target"], beta).sum(-1)
-    pred = jnp.argmax(logits, axis=-1)
-    acc = jnp.sum((pred == targets["cls_target"]) * w) / n
-    fg_acc = jnp.sum((pred == targets["cls_target"]) * fg) / jnp.maximum(jnp.sum(fg), 1.0)
-    return {"box_cls": jnp.sum(ce * w) / n, "box_reg": jnp.sum(reg * fg) / n,
-            "roi_acc": acc, "roi_fg_acc": fg_acc, "roi_num_fg": jnp.sum(fg) / logits.shape[0]}
+    return {"box_cls": jnp.sum(ce * w) / n, **out}
+
+def seesaw_ce(logits: jax.Array, labels: jax.Array, cum_samples: jax.Array, p: float = 0.8,
+              q: float = 2.0, eps: float = 1e-2) -> jax.Array:
+    """Per-sample Seesaw CE (mmdet seesaw_loss.seesaw_ce_loss): logits [N, K], labels [N]
+    in [0, K), cum_samples [K] -> loss [N]."""
+    k = logits.shape[-1]
+    onehot = jax.nn.one_hot(labels, k, dtype=jnp.float32)
+    w = jnp.ones_like(onehot)
+    if p > 0:
+        n = jnp.maximum(cum_samples.astype(jnp.float32), 1.0)
+        ratio = n[None, :] / n[:, None]                    # [i, j] = N_j / N_i
+        mitig = jnp.where(ratio < 1.0, ratio ** p, 1.0)
+        w = w * mitig[labels]
+    if q > 0:
+        sc = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+        self_sc = jnp.take_along_axis(sc, labels[:, None], axis=-1)
+        ratio = sc / jnp.maximum(self_sc, eps)
+        w = w * jnp.where(ratio > 1.0, ratio ** q, 1.0)
+    adj = logits + jnp.log(w) * (1.0 - onehot)
+    return optax.softmax_cross_entropy_with_integer_labels(adj, labels)
+
+
+def seesaw_counts(cum_samples: jax.Array, cls_target: jax.Array, valid: jax.Array
+                  ) -> jax.Array:
+    """cum_samples [K + 1] + this batch's sampled RoIs per class (bg = K, the last)."""
+    k1 = cum_samples.shape[0]
+    hist = jnp.zeros((k1,), jnp.float32).at[cls_target.reshape(-1)].add(
+        valid.reshape(-1).astype(jnp.float32))
+    return cum_samples + hist
+
+
+def seesaw_scores(logits: jax.Array) -> jax.Array:
+    """[..., K + 2] (classes, object, background) -> log-probabilities [..., K + 1]:
+    log softmax(classes) + log P(object), then log P(background) (mmdet's
+    SeesawLoss.get_activation, in log space)."""
+    cls = jax.nn.log_softmax(logits[..., :-2], axis=-1)
+    obj = jax.nn.log_softmax(logits[..., -2:], axis=-1)
+    return jnp.concatenate([cls + obj[..., :1], obj[..., 1:]], axis=-1)
+
+
+def seesaw_box_losses(logits: jax.Array, deltas: jax.Array, targets: dict,
+                      image_valid: jax.Array, cum_samples: jax.Array, p: float = 0.8,
+                      q: float = 2.0, eps: float = 1e-2, beta: float = 0.0) -> dict:
+    """box_losses with Seesaw classification. logits [B, R, K + 2]; cum_samples [K + 1]
+    (already including this batch, as mmdet counts before the loss)."""
+    k = logits.shape[-1] - 2
+    labels = targets["cls_target"]
+    w, fg, n, out = _roi_terms(jnp.argmax(seesaw_scores(logits), axis=-1), deltas, targets,
+                               image_valid, beta)
+    cls_loss = seesaw_ce(logits[..., :k].reshape(-1, k), jnp.clip(labels.reshape(-1), 0, k - 1),
+                         cum_samples[:k], p, q, eps).reshape(labels.shape)
+    obj_loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits[..., k:], (labels == k).astype(jnp.int32))
+    classes = jnp.sum(cls_loss * fg) / n
+    return {"box_cls": classes + jnp.sum(obj_loss * w) / n, "box_cls_classes": classes,
+            **out}
