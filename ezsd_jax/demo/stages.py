@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from ezsd_jax import cli
 from ezsd_jax.clip import stages as clip_stages
 from ezsd_jax.clip.loading import load_clip
-from ezsd_jax.clip.text import save_text_embeddings, text_embeddings
+from ezsd_jax.clip.text import load_text_embeddings, save_text_embeddings, text_embeddings
 from ezsd_jax.data.images import decode_image
 from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
 from ezsd_jax.demo import report, world
@@ -147,6 +147,28 @@ def run_variant(cfg, variant: str, workdir: str) -> dict:
     acc = _read_json(os.path.join(workdir, "clip_renorm", "crop_accuracy.json")) or {}
     return {"summary": summary,
             "crop_accuracy": acc.get("before" if variant == "no_renorm" else "after")}
+
+
+def shuffled_novel_text_control(cfg, workdir: str) -> dict:
+    """The trained detector of `workdir` evaluated with the novel names' text embeddings
+    permuted among themselves (a derangement): if the novel detections really come from
+    the right names' embeddings (and not from a leak of novel boxes or labels), novel AP
+    collapses. Writes <workdir>/control_shuffled_text/; returns its eval summary."""
+    names, emb = load_text_embeddings(os.path.join(workdir, "clip_renorm",
+                                                   "text_embeddings.npz"))
+    novel = [names.index(n) for n in cfg.ezsd.novel_names]
+    perm = emb.copy()
+    perm[novel] = emb[novel[1:] + novel[:1]]
+    sub = os.path.join(workdir, "control_shuffled_text")
+    os.makedirs(sub, exist_ok=True)
+    link = os.path.join(sub, "ckpt_ezsd")
+    if not os.path.lexists(link):
+        os.symlink(os.path.join(workdir, "ckpt_ezsd"), link)
+    path = os.path.join(sub, "text_embeddings.npz")
+    save_text_embeddings(path, names, perm)
+    c = cfg.copy_and_resolve_references()
+    c.ezsd.text_embeddings = path
+    return ezsd_stages.ezsd_eval(c, sub)
 
 
 def ablation(cfg, workdir: str) -> dict | None:
