@@ -12,7 +12,6 @@ Deviations from the reference (docs/ezsd-method.md, sections 0-3), on purpose:
   - Training keeps every train2017 image: images whose only objects are novel (or that
     have no object) stay in as background; mmdetection drops images without annotations.
   - Batch 16 with the reference's lr scaled linearly (0.005 per 4 images -> 0.02).
-  - Faster R-CNN instead of Mask R-CNN (no mask branch; masks are unused on COCO).
   - COCO evaluation keeps 100 detections per image (COCOeval's standard maxDets; the
     300 of docs/ezsd-method.md is the LVIS protocol); score threshold 0 (COCOeval needs
     the tail).
@@ -108,7 +107,7 @@ def get_config():
         val_images=root + "/val2017",
         short_side=800, max_side=1333, max_boxes=100, flip_prob=0.5, num_threads=16)
     cfg.model = common.model_config(
-        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd",
+        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd", mask_on=True,
         box_num_convs=4, box_conv_dim=256, box_num_fcs=2, box_fc_dim=1024,
         rpn_pre_nms_topk_train=2000, rpn_post_nms_topk_train=2000,
         rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000,

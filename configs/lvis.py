@@ -37,7 +37,7 @@ def get_config():
         val_ann=lvis + "/lvis_v1_val.json", val_images=coco,
         short_side=800, max_side=1333, max_boxes=300, flip_prob=0.5, num_threads=16)
     cfg.model = common.model_config(
-        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd",
+        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd", mask_on=True,
         box_num_convs=4, box_conv_dim=256, box_num_fcs=2, box_fc_dim=1024,
         rpn_pre_nms_topk_train=2000, rpn_post_nms_topk_train=2000,
         rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000,

@@ -157,3 +157,17 @@ def test_box_crops_are_exact_area_fractions(rng):
     one = np.zeros((1, 4, 4), np.uint8)
     one[0, 0, 0] = 1
     assert box_crops(one, np.array([[0, 0, 2, 2]]), 1)[0, 0, 0] == 64
+
+
+def test_configs_pin_the_mask_rows_of_the_protocol_table():
+    """docs/protocol.md, mask rows marked 'same': Mask R-CNN in coco.py and lvis.py with
+    the reference's FCNMaskHead (4 x 3x3 convs of 256, 14 -> 28, class-agnostic), mask
+    loss weight 1, all 128 positives of 512 x 0.25; the shared default stays off."""
+    from configs import coco, common, lvis
+    for mod in (coco, lvis):
+        m = mod.get_config().model
+        assert m.mask_on and m.mask_num_classes == 1
+        assert (m.mask_roi_size, m.mask_num_convs, m.mask_conv_dim) == (14, 4, 256)
+        assert m.mask_loss_weight == 1.0
+        assert m.mask_max_positives == m.roi_batch_per_image * m.roi_positive_fraction
+    assert not common.model_config().mask_on

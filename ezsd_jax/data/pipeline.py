@@ -71,8 +71,8 @@ class DetectionPipeline:
     bool [B]; valid bool [B]; with mask_size S > 0 (Mask R-CNN; the dataset loaded
     with_masks) gt_masks uint8 [B,M,S,S]: each box's instance mask cropped to the box and
     resized to S x S (data/segmentation.box_crops; flipped with the image, unchanged by the
-    resize, which moves only the box); plus the arrays of `extra_fn(record, info)` (fixed shapes, zeros
-    for padding entries). An image with more than M boxes keeps a random subset (train)
+    resize, which moves only the box); plus the arrays of `extra_fn(record, info)`
+    (fixed shapes, zeros for padding entries). An image with more than M boxes keeps a random subset (train)
     or its M largest (eval); counted in `num_truncated`.
     """
 

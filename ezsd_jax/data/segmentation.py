@@ -203,5 +203,5 @@ def exact_segmentation(mask: np.ndarray, origin: tuple[int, int], hw: tuple[int,
     return polys
 
 
-__all__ = ["exact_segmentation", "segmentation_rle", "annotation_mask", "instance_masks", "pad_instances",
-           "box_crops", "CROP_SCALE"]
+__all__ = ["exact_segmentation", "segmentation_rle", "annotation_mask", "instance_masks",
+           "pad_instances", "box_crops", "CROP_SCALE"]

@@ -5,9 +5,9 @@ Place in the pipeline: the data layer (ezsd_jax/data/segmentation.py) decodes ea
 training image's annotations (crowd regions dropped, as the reference does) and the batch
 carries each GT mask cropped to its box at a fixed size; the detector calls
 `crop_mask_targets` on the positives it sampled (`mask_targets` is the same RoIAlign on
-full-image masks, the form the reference uses and the tests compare against); inference calls `paste_masks` on the mask head's
-probabilities at the final detections, and the evaluator turns the pasted bitmaps into COCO
-RLE with `encode_masks`.
+full-image masks, the form the reference uses and the tests compare against); inference
+calls `paste_masks` on the mask head's probabilities at the final detections, and the
+evaluator turns the pasted bitmaps into COCO RLE with `encode_masks`.
 
 Reference semantics (mmdetection 2.x as used by EZAD, branch new_rpn of dragonlzm/mmdetection):
   - decoding (LoadAnnotations._poly2mask): polygons -> frPyObjects + merge, uncompressed RLE
