@@ -42,7 +42,10 @@ def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
 
 
 def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
-                  extra_fn: Callable | None = None) -> DetectionPipeline:
+                  extra_fn: Callable | None = None, masks: bool = False
+                  ) -> DetectionPipeline:
+    """config.data's pipeline over `dataset`; masks: batches carry the GT masks' box crops
+    (config.model.mask_crop_size; the detector's training set, loaded with_masks)."""
     d = cfg.data
     pc = jax.process_count()
     if batch_size % pc:
@@ -53,7 +56,7 @@ def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
         flip_prob=d.flip_prob if train else 0.0, seed=cfg.train.seed,
         num_threads=d.num_threads, prefetch=d.prefetch, extra_fn=extra_fn,
         on_error=d.on_error,
-        mask_size=cfg.model.get("mask_crop_size", 0) if train and masks_on(cfg) else 0)
+        mask_size=cfg.model.get("mask_crop_size", 0) if masks else 0)
 
 
 def masks_on(cfg) -> bool:
@@ -179,7 +182,7 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
     state, state_sh, tx, sched = initial_state(model, cfg, mesh, consts, init_fn)
     step_fn = make_train_step(model, tx, mesh, state_sh, t.seed, extra_loss_fn, sched)
     consts_dev = jax.device_put(consts, sharding.replicated(mesh))
-    pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn)
+    pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn, masks=dcfg.mask_on)
     log.info(f"[{name}] {len(dataset.records)} images, {dataset.num_classes} classes, "
              f"{pipe.steps_per_epoch} steps/epoch, {t.steps} steps")
     try:

@@ -39,7 +39,7 @@ def test_coco_config_runs_mask_rcnn_stages(tmp_path):
                    seed=0, image_size=32, patch=8, projection_dim=PROJ)
 
     tiny = common.tiny_model_config(image_size=(64, 64)).to_dict()
-    model = {k: v for k, v in tiny.items() if k not in ("roi_head", "pretrained")}
+    model = {k: v for k, v in tiny.items() if k not in ("roi_head", "pretrained", "mask_on")}
     model.update(rpn_pre_nms_topk_train=128, rpn_post_nms_topk_train=64,
                  roi_batch_per_image=32, rpn_pre_nms_topk_test=128,
                  rpn_post_nms_topk_test=32, test_max_detections=20, mask_max_positives=8)
@@ -79,3 +79,19 @@ def test_coco_config_runs_mask_rcnn_stages(tmp_path):
     val = json.load(open(ann["val"]))
     hw = {im["id"]: [im["height"], im["width"]] for im in val["images"]}
     assert all(d["segmentation"]["size"] == hw[d["image_id"]] for d in dets)
+
+    # the trained workdir through the Python predict API: detections carry RLE masks at
+    # the photo's size, and the overlay tints them
+    from ezsd_jax import predict_outputs as po
+    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.detector_api import Detector
+    im = val["images"][0]
+    path = os.path.join(data, "val", im["file_name"])
+    found = Detector.load(wd, batch_size=1).detect(path, names, score_threshold=0.0)
+    assert found and all(d["segmentation"]["size"] == [im["height"], im["width"]]
+                         for d in found)
+    res = po.coco_results(1, path, found, {n: k for k, n in enumerate(names)})
+    assert all("segmentation" in r for r in res)
+    po.write_overlay(str(tmp_path / "pred"), "x.png", decode_image(path), res,
+                     dict(enumerate(names)), set(), 0.0, 5)
+    assert os.path.getsize(tmp_path / "pred" / po.OVERLAY_DIR / "x.png") > 0
