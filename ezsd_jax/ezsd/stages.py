@@ -8,6 +8,8 @@ proposals, which write the text embeddings and the proposal store into the workd
   ezsd_eval   generalized zero-shot evaluation: one joint classifier over ALL names
               (base + novel); COCO: COCOeval on all / novel / base (AP50 headline, AP);
               LVIS: the LVIS protocol (AP, APr, APc, APf; 300 detections per image).
+              A Mask R-CNN (model.mask_on) adds mask AP next to each box AP (COCOeval
+              'segm' / LVIS with mask IoU): summary keys mask_AP, mask_AP50.
               Writes <workdir>/eval/ezsd_eval_{metrics,detections}.json and the headline
               <workdir>/eval/ezsd_summary.json; skips when the summary is of the latest
               checkpoint (config.ezsd.eval.force re-runs).
