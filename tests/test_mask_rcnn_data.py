@@ -171,3 +171,48 @@ def test_configs_pin_the_mask_rows_of_the_protocol_table():
         assert m.mask_loss_weight == 1.0
         assert m.mask_max_positives == m.roi_batch_per_image * m.roi_positive_fraction
     assert not common.model_config().mask_on
+
+
+def test_report_tints_masks_and_adds_the_mask_ap_table():
+    from ezsd_jax.demo import report
+    full = np.zeros((30, 30), np.uint8)
+    full[14:19, 5:10] = 1
+    rle = mask_utils.encode(np.asfortranarray(full))
+    rle["counts"] = rle["counts"].decode("ascii")
+    dets = [{"bbox": [4, 14, 8, 5], "score": 0.9, "category_id": 1, "segmentation": rle}]
+    arr = np.asarray(report.draw_detections(np.zeros((30, 30, 3), np.uint8), dets, {1: "a"},
+                                            set(), scale=1, score_threshold=0.3))
+    tint = np.round(0.45 * np.asarray(report.BASE_COLOUR, np.float32))
+    assert np.array_equal(arr[17, 8], tint) and not arr[25, 25].any()
+    s = {g: {"AP50": 0.5, "mask_AP50": 0.25} for g in ("base", "novel", "all")}
+    assert "novel mask AP50" in report.main_tables(s, None, None)
+    assert "mask AP50" not in report.main_tables({"all": {"AP50": 0.5}}, None, None)
+
+
+def test_demo_world_rewrites_splits_written_without_masks(tmp_path):
+    """Annotation files of the boxes-only world still load; demo_data rewrites them with
+    exact segmentations (polygons and RLE) instead of skipping them."""
+    import os
+    from configs import demo
+    from ezsd_jax.demo import world
+    spec = world.spec_from_config(demo.world_config())
+    p = world.detection_paths(str(tmp_path))
+    for k in ("captions_train", "captions_heldout"):      # present: not rewritten here
+        os.makedirs(os.path.dirname(p[k]), exist_ok=True)
+        open(p[k], "wb").close()
+    world.write_world(str(tmp_path), spec, train_images=1, val_images=1,
+                      captions_per_category=1, heldout_per_category=1, log=lambda m: None)
+    data = json.load(open(p["train_ann"]))
+    assert data["annotations"] and all("segmentation" in a for a in data["annotations"])
+    for a in data["annotations"]:
+        a.pop("segmentation")
+    with open(p["train_ann"], "w") as f:
+        json.dump(data, f)
+    load_coco(p["train_ann"], p["train_images"], check_files=False)   # old files load
+    logs = []
+    world.write_world(str(tmp_path), spec, train_images=1, val_images=1,
+                      captions_per_category=1, heldout_per_category=1, log=logs.append)
+    assert any("wrote 1 train" in m for m in logs) and any("val" in m and "skipping" in m
+                                                            for m in logs)
+    ds = load_coco(p["train_ann"], p["train_images"], with_masks=True)
+    assert sum(len(r.segmentations) for r in ds.records) == len(data["annotations"])
