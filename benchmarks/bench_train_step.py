@@ -6,6 +6,7 @@ Random images and boxes at a fixed padded size, the real step from ezsd_jax.trai
   python benchmarks/bench_train_step.py --model=tiny --size=128 --batch=8      # CPU
   python benchmarks/bench_train_step.py --model=r50 --size=1024 --batch=16 --dtype=bfloat16  # GPU
   python benchmarks/bench_train_step.py --model=r50 --size=832,1344 ...   # 1333x800 canvas
+  python benchmarks/bench_train_step.py --model=r50 --size=832,1344 --masks ...  # Mask R-CNN
 
 Prints one JSON line with the figures (benchmarks/contract.py: --smoke, --json, --profile);
 copy it into benchmarks/RESULTS.md with the machine.
@@ -40,6 +41,8 @@ def parse(argv=None):
     p.add_argument("--boxes", type=int, default=20, help="GT boxes per image")
     p.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--masks", action="store_true",
+                   help="Mask R-CNN: the mask branch on (model.mask_on), random box crops")
     contract.add_args(p)
     return contract.parse(p, argv, SMOKE)
 
@@ -57,6 +60,7 @@ def main(argv=None):
     model_cfg = (common.tiny_model_config(image_size=size) if args.model == "tiny"
                  else common.model_config(image_size=size))
     model_cfg.dtype = args.dtype
+    model_cfg.mask_on = bool(args.masks)
     cfg = ml_collections.ConfigDict({"model": model_cfg,
                                      "train": common.train_config(batch_size=args.batch,
                                                                   steps=1000),
@@ -78,6 +82,11 @@ def main(argv=None):
             "classes": rng.integers(0, args.num_classes, (b, m)).astype(np.int32),
             "box_mask": np.ones((b, m), bool), "valid": np.ones(b, bool),
             "image_hw": np.tile(np.array([size], np.int32), (b, 1))}
+    if args.masks:   # the pipeline's box crops: random ellipses filling each box
+        s = model_cfg.mask_crop_size
+        yy, xx = np.mgrid[:s, :s] / (s - 1) * 2 - 1
+        rad = rng.uniform(0.5, 1.0, (b, m, 1, 1))
+        host["gt_masks"] = ((xx ** 2 + yy ** 2 <= rad ** 2) * 255).astype(np.uint8)
     batch = sharding.host_to_global(host, mesh)
     consts = jax.device_put({}, sharding.replicated(mesh))
 
@@ -94,7 +103,8 @@ def main(argv=None):
     dt = (time.perf_counter() - t0) / args.steps
 
     result = {
-        "bench": "train_step", "model": args.model, "size": list(size), "batch": args.batch,
+        "bench": "train_step", "model": args.model, "masks": bool(args.masks),
+        "size": list(size), "batch": args.batch,
         "dtype": args.dtype, "devices": jax.device_count(),
         "host": platform.processor() or platform.machine(),
         "sizes": {"image_hw": list(size), "batch": args.batch, "boxes": m,

@@ -5,12 +5,13 @@ runs on GPU/TPU: stages renorm -> proposals -> ezsd_train -> ezsd_eval.
       --config.coco_root=/data/coco --config.model.pretrained=/weights/resnet50.safetensors \
       --config.clip.model=/weights/clip-vit-base-patch32
 
-Every value is compared with the authors' runs, item by item, in docs/protocol.md (the
-reference's file and value, ours, same / deviates and why); this docstring does not repeat
-it. The protocol's own options here: box head '301212', train proposals 2000 -> 1000,
-300 detections per image, distillation on the FIRST 200 stored proposals, proposal
-softmax over the 80 names of train2017, renorm prompt "a photo of a {}", and COCO AP
-reported at the standard maxDets 1/10/100 and at the reference's 100/300/1000.
+Mask R-CNN (model.mask_on, as the reference: bbox and segm AP). Every value is compared
+with the authors' runs, item by item, in docs/protocol.md (the reference's file and value,
+ours, same / deviates and why); this docstring does not repeat it. The protocol's own
+options here: box head '301212', train proposals 2000 -> 1000, 300 detections per image,
+distillation on the FIRST 200 stored proposals, proposal softmax over the 80 names of
+train2017, renorm prompt "a photo of a {}", and COCO AP reported at the standard maxDets
+1/10/100 and at the reference's 100/300/1000.
 """
 import ml_collections
 
@@ -105,7 +106,7 @@ def get_config():
         val_images=root + "/val2017",
         short_side=800, max_side=1333, max_boxes=100, flip_prob=0.5, num_threads=16)
     cfg.model = common.model_config(
-        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd",
+        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd", mask_on=True,
         box_head_spec="301212", box_conv_dim=256, box_fc_dim=1024,
         rpn_pre_nms_topk_train=2000, rpn_post_nms_topk_train=1000,
         rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000,

@@ -35,6 +35,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), box_loss_weight=1.0,
         rpn_reg_loss_weight=1.0, box_reg_loss_weight=1.0, box_cls_loss="softmax",
         seesaw_p=0.8, seesaw_q=2.0, box_head_spec="",
+        # Mask R-CNN branch (off = Faster R-CNN; docs/protocol.md, masks)
+        mask_on=False, mask_roi_size=14, mask_num_convs=4, mask_conv_dim=256,
+        mask_num_classes=1, mask_loss_weight=1.0, mask_max_positives=128,
+        mask_crop_size=56, mask_sampling_ratio=2,
         test_score_threshold=0.05, test_nms_threshold=0.5, test_max_detections=100,
         test_topk_candidates=4096,
     ))
@@ -51,6 +55,8 @@ def tiny_model_config(image_size=(128, 128), **overrides) -> ml_collections.Conf
         rpn_pre_nms_topk_train=256, rpn_post_nms_topk_train=128,
         rpn_pre_nms_topk_test=256, rpn_post_nms_topk_test=100,
         rpn_batch_per_image=64, roi_batch_per_image=64, box_conv_dim=32, box_fc_dim=128,
+        mask_roi_size=7, mask_num_convs=2, mask_conv_dim=32, mask_max_positives=16,
+        mask_crop_size=28,
         test_topk_candidates=512, test_score_threshold=0.0)
     m.update(overrides)
     return m

@@ -36,7 +36,7 @@ def get_config():
         short_side=800, max_side=1333, max_boxes=300, flip_prob=0.5, num_threads=16,
         short_side_range=(640, 800), repeat_threshold=1e-3)
     cfg.model = common.model_config(
-        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd",
+        image_size=(1344, 1344), dtype="bfloat16", roi_head="ezsd", mask_on=True,
         box_head_spec="301212", box_conv_dim=256, box_fc_dim=1024,
         box_cls_loss="seesaw", seesaw_p=0.8, seesaw_q=2.0,
         rpn_reg_loss_weight=2.0, box_reg_loss_weight=2.0,

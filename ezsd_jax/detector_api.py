@@ -13,8 +13,10 @@ re-normalized CLIP text tower (clip_renorm/adapted_clip) with the training promp
 through data/images.decode_image (EXIF, 16-bit, palette/alpha, CMYK) and are resized like
 evaluation; the forward is one jitted program per (input-size bucket, vocabulary-size
 bucket, batch size, threshold) (buckets.py), kept for later calls. Box conversion back to
-the original pixels is evaluate.to_coco_results. Masks: not yet (no mask branch); a
-detection dict would gain 'segmentation' (RLE) there.
+the original pixels is evaluate.to_coco_results. A Mask R-CNN (model.mask_on) pastes its
+masks in the same jitted program, on a canvas of the batch's largest original size
+rounded up to the bucket step (one more static shape per program), and each detection
+dict gains 'segmentation' (COCO RLE, original pixels).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ezsd_jax import bundle, buckets, cli, evaluate
@@ -144,8 +147,9 @@ class Detector:
         dcfg = self._program_cfg(hw, emb.shape[0], thr, max_det)
         # a part batch: the full batch's program when compiled already, else the next
         # power of two (a single image does not pay for a whole batch)
-        b = self.batch_size if (dcfg, self.batch_size) in _COMPILED else min(
-            self.batch_size, 1 << (len(items) - 1).bit_length())
+        full = any(k[:2] == (dcfg, self.batch_size) for k in _COMPILED)
+        b = self.batch_size if full else min(self.batch_size,
+                                             1 << (len(items) - 1).bit_length())
         images = np.zeros((b,) + tuple(hw) + (3,), np.uint8)
         meta = {"image_id": np.arange(b), "scale": np.ones(b, np.float32),
                 "orig_hw": np.ones((b, 2), np.int32), "valid": np.zeros(b, bool)}
@@ -156,10 +160,15 @@ class Detector:
             meta["scale"][i], meta["orig_hw"][i] = info["scale"], info["orig_hw"]
             meta["valid"][i] = True
         t0 = time.perf_counter()
-        out = jax.device_get(_jitted_forward(dcfg)(self.variables, images, image_hw,
-                                                   meta["valid"], emb, cvalid))
-        if (dcfg, b) not in _COMPILED:            # this call compiled it (+ one run)
-            _COMPILED.add((dcfg, b))
+        canvas = None
+        if dcfg.mask_on:
+            step = max(8, -(-self.bucket_step // 8) * 8)
+            canvas = tuple(int(-(-int(v) // step) * step) for v in meta["orig_hw"].max(0))
+        out = jax.device_get(_jitted_forward(dcfg, canvas)(
+            self.variables, images, image_hw, meta["valid"], emb, cvalid, meta["scale"],
+            meta["orig_hw"]))
+        if (dcfg, b, canvas) not in _COMPILED:    # this call compiled it (+ one run)
+            _COMPILED.add((dcfg, b, canvas))
             self.compile_seconds[(hw, emb.shape[0], b, thr, max_det)] = \
                 time.perf_counter() - t0
         res = evaluate.to_coco_results(out, meta, cat_ids=range(emb.shape[0]))
@@ -212,9 +221,11 @@ class Detector:
             per = self._run_batch(list(items), emb, cvalid, g_thr, g_max)
             out = []
             for i, dets in zip(idxs, per):
-                dets = [{"bbox": d["bbox"], "score": d["score"],
-                         "name": names_c[d["category_id"]]} for d in dets
-                        if thr <= g_thr or d["score"] > thr]
+                dets = [dict({"bbox": d["bbox"], "score": d["score"],
+                              "name": names_c[d["category_id"]]},
+                             **({"segmentation": d["segmentation"]}
+                                if "segmentation" in d else {}))
+                        for d in dets if thr <= g_thr or d["score"] > thr]
                 dets.sort(key=lambda d: -d["score"])
                 out.append((i, dets[:max_det]))
             return out
@@ -259,18 +270,24 @@ _FORWARDS: dict = {}
 _COMPILED: set = set()                   # (detector config, batch size) compiled
 
 
-def _jitted_forward(dcfg):
+def _jitted_forward(dcfg, canvas=None):
     """One jitted forward per detector config (input bucket, vocabulary bucket and
-    thresholds are in it), shared by every Detector of this process: variables are an
-    argument, so a second Detector (a bundle of the same run) reuses the programs."""
-    fn = _FORWARDS.get(dcfg)
+    thresholds are in it) and mask canvas (a Mask R-CNN's; None otherwise), shared by
+    every Detector of this process: variables are an argument, so a second Detector (a
+    bundle of the same run) reuses the programs."""
+    fn = _FORWARDS.get((dcfg, canvas))
     if fn is None:
         model = det.FasterRCNN(dcfg)
 
-        def infer(variables, images, image_hw, valid, emb, class_valid):
-            batch = {"image": images, "image_hw": image_hw, "valid": valid}
-            return det.forward_infer(model, variables, batch, emb, class_valid)
-        fn = _FORWARDS[dcfg] = jax.jit(infer)
+        def infer(variables, images, image_hw, valid, emb, class_valid, scale, orig_hw):
+            batch = {"image": images, "image_hw": image_hw, "valid": valid, "scale": scale,
+                     "orig_hw": orig_hw, "flipped": jnp.zeros(valid.shape, bool)}
+            out = det.forward_infer(model, variables, batch, emb, class_valid)
+            if canvas is not None:
+                out["masks"] = det.paste_detection_masks(out, batch, canvas)
+            out.pop("mask_probs", None)
+            return out
+        fn = _FORWARDS[(dcfg, canvas)] = jax.jit(infer)
     return fn
 
 

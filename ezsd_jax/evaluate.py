@@ -1,6 +1,10 @@
 """Evaluation stage ("eval"): batched jitted inference -> detections in ORIGINAL image
 coordinates (COCO ids, xywh) -> pycocotools COCOeval, optionally per category group
-(all / novel / base for generalized zero-shot detection).
+(all / novel / base for generalized zero-shot detection). A Mask R-CNN (model.mask_on)
+also pastes its masks in the jitted step (models/detector.paste_detection_masks, on a
+canvas as large as the dataset's largest image) and each result carries its RLE
+'segmentation' (the reference's segm results also keep the box), scored with COCOeval
+'segm' next to 'bbox' (metrics['segm'][group]).
 
 Every process runs inference on its slice; detections (fixed-size arrays) are gathered to
 every process and process 0 writes `<workdir>/eval/<name>_detections.json` and
@@ -26,6 +30,7 @@ from ezsd_jax.checkpoint import Checkpointer
 from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.metrics import Progress
 from ezsd_jax.models import detector as det
+from ezsd_jax.ops.masks import encode_masks
 from ezsd_jax.train import detector_config, init_train_state, load_dataset, make_pipeline
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ def to_coco_results(det: dict, meta: dict, cat_ids: Sequence[int]) -> list[dict]
     for b in range(det["boxes"].shape[0]):
         if not meta["valid"][b]:
             continue
+        first = len(out)
         scale = float(meta["scale"][b])
         h, w = (float(v) for v in meta["orig_hw"][b])
         keep = det["valid"][b]
@@ -53,7 +59,20 @@ def to_coco_results(det: dict, meta: dict, cat_ids: Sequence[int]) -> list[dict]
                         "bbox": [round(float(bx[0]), 2), round(float(bx[1]), 2),
                                  round(float(bx[2] - bx[0]), 2), round(float(bx[3] - bx[1]), 2)],
                         "score": round(float(s), 5)})
+        if "masks" in det:
+            h, w = (int(v) for v in meta["orig_hw"][b])
+            bits = np.unpackbits(det["masks"][b][det["valid"][b]], axis=-1)[:, :h, :w]
+            for r, rle in zip(out[first:], encode_masks(bits)):
+                r["segmentation"] = rle
     return out
+
+
+def mask_canvas(dataset) -> tuple[int, int]:
+    """Static paste canvas (H, W) of a dataset: its largest original height and width,
+    rounded up to multiples of 8 (the packed bits)."""
+    h = max((r.height for r in dataset.records), default=8)
+    w = max((r.width for r in dataset.records), default=8)
+    return -(-h // 8) * 8, -(-w // 8) * 8
 
 
 def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
@@ -128,15 +147,23 @@ _INFER_FNS: dict = {}
 _INFER_FNS_MAX = 8
 
 
-def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None):
+def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None,
+                  canvas: tuple[int, int] | None = None):
+    """Jitted detections of a global batch; with a Mask R-CNN and `canvas` (mask_canvas)
+    also 'masks' (bit-packed pasted masks, original pixels)."""
     consts = consts or {}
     rep = sharding.replicated(mesh)
     leaves, treedef = jax.tree_util.tree_flatten(variables_sh)
-    key = (type(model), model.cfg, mesh, treedef, tuple(leaves))
+    canvas = tuple(canvas) if canvas is not None and model.cfg.mask_on else None
+    key = (type(model), model.cfg, mesh, treedef, tuple(leaves), canvas)
     jitted = _INFER_FNS.get(key)
     if jitted is None:
         def infer(variables, batch, c):
-            return det.forward_infer(model, variables, batch, c.get("class_embeddings"))
+            out = det.forward_infer(model, variables, batch, c.get("class_embeddings"))
+            if canvas is not None:
+                out["masks"] = det.paste_detection_masks(out, batch, canvas)
+            out.pop("mask_probs", None)
+            return out
 
         jitted = jax.jit(infer, in_shardings=(variables_sh, sharding.data_sharding(mesh), rep),
                          out_shardings=rep)
@@ -162,17 +189,10 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
                       groups: dict[str, Sequence[int]] | None = None, name: str = "eval",
                       also_max_dets: Sequence[int] = ()) -> dict:
     """Runs inference over `dataset` and COCOeval per group of category ids
-    (default: one group 'all'). Returns {group: stats}; with `also_max_dets` (e.g.
-    REFERENCE_MAX_DETS) also {'maxDets_100_300_1000': {group: stats}}."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    variables = place_on_mesh(variables, mesh)
-    var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
-    infer = make_infer_fn(model, var_sh, mesh, consts)
-    pipe = make_pipeline(dataset, cfg, False, cfg.eval.batch_size)
-    try:
-        results = run_inference(lambda b: infer(variables, b), pipe, mesh, dataset.cat_ids, name)
-    finally:
-        pipe.close()
+    (default: one group 'all'). Returns {group: stats} (and {'segm': {group: stats}} with
+    the mask branch on); with `also_max_dets` (e.g. REFERENCE_MAX_DETS) also
+    {'maxDets_100_300_1000': {group: stats}}."""
+    results = infer_dataset(cfg, model, variables, dataset, consts, name)
     coco_gt = dataset.coco()
     img_ids = [r.image_id for r in dataset.records]
     groups = groups or {"all": list(dataset.cat_ids)}
@@ -181,10 +201,28 @@ def evaluate_detector(cfg, workdir: str, model, variables, dataset, consts=None,
         metrics[max_dets_key(also_max_dets)] = {
             g: coco_eval(coco_gt, results, img_ids, ids, max_dets=also_max_dets)
             for g, ids in groups.items()}
+    if model.cfg.mask_on:
+        metrics["segm"] = {g: coco_eval(coco_gt, results, img_ids, ids, iou_type="segm")
+                           for g, ids in groups.items()}
     metrics["num_images"] = len(img_ids)
     metrics["num_detections"] = len(results)
     write_eval_outputs(workdir, name, results, metrics)
     return metrics
+
+
+def infer_dataset(cfg, model, variables, dataset, consts=None, name: str = "eval"
+                  ) -> list[dict]:
+    """COCO results (with RLE masks for a Mask R-CNN) of `dataset` from all processes."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    variables = place_on_mesh(variables, mesh)
+    var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
+    infer = make_infer_fn(model, var_sh, mesh, consts,
+                          mask_canvas(dataset) if model.cfg.mask_on else None)
+    pipe = make_pipeline(dataset, cfg, False, cfg.eval.batch_size)
+    try:
+        return run_inference(lambda b: infer(variables, b), pipe, mesh, dataset.cat_ids, name)
+    finally:
+        pipe.close()
 
 
 def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detector"):

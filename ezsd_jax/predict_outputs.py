@@ -22,10 +22,12 @@ MAX_OVERLAY_SIDE = 1024
 
 def coco_results(image_id: int, file_name: str, dets: Sequence[Mapping],
                  name_ids: Mapping[str, int]) -> list[dict]:
-    """detect() dicts of one image -> COCO result dicts (+ file_name, category_name)."""
-    return [{"image_id": int(image_id), "file_name": file_name,
-             "category_id": int(name_ids[d["name"]]), "category_name": d["name"],
-             "bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])}
+    """detect() dicts of one image -> COCO result dicts (+ file_name, category_name; a
+    Mask R-CNN's RLE 'segmentation' when the detections carry one)."""
+    return [dict({"image_id": int(image_id), "file_name": file_name,
+                  "category_id": int(name_ids[d["name"]]), "category_name": d["name"],
+                  "bbox": [float(v) for v in d["bbox"]], "score": float(d["score"])},
+                 **({"segmentation": d["segmentation"]} if "segmentation" in d else {}))
             for d in dets]
 
 

@@ -32,23 +32,26 @@ log = logging.getLogger(__name__)
 
 
 def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
-                 category_names=None) -> CocoDataset:
+                 category_names=None, with_masks: bool = False) -> CocoDataset:
+    """config.data's `split` annotations; with_masks (a Mask R-CNN's training set) also
+    validates and keeps every annotation's segmentation."""
     ann, images = dcfg[f"{split}_ann"], dcfg[f"{split}_images"]
     if not ann or not os.path.exists(ann):
         raise FileNotFoundError(f"config.data.{split}_ann: annotation file {ann!r} not found")
     names = category_names if category_names is not None else (
         list(dcfg.category_names) if dcfg.get("category_names") else None)
     return load_coco(ann, images, category_names=names, on_error=dcfg.on_error,
-                     num_threads=dcfg.num_threads)
+                     num_threads=dcfg.num_threads, with_masks=with_masks)
 
 
 def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
                   extra_fn: Callable | None = None, repeat_threshold: float | None = None,
-                  multiscale: bool = True) -> DetectionPipeline:
+                  multiscale: bool = True, masks: bool = False) -> DetectionPipeline:
     """The pipeline of config.data. Training samples with repeat factors when
     `repeat_threshold` (default data.repeat_threshold) is > 0 and draws the short side from
     data.short_side_range when `multiscale` (the CLIP stages pass False: the reference's
-    CLIP runs use one scale)."""
+    CLIP runs use one scale); masks: batches carry the GT masks' box crops
+    (config.model.mask_crop_size; the detector's training set, loaded with_masks)."""
     d = cfg.data
     pc = jax.process_count()
     if batch_size % pc:
@@ -66,7 +69,13 @@ def make_pipeline(dataset: CocoDataset, cfg, train: bool, batch_size: int,
         max_boxes=d.max_boxes, train=train, short_side=d.short_side, max_side=d.max_side,
         flip_prob=d.flip_prob if train else 0.0, seed=cfg.train.seed,
         num_threads=d.num_threads, prefetch=d.prefetch, extra_fn=extra_fn,
-        on_error=d.on_error, repeat_factors=factors, short_side_range=scale_range)
+        on_error=d.on_error, repeat_factors=factors, short_side_range=scale_range,
+        mask_size=cfg.model.get("mask_crop_size", 0) if masks else 0)
+
+
+def masks_on(cfg) -> bool:
+    """Whether config.model trains / runs the Mask R-CNN branch."""
+    return bool(cfg.model.get("mask_on", False))
 
 
 def detector_config(cfg, num_classes: int) -> det.DetectorConfig:
@@ -202,7 +211,7 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
     sharding.check_batch_divisible(t.batch_size, mesh)
     dcfg = detector_config(cfg, dataset.num_classes)
     model = det.FasterRCNN(dcfg)
-    pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn)
+    pipe = make_pipeline(dataset, cfg, True, t.batch_size, extra_fn, masks=dcfg.mask_on)
     steps = train_steps(t, pipe)
     try:
         state, state_sh, tx, sched = initial_state(model, cfg, mesh, consts, init_fn, steps)
@@ -224,5 +233,5 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> None:
     """Stage "train": the plain Faster R-CNN on config.data (train split)."""
-    dataset = load_dataset(cfg.data, "train")
+    dataset = load_dataset(cfg.data, "train", with_masks=masks_on(cfg))
     train_detector(cfg, workdir, dataset)

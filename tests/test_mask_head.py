@@ -94,7 +94,8 @@ def test_toy_mask_branch_learns_and_scores_with_cocoeval(rng):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
 
-    from ezsd_jax.ops.masks import annotation_mask, mask_targets, paste_masks
+    from ezsd_jax.data.segmentation import annotation_mask
+    from ezsd_jax.ops.masks import mask_targets, paste_masks
     from ezsd_jax.evaluate import coco_eval
     from ezsd_jax.segm_eval import segm_results
     from test_ops_masks import rand_polygon

@@ -8,8 +8,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from ezsd_jax.data.coco import DataError
-from ezsd_jax.ops.masks import (annotation_mask, encode_masks, instance_masks,
-                                mask_targets, pad_instances, paste_masks)
+from ezsd_jax.data.segmentation import annotation_mask, instance_masks, pad_instances
+from ezsd_jax.ops.masks import encode_masks, mask_targets, paste_masks
 from test_ops_roi_align import np_roi_align
 
 H, W = 48, 64

@@ -28,6 +28,7 @@ import numpy as np
 from ezsd_jax.config_check import ON_ERROR
 from ezsd_jax.data.errors import DataError
 from ezsd_jax.data.images import check_image
+from ezsd_jax.data.segmentation import segmentation_rle
 from ezsd_jax.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class ImageRecord:
     width: int
     boxes: np.ndarray    # float32 [n, 4] xyxy, absolute pixels of the original image
     classes: np.ndarray  # int32 [n], contiguous 0..C-1
+    # with_masks: each box's COCO 'segmentation' (validated), in box order; else None
+    segmentations: list | None = None
+    ann_ids: list | None = None   # with_masks: each box's annotation id (error messages)
 
 
 @dataclass
@@ -163,7 +167,8 @@ def _image_path(img: dict, image_dir: str) -> str | None:
 
 def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | None = None,
               on_error: str = "raise", keep_empty: bool = True,
-              check_files: bool = True, num_threads: int = 8) -> CocoDataset:
+              check_files: bool = True, num_threads: int = 8,
+              with_masks: bool = False) -> CocoDataset:
     """Loads and validates a COCO-format annotation file.
 
     category_names: keep only these categories, in this order (index = class id); None ->
@@ -178,6 +183,11 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
       one whose upright size (EXIF orientation applied) differs from the annotation's
       height/width, is bad input (reasons 'missing_file', 'unreadable_image',
       'image_size_mismatch'). Only headers and the last bytes are read, not the pixels.
+
+    with_masks: every kept annotation's 'segmentation' (polygons, uncompressed or
+      compressed RLE) is validated at the image's size (ops/masks.segmentation_rle:
+      malformed polygon, empty RLE, mask of the wrong size -> reason 'bad_segmentation',
+      naming the file and the annotation) and kept in ImageRecord.segmentations.
 
     Boxes partially outside their image are clipped (counted in `clipped`); boxes
     entirely outside, zero-area or negative boxes are bad input. iscrowd=1 annotations
@@ -236,6 +246,8 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
     ann_ids: set = set()
     boxes: dict[int, list] = defaultdict(list)
     classes: dict[int, list] = defaultdict(list)
+    segms: dict[int, list] = defaultdict(list)
+    seg_ids: dict[int, list] = defaultdict(list)
     clipped = 0
     for j, a in enumerate(anns):
         if not isinstance(a, dict):
@@ -292,6 +304,15 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
                                      f"the {W}x{H} (WxH) image")
             bad_images.add(iid)
             continue
+        if with_masks:
+            try:
+                segmentation_rle(a.get("segmentation"), H, W, where)
+            except DataError as e:
+                bad("bad_segmentation", str(e))
+                bad_images.add(iid)
+                continue
+            segms[iid].append(a["segmentation"])
+            seg_ids[iid].append(aid)
         if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
             clipped += 1
         boxes[iid].append((x1, y1, x2, y2))
@@ -315,7 +336,9 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
         records.append(ImageRecord(
             image_id=iid, path=im["path"], height=im["h"], width=im["w"],
             boxes=np.asarray(boxes[iid], np.float32).reshape(-1, 4),
-            classes=np.asarray(classes[iid], np.int32).reshape(-1)))
+            classes=np.asarray(classes[iid], np.int32).reshape(-1),
+            segmentations=segms[iid] if with_masks else None,
+            ann_ids=seg_ids[iid] if with_masks else None))
     if clipped:
         log.info("%s: clipped %d boxes partially outside their image", ann_file, clipped)
     errors = {k: v for k, v in skipped.items()

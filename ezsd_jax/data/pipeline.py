@@ -37,13 +37,14 @@ from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
 from ezsd_jax.config_check import ON_ERROR
 from ezsd_jax.data.images import decode_image
 from ezsd_jax.data.sampling import repeat_index
+from ezsd_jax.data.segmentation import annotation_mask, box_crops
 from ezsd_jax.data.transforms import example_info, prepare_example
 from ezsd_jax.sharding import process_slice
 
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("image", "boxes", "classes", "box_mask", "image_id", "scale", "orig_hw",
-              "image_hw", "flipped", "valid")
+              "image_hw", "flipped", "valid", "gt_masks")
 
 ExtraFn = Callable[[ImageRecord, dict], dict]
 
@@ -72,8 +73,11 @@ class DetectionPipeline:
     padded input); classes int32 [B,M]; box_mask bool [B,M]; image_id int32 [B] (-1 for
     padding); scale float32 [B] (resized / original); orig_hw int32 [B,2]; image_hw int32
     [B,2] (the resized image's h, w: the valid region before the zero padding); flipped
-    bool [B]; valid bool [B]; plus the arrays of `extra_fn(record, info)` (fixed shapes, zeros
-    for padding entries). An image with more than M boxes keeps a random subset (train)
+    bool [B]; valid bool [B]; with mask_size S > 0 (Mask R-CNN; the dataset loaded
+    with_masks) gt_masks uint8 [B,M,S,S]: each box's instance mask cropped to the box and
+    resized to S x S (data/segmentation.box_crops; flipped with the image, unchanged by the
+    resize, which moves only the box); plus the arrays of `extra_fn(record, info)`
+    (fixed shapes, zeros for padding entries). An image with more than M boxes keeps a random subset (train)
     or its M largest (eval); counted in `num_truncated`.
     """
 
@@ -83,7 +87,7 @@ class DetectionPipeline:
                  prefetch: int = 2, process_index: int | None = None,
                  process_count: int | None = None, extra_fn: ExtraFn | None = None,
                  on_error: str = "raise", repeat_factors: np.ndarray | None = None,
-                 short_side_range: tuple[int, int] | None = None):
+                 short_side_range: tuple[int, int] | None = None, mask_size: int = 0):
         if process_index is None or process_count is None:
             import jax
             process_index = jax.process_index() if process_index is None else process_index
@@ -125,6 +129,9 @@ class DetectionPipeline:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.extra_fn = extra_fn
         self.on_error = on_error
+        self.mask_size = int(mask_size)
+        if self.mask_size and any(r.segmentations is None for r in self.records):
+            raise ValueError("mask_size > 0 needs a dataset loaded with with_masks=True")
         self._unreadable = 0
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -292,6 +299,9 @@ class DetectionPipeline:
             "flipped": np.zeros((B,), bool),
             "valid": np.zeros((B,), bool),
         }
+        if self.mask_size:
+            S = self.mask_size
+            arrays["gt_masks"] = np.zeros((B, M, S, S), np.uint8)
         for k, (shape, dtype) in self._extra_spec.items():
             arrays[k] = np.zeros((B,) + shape, dtype)
         return arrays
@@ -334,6 +344,7 @@ class DetectionPipeline:
                              flip, out=arrays["image"][slot])
         boxes, classes, info = ex["boxes"], ex["classes"], ex["info"]
         n = len(boxes)
+        keep = np.arange(n)
         if n > self.max_boxes:
             if self.train:
                 keep = np.sort(rng.choice(n, self.max_boxes, replace=False))
@@ -343,6 +354,8 @@ class DetectionPipeline:
             boxes, classes = boxes[keep], classes[keep]
             self._note_truncated(rec, n)
         m = len(boxes)
+        if self.mask_size:
+            arrays["gt_masks"][slot, :m] = self._box_crops(rec, keep, flip)
         arrays["boxes"][slot, :m] = boxes
         arrays["classes"][slot, :m] = classes
         arrays["box_mask"][slot, :m] = True
@@ -357,6 +370,17 @@ class DetectionPipeline:
             for k in self._extra_spec:
                 arrays[k][slot] = extra[k]
         arrays["valid"][slot] = True
+
+    def _box_crops(self, rec: ImageRecord, keep: np.ndarray, flip: bool) -> np.ndarray:
+        """uint8 [len(keep), S, S] crops of the kept annotations' masks at their boxes
+        (original pixels), mirrored when the image is."""
+        where = self.dataset.ann_file
+        full = np.stack([annotation_mask(
+            {"segmentation": rec.segmentations[k]}, rec.height, rec.width,
+            f"{where}: annotation id={rec.ann_ids[k]} (image id={rec.image_id})")
+            for k in keep]) if len(keep) else np.zeros((0, rec.height, rec.width), np.uint8)
+        crops = box_crops(full, rec.boxes[keep], self.mask_size)
+        return crops[:, :, ::-1] if flip else crops
 
     def _note_unreadable(self, err: DataError) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
+from ezsd_jax.data.segmentation import exact_segmentation
 from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.ops.boxes import iou_matrix
 
@@ -259,15 +260,24 @@ def append_coco_image(images: list, anns: list, image_id: int, file_name: str, h
     images.append({"id": image_id, "file_name": file_name, "height": int(hw[0]),
                    "width": int(hw[1])})
     for o in objects:
-        anns.append({"id": len(anns) + 1, "image_id": image_id,
-                     "category_id": o["category"] + 1, "bbox": o["bbox"],
-                     "area": o["area"], "iscrowd": 0})
+        ann_id = len(anns) + 1
+        ann = {"id": ann_id, "image_id": image_id, "category_id": o["category"] + 1,
+               "bbox": o["bbox"], "area": o["area"], "iscrowd": 0}
+        if "mask" in o:   # odd ids: polygons, even ids: compressed RLE (both formats)
+            ann["segmentation"] = exact_segmentation(
+                o["mask"], o["origin"], hw, "polygon" if ann_id % 2 else "rle")
+        anns.append(ann)
 
 
-def object_record(category: int, mask: np.ndarray, box) -> dict:
-    """An object of a generated image: category index, pixel area, COCO xywh box."""
-    return {"category": category, "area": int(mask.sum()),
-            "bbox": [int(box[0]), int(box[1]), int(box[2] - box[0]), int(box[3] - box[1])]}
+def object_record(category: int, mask: np.ndarray, box, origin=None) -> dict:
+    """An object of a generated image: category index, pixel area, COCO xywh box; with
+    origin (y0, x0), the drawn pixels `mask` placed there (append_coco_image writes
+    them as the annotation's exact segmentation)."""
+    rec = {"category": category, "area": int(mask.sum()),
+           "bbox": [int(box[0]), int(box[1]), int(box[2] - box[0]), int(box[3] - box[1])]}
+    if origin is not None:
+        rec.update(mask=np.asarray(mask, bool), origin=(int(origin[0]), int(origin[1])))
+    return rec
 
 
 def render_image(spec: SyntheticSpec, rng: np.random.Generator
@@ -300,7 +310,7 @@ def render_image(spec: SyntheticSpec, rng: np.random.Generator
             region = img[y0:y0 + mh, x0:x0 + mw]
             region[mask] = pattern[mask]
             placed.append(box)
-            objects.append(object_record(k, mask, box))
+            objects.append(object_record(k, mask, box, (y0, x0)))
             break
     return img, objects
 

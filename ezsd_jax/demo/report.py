@@ -58,6 +58,11 @@ def main_tables(summary: Mapping, crop_accuracy: Mapping | None,
     """The headline table (detector) and the CLIP table (clean / before / after)."""
     after = (crop_accuracy or {}).get("after")
     det = markdown_table(DET_HEADER, [detection_row(VARIANT_TITLES["full"], summary, after)])
+    masks = [(summary.get(g) or {}).get("mask_AP50") for g in ("base", "novel", "all")]
+    if any(v is not None for v in masks):     # a Mask R-CNN run (model.mask_on)
+        det += "\n\n" + markdown_table(
+            ("instance masks", "base mask AP50", "novel mask AP50", "all mask AP50"),
+            [[VARIANT_TITLES["full"], *masks]])
     rows = []
     if clean_accuracy:
         rows.append(["pretrained, held-out clean caption images", clean_accuracy.get(
@@ -98,22 +103,48 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _blend_masks(image: np.ndarray, dets: Sequence[Mapping], novel_ids: set,
+                 alpha: float = 0.45) -> np.ndarray:
+    """Detections' RLE 'segmentation' (a Mask R-CNN's; original pixels, resized to the
+    image when it was rescaled) tinted into the image in their box colour."""
+    with_masks = [r for r in dets if "segmentation" in r]
+    if not with_masks:
+        return image
+    from pycocotools import mask as mask_utils
+    out = image.astype(np.float32)
+    h, w = image.shape[:2]
+    for r in with_masks:
+        seg = dict(r["segmentation"])
+        if isinstance(seg["counts"], str):
+            seg["counts"] = seg["counts"].encode("ascii")
+        m = mask_utils.decode(seg)
+        if m.shape != (h, w):
+            m = np.asarray(Image.fromarray(m * 255).resize((w, h), Image.NEAREST))
+        col = np.asarray(NOVEL_COLOUR if r["category_id"] in novel_ids else BASE_COLOUR,
+                         np.float32)
+        sel = m > 0
+        out[sel] = (1.0 - alpha) * out[sel] + alpha * col
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
 def draw_detections(image: np.ndarray, detections: Sequence[Mapping], names: Mapping[int, str],
                     novel_ids: set, gt: Sequence[Mapping] = (), scale: int = 3,
                     score_threshold: float = 0.3, max_dets: int = 10) -> Image.Image:
     """One val image (uint8 HxWx3) upscaled `scale`x with its detections (COCO results
     of this image: xywh in original pixels) of score >= score_threshold (at most
-    max_dets, best first): base classes in green, novel in magenta with a '*'. GT boxes
-    thin and light grey."""
+    max_dets, best first): base classes in green, novel in magenta with a '*', masks
+    (results with an RLE 'segmentation') tinted in the same colour. GT boxes thin and
+    light grey."""
     h, w = image.shape[:2]
+    dets = sorted((r for r in detections if r["score"] >= score_threshold),
+                  key=lambda r: -r["score"])[:max_dets]
+    image = _blend_masks(image, dets, novel_ids)
     im = Image.fromarray(image).resize((w * scale, h * scale), Image.NEAREST)
     d = ImageDraw.Draw(im)
     font = _font(11)
     for g in gt:
         x, y, bw, bh = (v * scale for v in g["bbox"])
         d.rectangle([x, y, x + bw, y + bh], outline=GT_COLOUR, width=1)
-    dets = sorted((r for r in detections if r["score"] >= score_threshold),
-                  key=lambda r: -r["score"])[:max_dets]
     for r in dets:
         novel = r["category_id"] in novel_ids
         col = NOVEL_COLOUR if novel else BASE_COLOUR

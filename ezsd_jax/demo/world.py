@@ -26,6 +26,7 @@ looked like any tall crop between two black bars), and the object-free caption i
 """
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ def render_scene(spec: WorldSpec, rng: np.random.Generator, split: str = "train"
             mh, mw = mask.shape
             img[y0:y0 + mh, x0:x0 + mw][mask] = _jitter(cat.rgb(), spec.colour_jitter, rng)
             placed.append(box)
-            objects.append(object_record(k, mask, box))
+            objects.append(object_record(k, mask, box, (y0, x0)))
             break
     return _lighting(img, spec, rng), objects
 
@@ -298,13 +299,21 @@ def load_caption_set(path: str) -> dict:
     return out
 
 
+def _has_segmentations(ann_file: str) -> bool:
+    """Whether a written split carries masks (files of versions before the Mask R-CNN
+    branch have boxes only: they stay loadable, and demo_data rewrites them)."""
+    with open(ann_file) as f:
+        anns = json.load(f).get("annotations", [])
+    return all("segmentation" in a for a in anns)
+
+
 def write_world(root: str, spec: WorldSpec, *, train_images: int, val_images: int,
                 captions_per_category: int, heldout_per_category: int, seed: int = 0,
                 log=print) -> dict:
     """Writes whatever of the world is missing under `root`; returns detection_paths."""
     p = detection_paths(root)
     for split, n in (("train", train_images), ("val", val_images)):
-        if os.path.exists(p[f"{split}_ann"]):
+        if os.path.exists(p[f"{split}_ann"]) and _has_segmentations(p[f"{split}_ann"]):
             log(f"[demo_data] {p[f'{split}_ann']} exists, skipping")
             continue
         write_detection_split(root, spec, n, seed, split)

@@ -31,7 +31,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ezsd_jax.data.coco import DataError, read_json
-from ezsd_jax.ops.masks import segmentation_rle
+from ezsd_jax.data.segmentation import segmentation_rle
 
 IOU_THRS = np.linspace(0.5, 0.95, 10)
 REC_THRS = np.linspace(0.0, 1.0, 101)

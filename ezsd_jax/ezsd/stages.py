@@ -8,6 +8,8 @@ proposals, which write the text embeddings and the proposal store into the workd
   ezsd_eval   generalized zero-shot evaluation: one joint classifier over ALL names
               (base + novel); COCO: COCOeval on all / novel / base (AP50 headline, AP);
               LVIS: the LVIS protocol (AP, APr, APc, APf; 300 detections per image).
+              A Mask R-CNN (model.mask_on) adds mask AP next to each box AP (COCOeval
+              'segm' / LVIS with mask IoU): summary keys mask_AP, mask_AP50.
               Writes <workdir>/eval/ezsd_eval_{metrics,detections}.json and the headline
               <workdir>/eval/ezsd_summary.json; skips when the summary is of the latest
               checkpoint (config.ezsd.eval.force re-runs).
@@ -26,7 +28,7 @@ import os
 import jax
 import numpy as np
 
-from ezsd_jax import cli, evaluate, sharding
+from ezsd_jax import cli, evaluate
 from ezsd_jax.checkpoint import Checkpointer
 from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import load_text_embeddings
@@ -36,7 +38,7 @@ from ezsd_jax.io_utils import atomic_write_json
 from ezsd_jax.models import detector as det
 from ezsd_jax.models.ezsd_head import EZSDHeadConfig
 from ezsd_jax.ops.vectors import l2_normalize
-from ezsd_jax.train import detector_config, load_dataset, make_pipeline, train_detector
+from ezsd_jax.train import detector_config, load_dataset, masks_on, train_detector
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
 def ezsd_train(cfg, workdir: str) -> dict:
     """Stage 'ezsd_train' (see module docstring). Returns {'model', 'state', 'names'}."""
     base, novel = splits.zeroshot_names(cfg.ezsd, cfg.data.train_ann)
-    dataset = load_dataset(cfg.data, "train", category_names=base)
+    dataset = load_dataset(cfg.data, "train", category_names=base, with_masks=masks_on(cfg))
     _, hcfg = head_config(cfg, len(base))
     emb = load_class_embeddings(text_embeddings_path(cfg, workdir), dataset.cat_names,
                                 hcfg.embed_dim)
@@ -142,19 +144,6 @@ def ezsd_train(cfg, workdir: str) -> dict:
 
 def _summary_path(workdir: str) -> str:
     return os.path.join(workdir, "eval", "ezsd_summary.json")
-
-
-def _run_inference(cfg, model, variables, dataset, consts, name: str) -> list[dict]:
-    mesh = sharding.make_mesh(cfg.mesh)
-    variables = evaluate.place_on_mesh(variables, mesh)
-    var_sh = jax.tree_util.tree_map(lambda x: x.sharding, variables)
-    infer = evaluate.make_infer_fn(model, var_sh, mesh, consts)
-    pipe = make_pipeline(dataset, cfg, False, cfg.eval.batch_size)
-    try:
-        return evaluate.run_inference(lambda b: infer(variables, b), pipe, mesh,
-                                      dataset.cat_ids, name)
-    finally:
-        pipe.close()
 
 
 def ezsd_eval(cfg, workdir: str) -> dict:
@@ -194,17 +183,29 @@ def ezsd_eval(cfg, workdir: str) -> dict:
             key = evaluate.max_dets_key(also)
             summary[key] = {g: {"AP50": metrics[key][g]["AP50"], "AP": metrics[key][g]["AP"]}
                             for g in groups}
+        for g in metrics.get("segm", {}):
+            summary[g].update(mask_AP50=metrics["segm"][g]["AP50"],
+                              mask_AP=metrics["segm"][g]["AP"])
     elif ec.protocol == "lvis":
-        results = _run_inference(cfg, model, variables, dataset, consts, EVAL_NAME)
+        results = evaluate.infer_dataset(cfg, model, variables, dataset, consts, EVAL_NAME)
         img_ids = [r.image_id for r in dataset.records]
         metrics = lvis_evaluate(val_ann, results, max_dets=cfg.model.test_max_detections,
                                 img_ids=img_ids, cat_ids=groups["all"])
+        if dcfg.mask_on:
+            metrics["segm"] = lvis_evaluate(
+                val_ann, results, max_dets=cfg.model.test_max_detections, img_ids=img_ids,
+                cat_ids=groups["all"], iou_type="segm")
         metrics["num_images"] = len(img_ids)
         metrics["num_detections"] = len(results)
         evaluate.write_eval_outputs(workdir, EVAL_NAME, results, metrics)
         summary = {"all": {"AP": metrics["AP"], "AP50": metrics["AP50"]},
                    "novel": {"AP": metrics["APr"]},
                    "APr": metrics["APr"], "APc": metrics["APc"], "APf": metrics["APf"]}
+        if "segm" in metrics:
+            summary["all"].update(mask_AP=metrics["segm"]["AP"],
+                                  mask_AP50=metrics["segm"]["AP50"])
+            summary["novel"]["mask_AP"] = metrics["segm"]["APr"]
+            summary.update({f"mask_{k}": metrics["segm"][k] for k in ("APr", "APc", "APf")})
     else:
         raise ValueError(f"config.ezsd.eval.protocol: unknown {ec.protocol!r} (coco | lvis)")
     summary.update({"step": int(step), "protocol": ec.protocol,

@@ -62,6 +62,16 @@ class DetectorConfig:
     box_cls_loss: str = "softmax"
     seesaw_p: float = 0.8
     seesaw_q: float = 2.0
+    # Mask R-CNN branch (models/mask_head.py; off = Faster R-CNN)
+    mask_on: bool = False
+    mask_roi_size: int = 14                      # RoIAlign output; the head doubles it
+    mask_num_convs: int = 4
+    mask_conv_dim: int = 256
+    mask_num_classes: int = 1                    # 1 = class-agnostic (the reference)
+    mask_loss_weight: float = 1.0
+    mask_max_positives: int = 128                # static positives per image (512 x 0.25)
+    mask_crop_size: int = 56                     # batch's box crops (data/segmentation.py)
+    mask_sampling_ratio: int = 2
     # inference
     test_score_threshold: float = 0.05
     test_nms_threshold: float = 0.5

@@ -5,6 +5,12 @@ the train and eval steps jit: targets, sampling and losses (models/losses.py), p
 generation (models/proposal_generator.py) and post-processing (models/postprocess.py) are
 ops on static shapes, so the whole step compiles to one XLA program.
 
+With cfg.mask_on it is Mask R-CNN: RoIAlign (mask_roi_size, FPN levels as for the boxes)
+-> MaskHead -> 2x mask_roi_size logits, trained on the sampled positive RoIs (a static
+mask_max_positives per image, padding masked) against targets cut from the batch's box
+crops (ops/masks.crop_mask_targets), and run at test time on the final detections
+(detections['mask_probs']; `paste_detection_masks` pastes them into original pixels).
+
 RoI heads share one interface, so EZSD's head plugs in where the plain one sits:
     head(roi_feats [B,R,S,S,C], reg_classes [B,R] | None, class_embeddings [K,D] | None)
       -> {'logits' [B,R,K+1] (background last), 'deltas' [B,R,4], ...}
@@ -22,8 +28,10 @@ from ezsd_jax.models.box_head import (BoxHead, BoxRegressor, LinearClassifier, b
 from ezsd_jax.models.config import DetectorConfig
 from ezsd_jax.models.ezsd_head import EZSDRoIHead
 from ezsd_jax.models.fpn import FPN
+from ezsd_jax.models.mask_head import MaskHead, mask_loss, select_channel
 from ezsd_jax.models.resnet import ResNet
 from ezsd_jax.models.rpn import RPNHead
+from ezsd_jax.ops.masks import crop_mask_targets, paste_masks
 from ezsd_jax.ops.roi_align import multilevel_roi_align
 
 # torchvision ImageNet normalization, images in RGB 0..255.
@@ -70,6 +78,9 @@ class FasterRCNN(nn.Module):
         self.fpn = FPN(c.fpn_channels, dtype=c.jnp_dtype)
         self.rpn = RPNHead(len(c.anchor_ratios), dtype=c.jnp_dtype)
         self.roi_head = make_roi_head(c)
+        if c.mask_on:
+            self.mask_head = MaskHead(c.mask_num_classes, c.mask_num_convs, c.mask_conv_dim,
+                                      dtype=c.jnp_dtype)
 
     def features(self, images: jax.Array) -> list[jax.Array]:
         x = (images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD
@@ -87,11 +98,21 @@ class FasterRCNN(nn.Module):
     def head(self, roi_feats, reg_classes=None, class_embeddings=None):
         return self.roi_head(roi_feats, reg_classes, class_embeddings)
 
+    def mask_logits(self, feats, rois):
+        """rois [B,R,4] -> mask logits [B,R,2S,2S,mask_num_classes] (S = mask_roi_size)."""
+        c = self.cfg
+        x = multilevel_roi_align(feats[:4], rois, strides=c.strides[:4],
+                                 output_size=c.mask_roi_size,
+                                 sampling_ratio=c.roi_sampling_ratio, aligned=True)
+        return self.mask_head(x)
+
     def __call__(self, images, rois, class_embeddings=None):
         """Runs every sub-network once (used by init)."""
         feats = self.features(images)
         obj, dlt = self.rpn_outputs(feats)
         out = self.head(self.roi_features(feats, rois), None, class_embeddings)
+        if self.cfg.mask_on:
+            out = dict(out, mask_logits=self.mask_logits(feats, rois))
         return obj, dlt, out
 
 
@@ -168,6 +189,8 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
         else:
             out.update(losses.box_losses(head_out["logits"], head_out["deltas"], tgt,
                                          batch["valid"]))
+        if c.mask_on:
+            out.update(_mask_losses(m, feats, tgt, batch))
         if extra_loss_fn is not None:
             out.update(extra_loss_fn(m, feats, batch, k_extra))
         return out
@@ -175,9 +198,32 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
     out = nn.apply(fn, model)(variables)
     total = (c.rpn_loss_weight * (out["rpn_cls"] + c.rpn_reg_loss_weight * out["rpn_box"])
              + c.box_loss_weight * (out["box_cls"] + c.box_reg_loss_weight * out["box_reg"]))
+    if c.mask_on:
+        total = total + c.mask_loss_weight * out["mask"]
     total = total + sum(v for k, v in out.items() if k.startswith("loss_"))
     out["loss"] = total
     return total, out
+
+
+def _mask_losses(m: FasterRCNN, feats, tgt: dict, batch: dict) -> dict:
+    """Mask loss on the first mask_max_positives positives of each image's sampled RoIs
+    (the reference uses all of them: 512 x 0.25 = 128 at most, the default)."""
+    c = m.cfg
+    fg = tgt["fg"] & tgt["roi_valid"] & batch["valid"][:, None]
+    p = min(int(c.mask_max_positives), fg.shape[1])
+    order = jnp.argsort(~fg, axis=1, stable=True)[:, :p]            # positives first
+    take = lambda x: jnp.take_along_axis(x, order, axis=1)
+    rois = jnp.take_along_axis(tgt["rois"], order[..., None], axis=1)
+    pos, gt_idx, labels = take(fg), take(tgt["matched_gt"]), take(tgt["cls_target"])
+    size = 2 * c.mask_roi_size
+    targets, weight = jax.vmap(
+        lambda cr, bx, v, r, g, ps, hw: crop_mask_targets(
+            cr, bx, v, r, g, ps, hw, size=size, sampling_ratio=c.mask_sampling_ratio))(
+        batch["gt_masks"], batch["boxes"], batch["box_mask"], jax.lax.stop_gradient(rois),
+        gt_idx, pos, valid_hw(batch))
+    logits = m.mask_logits(feats, jax.lax.stop_gradient(rois))
+    return {"mask": mask_loss(logits, targets, labels, weight),
+            "mask_num_pos": weight.sum() / weight.shape[0]}
 
 
 def mask_classes(logits: jax.Array, class_valid) -> jax.Array:
@@ -218,8 +264,32 @@ def infer_parts(model: FasterRCNN, variables: dict, batch: dict,
         nms_threshold=c.test_nms_threshold, max_detections=c.test_max_detections,
         topk_candidates=c.test_topk_candidates, bbox_reg_weights=c.bbox_reg_weights)
     det["valid"] &= batch["valid"][:, None]
+    if c.mask_on:
+        logits = nn.apply(lambda m: m.mask_logits(parts["feats"], det["boxes"]),
+                          model)(variables)
+        det["mask_probs"] = jax.nn.sigmoid(select_channel(logits, det["classes"]))
     parts["detections"] = det
     return parts
+
+
+def paste_detection_masks(det: dict, batch: dict, canvas_hw: tuple[int, int]) -> jax.Array:
+    """detections['mask_probs'] [B,D,m,m] pasted at the boxes mapped to ORIGINAL image
+    pixels (divided by batch['scale'], un-flipped) on a static canvas [Hc, Wc] (>= every
+    original size; Wc a multiple of 8), thresholded at 0.5 (ops/masks.paste_masks) and
+    bit-packed along the width: uint8 [B, D, Hc, Wc // 8] (np.unpackbits(axis=-1) on the
+    host, then crop [:h, :w])."""
+    hc, wc = (int(v) for v in canvas_hw)
+    if wc % 8:
+        raise ValueError(f"paste_detection_masks: canvas width {wc} is not a multiple of 8")
+    scale = jnp.maximum(batch["scale"].astype(jnp.float32), 1e-6)[:, None, None]
+    boxes = det["boxes"].astype(jnp.float32) / scale
+    w = batch["orig_hw"][:, 1].astype(jnp.float32)[:, None]
+    flipped = batch["flipped"][:, None]
+    x1 = jnp.where(flipped, w - boxes[..., 2], boxes[..., 0])
+    x2 = jnp.where(flipped, w - boxes[..., 0], boxes[..., 2])
+    boxes = jnp.stack([x1, boxes[..., 1], x2, boxes[..., 3]], axis=-1)
+    masks = jax.vmap(lambda p, b: paste_masks(p, b, hc, wc))(det["mask_probs"], boxes)
+    return jnp.packbits(masks, axis=-1)
 
 
 def forward_infer(model: FasterRCNN, variables: dict, batch: dict,

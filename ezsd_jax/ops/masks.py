@@ -1,12 +1,13 @@
-"""Instance masks for Mask R-CNN: COCO segmentations -> bitmaps (host), mask targets of
-the sampled positive RoIs (device), test-time pasting into the image (device) and RLE
-results (host).
+"""Instance masks for Mask R-CNN on the device: mask targets of the sampled positive
+RoIs, test-time pasting into the image, and RLE results (host).
 
-Place in the pipeline: the data loader decodes each training image's annotations with
-`instance_masks` (crowd regions dropped, as the reference does); the RoI head calls
-`mask_targets` on the positives it sampled; inference calls `paste_masks` on the mask head's
-probabilities at the final detections, and the evaluator turns the pasted bitmaps into COCO
-RLE with `encode_masks`.
+Place in the pipeline: the data layer (ezsd_jax/data/segmentation.py) decodes each
+training image's annotations (crowd regions dropped, as the reference does) and the batch
+carries each GT mask cropped to its box at a fixed size; the detector calls
+`crop_mask_targets` on the positives it sampled (`mask_targets` is the same RoIAlign on
+full-image masks, the form the reference uses and the tests compare against); inference
+calls `paste_masks` on the mask head's probabilities at the final detections, and the
+evaluator turns the pasted bitmaps into COCO RLE with `encode_masks`.
 
 Reference semantics (mmdetection 2.x as used by EZAD, branch new_rpn of dragonlzm/mmdetection):
   - decoding (LoadAnnotations._poly2mask): polygons -> frPyObjects + merge, uncompressed RLE
@@ -27,131 +28,12 @@ Reference semantics (mmdetection 2.x as used by EZAD, branch new_rpn of dragonlz
 """
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ezsd_jax.data.coco import DataError
+from ezsd_jax.data.segmentation import CROP_SCALE
 from ezsd_jax.ops.roi_align import bilinear_axis_weights
-
-
-# ------------------------------------------------------------------ host: COCO -> bitmaps
-
-def _rle_counts_from_string(s: str, where: str) -> list[int]:
-    """Counts of a compressed COCO RLE string (maskApi.c rleFrString), checked for truncation."""
-    counts: list[int] = []
-    p, n = 0, len(s)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n:
-                raise DataError(f"{where}: compressed RLE counts are truncated")
-            c = ord(s[p]) - 48
-            if not 0 <= c < 64:
-                raise DataError(f"{where}: compressed RLE counts has an invalid character "
-                                f"{s[p]!r}")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def _check_counts(counts: Sequence[int], height: int, width: int, where: str) -> None:
-    if len(counts) == 0:
-        raise DataError(f"{where}: empty RLE (no counts)")
-    if any(c < 0 for c in counts):
-        raise DataError(f"{where}: RLE has negative counts")
-    total = int(sum(counts))
-    if total != height * width:
-        raise DataError(f"{where}: RLE counts sum to {total}, the image has "
-                        f"{height}x{width}={height * width} pixels (mask of the wrong size)")
-
-
-def segmentation_rle(segm: Any, height: int, width: int, where: str) -> dict:
-    """One annotation's 'segmentation' (polygon list, uncompressed RLE or compressed RLE) ->
-    a compressed RLE of size [height, width] (pycocotools.mask). Malformed input raises a
-    one-line DataError that starts with `where` (e.g. "file.json: annotation 17")."""
-    from pycocotools import mask as mask_utils
-    if isinstance(segm, list):
-        if not segm:
-            raise DataError(f"{where}: segmentation is an empty polygon list")
-        polys = []
-        for k, poly in enumerate(segm):
-            if not isinstance(poly, (list, tuple)) or not all(
-                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in poly):
-                raise DataError(f"{where}: polygon {k} is not a list of numbers")
-            if len(poly) % 2 or len(poly) < 6:
-                raise DataError(f"{where}: polygon {k} has {len(poly)} coordinates (needs an "
-                                "even number >= 6: x1, y1, x2, y2, x3, y3, ...)")
-            if not all(math.isfinite(v) for v in poly):
-                raise DataError(f"{where}: polygon {k} has a non-finite coordinate")
-            polys.append([float(v) for v in poly])
-        return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
-    if not isinstance(segm, dict) or "counts" not in segm or "size" not in segm:
-        raise DataError(f"{where}: segmentation must be a polygon list or an RLE dict with "
-                        f"'counts' and 'size', got {type(segm).__name__}")
-    size = segm["size"]
-    if not isinstance(size, (list, tuple)) or [int(v) for v in size] != [height, width]:
-        raise DataError(f"{where}: RLE size {size!r} differs from the image's "
-                        f"[{height}, {width}] (mask of the wrong size)")
-    counts = segm["counts"]
-    if isinstance(counts, list):
-        if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
-                   for c in counts):
-            raise DataError(f"{where}: uncompressed RLE counts must be integers")
-        _check_counts(counts, height, width, where)
-        return mask_utils.frPyObjects(
-            {"counts": [int(c) for c in counts], "size": [height, width]}, height, width)
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii", errors="replace")
-    if not isinstance(counts, str):
-        raise DataError(f"{where}: RLE counts must be a list or a string, got "
-                        f"{type(counts).__name__}")
-    _check_counts(_rle_counts_from_string(counts, where), height, width, where)
-    return {"counts": counts.encode("ascii"), "size": [height, width]}
-
-
-def annotation_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
-    """uint8 [height, width] bitmap of one COCO annotation (any segmentation format)."""
-    from pycocotools import mask as mask_utils
-    if "segmentation" not in ann:
-        raise DataError(f"{where}: annotation has no 'segmentation'")
-    rle = segmentation_rle(ann["segmentation"], height, width, where)
-    return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
-
-
-def instance_masks(anns: Sequence[dict], height: int, width: int,
-                   where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Training masks of one image: uint8 [M, height, width] for the annotations that are
-    not crowd, in order, and keep [len(anns)] bool (False for iscrowd=1, which the
-    reference drops from training together with its box). `where` names the file; the
-    errors add the annotation id."""
-    keep = np.asarray([not ann.get("iscrowd", 0) for ann in anns], bool)
-    masks = [annotation_mask(ann, height, width, f"{where}: annotation {ann.get('id')!r}")
-             for ann, k in zip(anns, keep) if k]
-    out = np.stack(masks) if masks else np.zeros((0, height, width), np.uint8)
-    return out, keep
-
-
-def pad_instances(masks: np.ndarray, max_instances: int) -> tuple[np.ndarray, np.ndarray]:
-    """[M, H, W] -> ([max_instances, H, W] uint8, valid [max_instances] bool) for a static
-    device shape; more than max_instances masks is an error (the caller sizes the slots)."""
-    m = masks.shape[0]
-    if m > max_instances:
-        raise DataError(f"{m} instance masks but only {max_instances} slots")
-    out = np.zeros((max_instances,) + masks.shape[1:], np.uint8)
-    out[:m] = masks
-    return out, np.arange(max_instances) < m
 
 
 # ------------------------------------------------------------------ device: mask targets
@@ -173,32 +55,78 @@ def mask_targets(masks: jax.Array, valid: jax.Array, rois: jax.Array, gt_index: 
     Jittable; vmap it over the batch. The masks stay uint8: the gather reads 4 neighbours
     per sample from the flattened stack and casts after the gather."""
     m, h, w = masks.shape
-    g = int(sampling_ratio)
-    if m < 1:
-        raise ValueError("mask_targets: the mask stack needs at least one (padded) slot")
-    if g < 1 or int(size) < 1:
-        raise ValueError(f"mask_targets: size and sampling_ratio must be >= 1, got {size}, "
-                         f"{sampling_ratio}")
-    gt_index = jnp.clip(jnp.asarray(gt_index, jnp.int32), 0, m - 1)
-    weight = (jnp.asarray(positive, bool) & jnp.asarray(valid, bool)[gt_index]
-              ).astype(jnp.float32)
+    gt_index, weight = _target_index_weight(m, valid, gt_index, positive, size,
+                                            sampling_ratio)
     rois = rois.astype(jnp.float32) / jnp.asarray(roi_scale, jnp.float32)
     x1 = jnp.clip(rois[:, 0], 0.0, w) - 0.5
     y1 = jnp.clip(rois[:, 1], 0.0, h) - 0.5
     x2 = jnp.clip(rois[:, 2], 0.0, w) - 0.5
     y2 = jnp.clip(rois[:, 3], 0.0, h) - 0.5
+    t = _roi_sample(masks, gt_index, x1, y1, x2, y2, size, sampling_ratio)
+    if binarize:
+        t = (t >= 0.5).astype(jnp.float32)
+    return t * weight[:, None, None], weight
+
+
+def _target_index_weight(m, valid, gt_index, positive, size, sampling_ratio):
+    if m < 1:
+        raise ValueError("mask targets: the mask stack needs at least one (padded) slot")
+    if int(sampling_ratio) < 1 or int(size) < 1:
+        raise ValueError(f"mask targets: size and sampling_ratio must be >= 1, got {size}, "
+                         f"{sampling_ratio}")
+    gt_index = jnp.clip(jnp.asarray(gt_index, jnp.int32), 0, m - 1)
+    weight = (jnp.asarray(positive, bool) & jnp.asarray(valid, bool)[gt_index]
+              ).astype(jnp.float32)
+    return gt_index, weight
+
+
+def _roi_sample(masks, gt_index, x1, y1, x2, y2, size, sampling_ratio):
+    """RoIAlign (bilinear, `sampling_ratio`**2 samples per bin averaged) of masks
+    [M, h, w] (any dtype, read by gather) at [x1, x2] x [y1, y2] [R] (continuous pixel
+    coordinates, pixel centres at integers) of slot gt_index [R] -> float32 [R, size, size]."""
+    m, h, w = masks.shape
+    g = int(sampling_ratio)
     k = jnp.arange(size * g)
     pos = (k // g).astype(jnp.float32) + ((k % g).astype(jnp.float32) + 0.5) / g
     ys = y1[:, None] + pos * ((y2 - y1) / size)[:, None]           # [R, S]
     xs = x1[:, None] + pos * ((x2 - x1) / size)[:, None]
-    r = rois.shape[0]
+    r = x1.shape[0]
     iy, wy = bilinear_axis_weights(ys, jnp.full((r,), h, jnp.int32))       # [R, S, 2]
     ix, wx = bilinear_axis_weights(xs, jnp.full((r,), w, jnp.int32))
     idx = (gt_index[:, None, None, None, None] * (h * w)
            + iy[:, :, :, None, None] * w + ix[:, None, None, :, :])  # [R, S, 2, S, 2]
     vals = jnp.take(jnp.asarray(masks).reshape(-1), idx, mode="clip").astype(jnp.float32)
     vals = vals * (wy[:, :, :, None, None] * wx[:, None, None, :, :])
-    t = vals.reshape(r, size, 2 * g, size, 2 * g).sum(axis=(2, 4)) / float(g * g)
+    return vals.reshape(r, size, 2 * g, size, 2 * g).sum(axis=(2, 4)) / float(g * g)
+
+
+# ------------------------------------------------------------------ device: from box crops
+
+def crop_mask_targets(crops: jax.Array, crop_boxes: jax.Array, valid: jax.Array,
+                      rois: jax.Array, gt_index: jax.Array, positive: jax.Array,
+                      image_hw: jax.Array, size: int = 28, sampling_ratio: int = 2,
+                      binarize: bool = True) -> tuple[jax.Array, jax.Array]:
+    """`mask_targets` from box crops (`box_crops`): crops [M, S, S] uint8 of the GT masks
+    at crop_boxes [M, 4] (the GT boxes, pixels of the network input, like rois [R, 4]).
+    RoIs are clipped to image_hw [2] (the mask extent, as the reference clips them to
+    the image) and mapped into the matched GT's crop frame (u = (x - bx1) * S / bw) and RoIAligned
+    there; the crop gets a zero border so that the RoI's parts outside the GT box read 0,
+    as the full-image mask would. Same returns as `mask_targets`. Jittable; vmap it."""
+    m, s = crops.shape[0], crops.shape[-1]
+    gt_index, weight = _target_index_weight(m, valid, gt_index, positive, size,
+                                            sampling_ratio)
+    b = crop_boxes.astype(jnp.float32)[gt_index]                      # [R, 4]
+    sx = s / jnp.maximum(b[:, 2] - b[:, 0], 1e-6)
+    sy = s / jnp.maximum(b[:, 3] - b[:, 1], 1e-6)
+    hw = jnp.asarray(image_hw, jnp.float32)
+    rois = jnp.clip(rois.astype(jnp.float32), 0.0, jnp.stack([hw[1], hw[0]] * 2))
+    # +1: the zero border; -0.5: aligned RoIAlign (pixel centres at integers)
+    x1 = (rois[:, 0] - b[:, 0]) * sx + 0.5
+    x2 = (rois[:, 2] - b[:, 0]) * sx + 0.5
+    y1 = (rois[:, 1] - b[:, 1]) * sy + 0.5
+    y2 = (rois[:, 3] - b[:, 1]) * sy + 0.5
+    padded = jnp.pad(jnp.asarray(crops), ((0, 0), (1, 1), (1, 1)))
+    t = _roi_sample(padded, gt_index, x1, y1, x2, y2, size, sampling_ratio) / CROP_SCALE
     if binarize:
         t = (t >= 0.5).astype(jnp.float32)
     return t * weight[:, None, None], weight
@@ -258,5 +186,4 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return rles
 
 
-__all__ = ["segmentation_rle", "annotation_mask", "instance_masks", "pad_instances",
-           "mask_targets", "paste_masks", "encode_masks"]
+__all__ = ["mask_targets", "crop_mask_targets", "paste_masks", "encode_masks"]
