@@ -9,13 +9,13 @@ from configs import demo
 
 def get_config():
     cfg = demo.get_config()
-    cfg.synth.update(dict(train_images=192, val_images=96, captions_per_category=100,
+    cfg.synth.update(dict(train_images=256, val_images=96, captions_per_category=100,
                           heldout_per_category=20))
-    cfg.clip.pretrain.update(dict(steps=300, ckpt_every=300))
-    cfg.clip.renorm_steps = 120
-    cfg.train.update(dict(steps=300, ckpt_every=300))
+    cfg.clip.pretrain.update(dict(steps=350, ckpt_every=350))
+    cfg.clip.renorm_steps = 150
+    cfg.train.update(dict(steps=400, ckpt_every=400))
     cfg.report.num_images = 3
     # boxes only: the mask branch costs ~60 % per train step on CPU (RESULTS.md); the
-    # Mask R-CNN path is tested by tests/test_detector_learns.py and the coco.py CLI test
+    # Mask R-CNN path is tested by tests/test_mask_rcnn_learns.py and test_mask_rcnn_cli.py
     cfg.model.mask_on = False
     return cfg

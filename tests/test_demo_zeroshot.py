@@ -121,24 +121,6 @@ def _stage_fns():
             "ablation": demo_stages.ablation, "demo_report": demo_stages.demo_report}
 
 
-def _shuffled_text_control(cfg, wd):
-    """The trained detector, evaluated with the novel names' text embeddings permuted."""
-    from ezsd_jax.clip.text import load_text_embeddings, save_text_embeddings
-    from ezsd_jax.ezsd import stages as ezsd_stages
-    names, emb = load_text_embeddings(os.path.join(wd, "clip_renorm", "text_embeddings.npz"))
-    novel = [names.index(n) for n in cfg.ezsd.novel_names]
-    perm = emb.copy()
-    perm[novel] = emb[novel[1:] + novel[:1]]          # a derangement of the novel rows
-    sub = os.path.join(wd, "control_shuffled_text")
-    os.makedirs(sub, exist_ok=True)
-    os.symlink(os.path.join(wd, "ckpt_ezsd"), os.path.join(sub, "ckpt_ezsd"))
-    path = os.path.join(sub, "text_embeddings.npz")
-    save_text_embeddings(path, names, perm)
-    c = cfg.copy_and_resolve_references()
-    c.ezsd.text_embeddings = path
-    return ezsd_stages.ezsd_eval(c, sub)
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """The reduced demo trained once for this module: (cfg, workdir). The tests using it
@@ -183,7 +165,7 @@ def test_reduced_demo_end_to_end(demo_run):
 
     # controls
     nodist = demo_stages.run_variant(cfg, "no_distillation", wd)["summary"]
-    shuffled = _shuffled_text_control(cfg, wd)
+    shuffled = demo_stages.shuffled_novel_text_control(cfg, wd)
     f, n, s = (r["novel"]["AP50"] for r in (full, nodist, shuffled))
     print(f"novel AP50: full {f:.3f}, no distillation {n:.3f}, shuffled novel text {s:.3f};"
           f" base AP50 full {full['base']['AP50']:.3f}, no distillation "
