@@ -39,7 +39,7 @@ test: $(STAMP)
 # the edit-test loop: every test not marked `slow` (unit and small integration tests);
 # CI runs `make test`, which includes the slow ones
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 -m "not slow and not multidevice" --durations=10 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope -m "not slow and not multidevice" --durations=20 $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 EZSD_TEST_DEVICES=8 $(VENV)/bin/python -m pytest -q -p no:xdist -m "multidevice and not slow" $(PYTEST_ARGS)
 
 clean:

@@ -95,7 +95,9 @@ def coco_eval(coco_gt, results: list[dict], img_ids: Sequence[int],
         return {k: 0.0 for k in COCO_STAT_NAMES}
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        coco_dt = coco_gt.loadRes(results)
+        # loadRes edits its input in place (adds 'area', 'id' and, for boxes, a box
+        # polygon as 'segmentation'): hand it copies, the caller's results stay as written
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.imgIds = list(img_ids)
         if cat_ids is not None:

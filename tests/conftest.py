@@ -76,6 +76,7 @@ def _priority(scope: str, own: tuple, other: tuple) -> tuple[int, int]:
     return (2, other.index(name)) if name in other else (1, 0)
 
 
+@pytest.hookimpl(optionalhook=True)      # absent without xdist (-p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     if config.getoption("dist") != "loadscope":
         return None

@@ -119,6 +119,7 @@ def test_loop_end_to_end(reference_run):
     assert exp["initial"] == 20 and exp["budget"] == 20 and exp["pool_size"] == len(pool)
 
 
+@pytest.mark.slow  # a killed and a resumed subprocess
 def test_kill_mid_training_resumes_at_that_cycle(reference_run, tmp_path):
     ref_wd, ref_csv = reference_run
     wd = tmp_path / "run"

@@ -9,8 +9,8 @@ The end-to-end test runs every stage of the demo, then two controls:
     classifier). In this world it is NOT near 0: the toy CLIP's joint space is smooth in
     colour (cos(orange diamond, yellow star) ~ 0.7 in its text embeddings), so a base-only
     detector already finds some novel objects through the text embeddings alone (like
-    ViLD-text on COCO). Measured: ~0.2-0.3 novel AP50. The full run must beat it by a
-    clear margin, which a pipeline whose distillation is silently off cannot do.
+    ViLD-text on COCO). Measured: 0.27-0.31 novel AP50. The full run must beat it, which a
+    pipeline whose distillation is silently off cannot do.
 """
 import dataclasses
 import json
@@ -43,7 +43,10 @@ def test_scenes_are_deterministic_with_tight_boxes_and_novel_objects():
     a, objs = world.render_scene(spec, np.random.default_rng(5), "train")
     b, objs2 = world.render_scene(spec, np.random.default_rng(5), "train")
     np.testing.assert_array_equal(a, b)
-    assert objs == objs2 and a.shape == (128, 128, 3) and a.dtype == np.uint8
+    assert a.shape == (128, 128, 3) and a.dtype == np.uint8 and len(objs) == len(objs2)
+    for o, o2 in zip(objs, objs2):      # the same objects, their exact pixel masks included
+        np.testing.assert_array_equal(o.pop("mask"), o2.pop("mask"))
+        assert o == o2
     counts = np.zeros(len(spec.categories))
     for i in range(60):
         _, objs = world.render_scene(spec, np.random.default_rng(i), "train")
@@ -156,24 +159,31 @@ def test_reduced_demo_end_to_end(demo_run):
     text = open(os.path.join(wd, "report.md")).read()
     assert "novel AP50" in text and "before re-norm" in text
     assert os.path.getsize(os.path.join(wd, "detections.png")) > 10_000
-    # the teacher knows every category in its own (clean) domain, less so on detection
-    # crops, and re-normalization on BASE crops helps base and novel crops
+    # Bounds set on the spread of this config over seeds 0-2 (benchmarks/demo_ci_spread.py,
+    # figures in benchmarks/RESULTS.md; CI runs seed 0). The teacher knows every category
+    # in its own (clean) domain (0.93-0.97), less so on detection crops, and
+    # re-normalization on BASE crops helps base crops (+0.12 to +0.34) and all crops
+    # (+0.10 to +0.18). Novel crops are NOT asserted: with this reduced config they moved
+    # -0.09 / -0.07 / +0.05 (the full demo's seeds: up on all three).
     assert clean["acc_all"] > 0.9
     assert crop["before"]["acc_all"] < clean["acc_all"]
     assert crop["after"]["acc_base"] > crop["before"]["acc_base"]
-    assert crop["after"]["acc_novel"] > crop["before"]["acc_novel"]
+    assert crop["after"]["acc_all"] > crop["before"]["acc_all"]
 
-    # controls
+    # controls (measured over seeds 0-2: full novel AP50 0.33-0.44, no distillation
+    # 0.27-0.31, paired gap 0.05-0.13, shuffled novel text <= 0.003, base 0.88-0.91)
     nodist = demo_stages.run_variant(cfg, "no_distillation", wd)["summary"]
     shuffled = demo_stages.shuffled_novel_text_control(cfg, wd)
     f, n, s = (r["novel"]["AP50"] for r in (full, nodist, shuffled))
     print(f"novel AP50: full {f:.3f}, no distillation {n:.3f}, shuffled novel text {s:.3f};"
           f" base AP50 full {full['base']['AP50']:.3f}, no distillation "
           f"{nodist['base']['AP50']:.3f}")
-    assert full["base"]["AP50"] > 0.5
+    assert full["base"]["AP50"] > 0.7
     assert s < 0.05                      # shuffled novel text: novel detections collapse
     assert f > 0.25 and f > 5 * max(s, 0.01)
-    assert f > n + 0.08                  # distillation adds clearly to the text-only floor
+    # distillation adds to the text-only floor; were it silently off, both runs would be
+    # the same program with the same seed (gap 0)
+    assert f > n + 0.02
     # a re-run finds every output and redoes nothing
     for name in ("demo_data", "clip_pretrain", "renorm", "proposals", "ezsd_eval"):
         fns[name](cfg, wd)

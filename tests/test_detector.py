@@ -55,6 +55,7 @@ def test_forward_train_finite_losses_and_grads(rng):
     assert np.abs(grads["roi_head"]["classifier"]["cls_score"]["kernel"]).sum() > 0
 
 
+@pytest.mark.slow  # two train-step compiles of the detector
 def test_padding_image_contributes_nothing(rng):
     """An image marked valid=False (last-batch padding) must not change any loss."""
     model = det.FasterRCNN(_cfg())

@@ -15,6 +15,8 @@ from ezsd_jax.models import detector as det
 from isal_jax import influence as infl
 from isal_jax.tasks import detection as dt
 
+pytestmark = pytest.mark.slow  # JVP/grad compiles of the detector
+
 B = 4
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end AL loop subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "isal_det_synthetic.py"
 # Tiny: 24 pool images, 8 val, 8 initial labels, +8, 4 training steps, a short LiSSA.

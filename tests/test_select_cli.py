@@ -65,6 +65,7 @@ def setup(tmp_path_factory):
     return d, flat, labeled, expected_pool, state
 
 
+@pytest.mark.slow  # killed + resumed CLI runs
 def test_isal_kill_and_resume_equals_uninterrupted(setup):
     from isal_jax.select import run_selection
     d, flat, labeled, pool, _ = setup

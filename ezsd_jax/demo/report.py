@@ -107,7 +107,7 @@ def _blend_masks(image: np.ndarray, dets: Sequence[Mapping], novel_ids: set,
                  alpha: float = 0.45) -> np.ndarray:
     """Detections' RLE 'segmentation' (a Mask R-CNN's; original pixels, resized to the
     image when it was rescaled) tinted into the image in their box colour."""
-    with_masks = [r for r in dets if "segmentation" in r]
+    with_masks = [r for r in dets if isinstance(r.get("segmentation"), dict)]  # RLE only
     if not with_masks:
         return image
     from pycocotools import mask as mask_utils
