@@ -29,10 +29,9 @@ def main() -> None:
 
     from configs import demo_ci
     from ezsd_jax import cli
-    from ezsd_jax.clip import stages as clip_stages
     from ezsd_jax.data.synthetic_stage import point_data_config
     from ezsd_jax.demo import stages as demo_stages
-    from ezsd_jax.ezsd import stages as ezsd_stages
+    from ezsd_jax.main import resolve_stage
 
     cfg = demo_ci.get_config()
     cfg.train.seed = cfg.clip.pretrain.seed = cfg.clip.renorm.seed = a.seed
@@ -40,14 +39,10 @@ def main() -> None:
     os.makedirs(wd, exist_ok=True)
     point_data_config(cfg, wd)
     cli.save_config(cfg, wd)
-    fns = {"demo_data": demo_stages.demo_data, "clip_pretrain": clip_stages.clip_pretrain,
-           "renorm": clip_stages.renorm, "proposals": clip_stages.proposals,
-           "ezsd_train": ezsd_stages.ezsd_train, "ezsd_eval": ezsd_stages.ezsd_eval,
-           "ablation": demo_stages.ablation, "demo_report": demo_stages.demo_report}
     secs = {}
-    for name in cfg.stages:
+    for name in cfg.stages:          # the stages as `python -m ezsd_jax.main` runs them
         t0 = time.perf_counter()
-        fns[name](cfg, wd)
+        resolve_stage(name)(cfg, wd)
         secs[name] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     nodist = demo_stages.run_variant(cfg, "no_distillation", wd)["summary"]
