@@ -16,6 +16,6 @@ def get_config():
     cfg.train.update(dict(steps=400, ckpt_every=400))
     cfg.report.num_images = 3
     # boxes only: the mask branch costs ~60 % per train step on CPU (RESULTS.md); the
-    # Mask R-CNN path is tested by tests/test_mask_rcnn_learns.py and test_mask_rcnn_cli.py
+    # Mask R-CNN path is tested by tests/test_mask_rcnn_learns.py and test_ezsd_cli_stages.py
     cfg.model.mask_on = False
     return cfg

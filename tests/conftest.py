@@ -19,15 +19,17 @@ model, shapes and flags) is read back instead of compiled again, also on the nex
 `EZSD_TEST_JAX_CACHE=` (empty) turns it off. Cached executables are keyed by the program,
 the jax/XLA version and the flags, so a hit is the same binary a compile would produce.
 
-Two xdist workers with different XLA flags (`make test`: `-n 2 --dist loadscope`): most
-tests are tiny models whose time is XLA:CPU compilation, which LLVM at -O0 cuts by about
-half (tests/test_isal_detection.py: 374 s -> 151 s, same machine and load), while a few
-train for hundreds of steps, which -O0 slows down (toy CLIP pretraining ~2x). So worker
-gw0 keeps the default optimization and takes the modules in EXECUTION_BOUND first; every
-other worker compiles with --xla_backend_optimization_level=0 and takes the rest, the
-longest modules first (LONGEST_FIRST, measured with --durations=0); when a worker runs out
-of its own kind it takes the other kind. The flag changes code generation only, not the
-program: the tests assert the same things on either worker. Outside xdist nothing changes.
+Code generation: the tests are tiny models whose time is XLA:CPU compilation, which LLVM
+at -O0 cuts by about half (tests/test_isal_detection.py: 374 s -> 151 s, same machine and
+load), so every test process compiles with --xla_backend_optimization_level=0
+(EZSD_TEST_O0=0 turns it off). The flag changes code generation only, not the program.
+The one job whose time is executing hundreds of training steps, the reduced demo of
+tests/test_demo_zeroshot.py (-O0 would slow it ~2x), runs as a subprocess with the
+default flags: the `optimized_env` fixture.
+
+Scheduling (`make test`: `-n 2 --dist loadscope`, one module per work unit): each worker
+takes the pending module that comes first in LONGEST_FIRST (measured with
+--durations=0), then the rest in collection order, so no long module starts last.
 """
 import os
 
@@ -49,31 +51,26 @@ if _cache:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 MULTIDEVICE = 8
-WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
-if WORKER and WORKER != "gw0":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_backend_optimization_level=0").strip()
+O0_FLAG = "--xla_backend_optimization_level=0"
+O0 = os.environ.get("EZSD_TEST_O0", "1")
+if O0 not in ("0", "1"):
+    raise pytest.UsageError(f"EZSD_TEST_O0={O0!r}: expected 0 or 1")
+if O0 == "1":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + O0_FLAG).strip()
 
-# modules dominated by executing many training steps (run on gw0, optimized code)
-EXECUTION_BOUND = ("test_demo_zeroshot.py", "test_detector_learns.py", "test_clip_pretrain.py")
-# compile-dominated modules, longest first (the rest follow in collection order)
-LONGEST_FIRST = ("test_ezsd_cli_stages.py", "test_mask_rcnn_cli.py",
+LONGEST_FIRST = ("test_demo_zeroshot.py", "test_ezsd_cli_stages.py",
                  "test_isal_detection_loop.py", "test_multihost.py", "test_isal_detection.py",
-                 "test_mask_rcnn_learns.py",
-                 "test_detector.py", "test_accelerator_suite.py", "test_ezsd_train.py",
-                 "test_al_loop.py", "test_select_cli.py", "test_checkpoint_resume.py",
-                 "test_clip_text_renorm.py", "test_clip_proposals_store.py",
-                 "test_isal_heldout.py", "test_ezsd_head.py", "test_launch_scripts.py",
-                 "test_predict_buckets.py", "test_clip_crops.py")
+                 "test_mask_rcnn_learns.py", "test_accelerator_suite.py",
+                 "test_detector.py", "test_ezsd_train.py", "test_influence.py",
+                 "test_clip_proposals_store.py", "test_al_loop.py", "test_clip_pretrain.py",
+                 "test_select_cli.py", "test_checkpoint_resume.py",
+                 "test_clip_text_renorm.py", "test_isal_heldout.py", "test_ezsd_head.py",
+                 "test_launch_scripts.py", "test_predict_buckets.py", "test_clip_crops.py")
 
 
-def _priority(scope: str, own: tuple, other: tuple) -> tuple[int, int]:
-    """Sort key of a pending module for a worker: its own kind (in listed order), then
-    unlisted modules, then the other kind."""
+def _priority(scope: str) -> int:
     name = scope.split("::")[0].rsplit("/", 1)[-1]
-    if name in own:
-        return 0, own.index(name)
-    return (2, other.index(name)) if name in other else (1, 0)
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
 
 @pytest.hookimpl(optionalhook=True)      # absent without xdist (-p no:xdist)
@@ -82,17 +79,26 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class FlagAwareScheduling(LoadScopeScheduling):
-        """loadscope, but each worker picks the pending module that suits its flags."""
+    class LongestFirstScheduling(LoadScopeScheduling):
+        """loadscope, but a free worker takes the longest pending module first."""
 
         def _assign_work_unit(self, node):
-            own = EXECUTION_BOUND if node.gateway.id == "gw0" else LONGEST_FIRST
-            other = LONGEST_FIRST if own is EXECUTION_BOUND else EXECUTION_BOUND
-            scope = min(self.workqueue, key=lambda sc: _priority(sc, own, other))
+            scope = min(self.workqueue, key=_priority)   # ties: collection order
             self.workqueue.move_to_end(scope, last=False)
             super()._assign_work_unit(node)
 
-    return FlagAwareScheduling(config, log)
+    return LongestFirstScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def optimized_env():
+    """The environment for a subprocess that executes many training steps: this session's
+    (offline, compilation cache, devices) with the default XLA code generation and the
+    repository importable."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if f != O0_FLAG)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
 
 
 def pytest_collection_modifyitems(config, items):
