@@ -1,5 +1,8 @@
 """The reduced demo (configs/demo_ci.py) and its two controls over seeds: the spread that
-the bounds of tests/test_demo_zeroshot.py must hold on.
+the bounds of tests/test_demo_zeroshot.py must hold on, and the home of the
+no-distillation control (a second ~2-minute training run that CI no longer pays for: the
+test checks instead that the logged student-teacher cosine rises, which a run whose
+distillation is off cannot log).
 
 One seed per process (run several at once to use the cores):
 
