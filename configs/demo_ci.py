@@ -1,6 +1,6 @@
 """The zero-shot demo reduced for CI (tests/test_demo_zeroshot.py): the same world, stages
 and settings as configs/demo.py with fewer images and steps (the test's bounds were set
-on its spread over seeds: benchmarks/demo_ci_spread.py, figures in benchmarks/RESULTS.md).
+on its spread over seeds: benchmarks/demo_spread.py, figures in benchmarks/RESULTS.md).
 
   python -m ezsd_jax.main --config=configs/demo_ci.py --workdir=/tmp/demo_ci
 """

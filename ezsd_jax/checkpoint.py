@@ -47,6 +47,14 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
+def _key_name(k) -> str:
+    """One key of a pytree path as orbax's array names spell it ("params.Dense_0.kernel")."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 class Checkpointer:
     def __init__(self, directory: str, save_every: int = 1000, keep: int = 3,
                  async_save: bool = False):
@@ -96,8 +104,26 @@ class Checkpointer:
                                   f"{'/'.join(path)}") from e
         return tuple(node.shape)
 
+    def _check_shapes(self, step: int, target: Any) -> None:
+        """Raises CheckpointError naming the first array whose stored shape differs from
+        the target's (read from the checkpoint's metadata, before orbax starts reading:
+        a failed orbax restore names no array and leaves its reads pending). Arrays the
+        metadata does not name the same way are left to orbax's own check."""
+        with ocp.StandardCheckpointer() as reader:
+            md = reader.metadata(os.path.join(self.directory, str(int(step)), "default"))
+        stored = {getattr(leaf, "name", None): tuple(getattr(leaf, "shape", ()))
+                  for leaf in jax.tree_util.tree_leaves(md.item_metadata)}
+        for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+            name = ".".join(_key_name(k) for k in path)
+            shape = tuple(getattr(leaf, "shape", ()))
+            if name in stored and stored[name] != shape:
+                raise CheckpointError(
+                    f"checkpoint {self.directory}/{step} does not match the model/state "
+                    f"being restored: {name} is {stored[name]} there, {shape} here")
+
     def restore(self, step: int, target: Any) -> Any:
         """Restores `step` with the structure, dtypes and shardings of `target`."""
+        self._check_shapes(step, target)
         try:
             return self._mngr.restore(int(step), args=ocp.args.StandardRestore(_abstract(target)))
         except Exception as e:  # orbax raises many types; name the file and the cause

@@ -80,8 +80,13 @@ def test_restore_mismatch_is_clear(tmp_path):
     ck.wait()
     restored, step = ck.restore_or({"w": jnp.zeros((3, 4))})
     assert step == 1 and np.all(np.asarray(restored["w"]) == 1)
+    # a shape mismatch names the array and both shapes (from the metadata, before orbax
+    # reads anything); a structure mismatch is orbax's own error, wrapped
+    with pytest.raises(CheckpointError, match=r"does not match.*: w is \(3, 4\) there, "
+                                              r"\(5, 4\) here"):
+        ck.restore(1, {"w": jnp.zeros((5, 4))})
     with pytest.raises(CheckpointError, match="does not match"):
-        ck.restore(1, {"w": jnp.zeros((5, 4)), "b": jnp.zeros(2)})
+        ck.restore(1, {"w": jnp.zeros((3, 4)), "b": jnp.zeros(2)})
     ck.close()
 
 

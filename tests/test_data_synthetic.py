@@ -115,3 +115,32 @@ def test_default_categories_distinct_and_validation():
         S.SyntheticSpec([S.CategorySpec("x", "circle", "notacolour")]).validate()
     with pytest.raises(ValueError, match="unique"):
         S.SyntheticSpec([S.CategorySpec("x", "circle", "red")] * 2).validate()
+
+
+def test_lvis_format_loads_like_lvis(tmp_path):
+    """to_lvis_format: images by coco_url under the data root (the project's loader finds
+    them), per-category frequency, negatives = the categories an image lacks, LVIS splits
+    (base = frequent + common, novel = rare); a missing frequency is an error."""
+    from ezsd_jax.data.coco import load_coco
+    from ezsd_jax.ezsd.splits import lvis_names
+    spec = _spec(categories=S.default_categories(4))
+    coco = _load(S.write_coco_dataset(str(tmp_path), spec, 5, seed=2, split="val"))
+    names = [c.name for c in spec.categories]
+    freq = dict(zip(names, ("f", "c", "r", "f")))
+    lvis = S.to_lvis_format(coco, "val", freq)
+    assert lvis["annotations"] == coco["annotations"]
+    for im, src in zip(lvis["images"], coco["images"]):
+        assert "file_name" not in im and im["coco_url"].endswith("/val/" + src["file_name"])
+        have = {a["category_id"] for a in coco["annotations"] if a["image_id"] == im["id"]}
+        assert set(im["neg_category_ids"]) == {1, 2, 3, 4} - have
+        assert not set(im["neg_category_ids"]) & have and im["not_exhaustive_category_ids"] == []
+    path = tmp_path / "lvis_val.json"
+    path.write_text(json.dumps(lvis))
+    ds = load_coco(str(path), str(tmp_path))
+    assert len(ds) == 5 and all(os.path.exists(r.path) for r in ds.records)
+    base, novel = lvis_names(str(path))
+    assert sorted(base) == sorted(n for n in names if freq[n] != "r") and novel == [names[2]]
+    with pytest.raises(ValueError, match=r"missing \['" + names[3]):
+        S.to_lvis_format(coco, "val", {n: freq[n] for n in names[:3]})
+    with pytest.raises(ValueError, match=r"bad \['x'\]"):
+        S.to_lvis_format(coco, "val", {**freq, names[0]: "x"})

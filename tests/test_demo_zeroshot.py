@@ -8,7 +8,7 @@ text embeddings shuffled among themselves must lose its novel AP50 (the novel de
 really come from the right names' embeddings, not from some leak of novel boxes or labels).
 
 The comparison with a base-only detector (distillation off) is a second training run
-(~2 min on 2 cores), so it lives in benchmarks/demo_ci_spread.py, which measures it on
+(~2 min on 2 cores), so it lives in benchmarks/demo_spread.py, which measures it on
 every seed (RESULTS.md: distillation adds 0.05-0.13 novel AP50 over that text-only floor,
 0.27-0.31). The floor is not ~0 in this world: the toy CLIP's joint space is smooth in
 colour, so a base-only detector finds some novel objects through the text embeddings alone
@@ -145,9 +145,8 @@ def demo_run(tmp_path_factory, optimized_env):
     workers compile at -O0: tests/conftest.py). `cfg` is the config that command used
     (data pointed into the workdir), for the checks that call stages in-process.
 
-    The tests using it must share one xdist worker: `--dist loadscope` in the Makefile (per
-    module). The xdist_group marks are for `--dist loadgroup`, which pytest 9.2 breaks
-    (the group suffix of node ids no longer takes effect, pytest-dev/pytest-xdist#1386)."""
+    The tests using it share one xdist worker: `--dist loadscope` in the Makefile
+    schedules per module."""
     import subprocess
     import sys
     from configs import demo_ci
@@ -166,7 +165,6 @@ def demo_run(tmp_path_factory, optimized_env):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")
 def test_reduced_demo_end_to_end(demo_run):
     from ezsd_jax.demo import stages as demo_stages
     cfg, wd = demo_run
@@ -177,7 +175,7 @@ def test_reduced_demo_end_to_end(demo_run):
     text = open(os.path.join(wd, "report.md")).read()
     assert "novel AP50" in text and "before re-norm" in text
     assert os.path.getsize(os.path.join(wd, "detections.png")) > 10_000
-    # Bounds set on the spread of this config over seeds 0-2 (benchmarks/demo_ci_spread.py,
+    # Bounds set on the spread of this config over seeds 0-2 (benchmarks/demo_spread.py,
     # figures in benchmarks/RESULTS.md; CI runs seed 0). The teacher knows every category
     # in its own (clean) domain (0.93-0.97), less so on detection crops, and
     # re-normalization on BASE crops helps base crops (+0.12 to +0.34) and all crops
@@ -245,7 +243,7 @@ def _photo_variants(d):
 
 
 @pytest.fixture(scope="module")
-def predict_run(demo_run, tmp_path_factory):
+def predict_run(demo_run, tmp_path_factory, optimized_env):
     """One CLI run over the val images + the photo variants with the split's names."""
     import subprocess
     import sys
@@ -255,18 +253,14 @@ def predict_run(demo_run, tmp_path_factory):
         os.symlink(os.path.join(cfg.data.val_images, f), os.path.join(d, f))
     up = _photo_variants(d)
     out = str(tmp_path_factory.mktemp("predict_out"))
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get(
-        "PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
     p = subprocess.run([sys.executable, "-m", "ezsd_jax.predict", f"--workdir={wd}",
                         f"--images={d}", "--vocabulary=all", f"--out={out}"],
-                       capture_output=True, text=True, env=env, timeout=600)
+                       capture_output=True, text=True, env=optimized_env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return {"out": out, "in": d, "stdout": p.stdout, "upright": up, "cfg": cfg, "wd": wd}
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")
 def test_predict_cli_on_val_and_photos(predict_run):
     from ezsd_jax.data.coco import read_json
     from ezsd_jax.data.images import decode_image
@@ -325,7 +319,6 @@ def test_predict_cli_on_val_and_photos(predict_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("demo")
 def test_detector_api_order_extra_names_and_bundle(predict_run, tmp_path):
     import jax
     from ezsd_jax import buckets

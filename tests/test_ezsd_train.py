@@ -325,16 +325,14 @@ def test_ezsd_train_and_eval_stages(tmp_path, rng):
     assert stages.ezsd_eval(cfg, wd) == json.load(open(os.path.join(wd, "eval",
                                                                     "ezsd_summary.json")))
     # the LVIS protocol branch on an LVIS-format copy of the val set (novel = rare)
-    val = json.load(open(cfg.data.val_ann))
-    for c in val["categories"]:
-        c["frequency"] = "r" if c["name"] in novel else "f"
-    for im in val["images"]:
-        have = {a["category_id"] for a in val["annotations"] if a["image_id"] == im["id"]}
-        im["neg_category_ids"] = [c["id"] for c in val["categories"] if c["id"] not in have]
-        im["not_exhaustive_category_ids"] = []
+    from ezsd_jax.data.synthetic import to_lvis_format
+    val = to_lvis_format(json.load(open(cfg.data.val_ann)), "val",
+                         {n: "r" if n in novel else "f" for n in names})
+    assert all("file_name" not in im for im in val["images"])
     lvis_ann = os.path.join(wd, "lvis_val.json")
     json.dump(val, open(lvis_ann, "w"))
     cfg.data.val_ann = lvis_ann
+    cfg.data.val_images = os.path.dirname(cfg.data.val_images.rstrip("/"))   # coco_url
     cfg.ezsd.eval.update(dict(protocol="lvis", force=True))
     summary = stages.ezsd_eval(cfg, wd)
     assert summary["protocol"] == "lvis" and summary["step"] == 24

@@ -3,7 +3,8 @@
 Used by the tests and the built-in demo in place of COCO (no photos ship offline). Each
 category is a (shape, colour, texture) combination with a readable name ("red circle"),
 so a zero-shot split is a split of these names. `write_coco_dataset` writes real image
-files plus a COCO annotation JSON that `coco.load_coco` and pycocotools read like COCO's.
+files plus a COCO annotation JSON that `coco.load_coco` and pycocotools read like COCO's;
+`to_lvis_format` turns that JSON into LVIS v1's form (coco_url, frequencies, negative ids).
 Boxes are the tight boxes of the drawn pixels; output is deterministic for a seed.
 """
 from __future__ import annotations
@@ -352,3 +353,32 @@ def write_coco_dataset(out_dir: str, spec: SyntheticSpec, num_images: int, seed:
     path = os.path.join(out_dir, "annotations", f"instances_{split}.json")
     atomic_write_json(path, data, indent=None)
     return path
+
+
+def to_lvis_format(coco: dict, split: str, frequency: dict[str, str]) -> dict:
+    """An LVIS v1 annotation dict of a COCO-format synthetic set written by
+    `write_coco_dataset` (the same images and annotations), as LVIS ships it: each image
+    names its file by `coco_url` only (".../<split>/<file>", so the image directory is
+    the folder above <split>/, as the COCO root is for LVIS), every category has a
+    `frequency` ('r' / 'c' / 'f', from `frequency` by name), and each image's
+    `neg_category_ids` are the categories it does not contain (every object is annotated:
+    `not_exhaustive_category_ids` is empty)."""
+    missing = sorted({c["name"] for c in coco["categories"]} - set(frequency))
+    bad = sorted(f for f in frequency.values() if f not in ("r", "c", "f"))
+    if missing or bad:
+        raise ValueError(f"to_lvis_format: frequency needs 'r', 'c' or 'f' for every "
+                         f"category (missing {missing}, bad {bad})")
+    present: dict[int, set] = {}
+    for a in coco["annotations"]:
+        present.setdefault(a["image_id"], set()).add(a["category_id"])
+    cat_ids = [c["id"] for c in coco["categories"]]
+    images = []
+    for im in coco["images"]:
+        rec = {k: v for k, v in im.items() if k != "file_name"}
+        rec["coco_url"] = f"http://images.cocodataset.org/{split}/{im['file_name']}"
+        have = present.get(im["id"], set())
+        rec["neg_category_ids"] = [c for c in cat_ids if c not in have]
+        rec["not_exhaustive_category_ids"] = []
+        images.append(rec)
+    cats = [dict(c, frequency=frequency[c["name"]]) for c in coco["categories"]]
+    return dict(coco, images=images, categories=cats)
