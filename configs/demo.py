@@ -3,8 +3,9 @@
   make demo            = python -m ezsd_jax.main --config=configs/demo.py --workdir=workdir/demo
   make demo-ablation   = the same + --config.ablation.enabled=True (4 more detectors)
 
-Measured on 2 CPU cores: 2 min 13 s (6 min 16 s with the ablation). Current code, seed 0:
-novel AP50 0.398, base 0.924; the figures vary with the seeds and across machines (README).
+Measured on 2 CPU cores (2026-12-02, benchmarks/RESULTS.md): 3 min 5 s with masks and
+predict. Seed 0: box AP50 novel 0.377, base 0.944; mask AP50 novel 0.290. The figures
+vary with the seeds and across machines (README: mean and range over 3 seeds).
 
 No real CLIP weights or COCO exist offline, and a random CLIP knows nothing about novel
 categories, so the demo builds a small world where the teacher really learned every
