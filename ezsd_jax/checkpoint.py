@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ezsd_jax.tree_paths import path_names
+
 
 class CheckpointError(RuntimeError):
     pass
@@ -45,14 +47,6 @@ def _abstract(tree: Any) -> Any:
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         return x
     return jax.tree_util.tree_map(one, tree)
-
-
-def _key_name(k) -> str:
-    """One key of a pytree path as orbax's array names spell it ("params.Dense_0.kernel")."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 class Checkpointer:
@@ -114,7 +108,7 @@ class Checkpointer:
         stored = {getattr(leaf, "name", None): tuple(getattr(leaf, "shape", ()))
                   for leaf in jax.tree_util.tree_leaves(md.item_metadata)}
         for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-            name = ".".join(_key_name(k) for k in path)
+            name = ".".join(path_names(path))      # orbax's spelling: params.Dense_0.kernel
             shape = tuple(getattr(leaf, "shape", ()))
             if name in stored and stored[name] != shape:
                 raise CheckpointError(

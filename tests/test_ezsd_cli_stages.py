@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from coco_reference import cocoeval_ap
 from ezsd_jax.clip.toy import make_tiny_clip
 from ezsd_jax.data import synthetic as S
 
@@ -116,25 +117,6 @@ def _tiny_flags(clip_dir):
         "eval.batch_size": 4}.items()]
 
 
-def _cocoeval_ap(gt_file, dets, names, iou_type):
-    """pycocotools' AP (IoU .50:.95) of `dets` on the categories `names` (0 when none)."""
-    import contextlib
-    import copy
-    import io
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(gt_file)
-        ids = [c["id"] for c in gt.loadCats(gt.getCatIds()) if c["name"] in names]
-        mine = [copy.deepcopy(d) for d in dets if d["category_id"] in ids]  # loadRes edits
-        if not mine:
-            return 0.0
-        ev = COCOeval(gt, gt.loadRes(mine), iou_type)
-        ev.params.imgIds, ev.params.catIds = sorted(gt.getImgIds()), ids
-        ev.evaluate(), ev.accumulate(), ev.summarize()
-    return max(float(ev.stats[0]), 0.0)
-
-
 @pytest.mark.slow
 def test_coco_config_runs_mask_rcnn_stages(tmp_path):
     data, ann, names, clip_dir = _world(tmp_path)
@@ -162,7 +144,7 @@ def test_coco_config_runs_mask_rcnn_stages(tmp_path):
     for g, group in groups.items():
         for kind, key in (("bbox", "AP"), ("segm", "mask_AP")):
             assert summary[g][key] == pytest.approx(
-                _cocoeval_ap(ann["val"], dets, group, kind), abs=1e-12), (g, kind)
+                cocoeval_ap(ann["val"], dets, group, kind)[0], abs=1e-12), (g, kind)
     val = json.load(open(ann["val"]))
     hw = {im["id"]: [im["height"], im["width"]] for im in val["images"]}
     assert all(d["segmentation"]["size"] == hw[d["image_id"]] for d in dets)
