@@ -84,12 +84,21 @@ class Checkpointer:
             return False
         return self.save(step, state, force=True)
 
+    def _item_metadata(self, step: int) -> Any:
+        """The stored tree of `step` as orbax's metadata (ArrayMetadata leaves: name,
+        shape, dtype), read without reading any array."""
+        # the manager's single item is orbax's "default" (StandardSave)
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                md = reader.metadata(os.path.join(self.directory, str(int(step)), "default"))
+        except Exception as e:  # orbax raises many types; name the file and the cause
+            raise CheckpointError(f"checkpoint {self.directory}/{step}: cannot read its "
+                                  f"metadata ({type(e).__name__}: {e})") from e
+        return md.item_metadata
+
     def stored_shape(self, step: int, path: tuple[str, ...]) -> tuple[int, ...]:
         """Shape of the array at `path` (dict keys) in the checkpoint of `step`."""
-        # the manager's single item is orbax's "default" (StandardSave)
-        with ocp.StandardCheckpointer() as reader:
-            md = reader.metadata(os.path.join(self.directory, str(int(step)), "default"))
-        node = md.item_metadata
+        node = self._item_metadata(step)
         try:
             for k in path:
                 node = node[k]
@@ -103,10 +112,8 @@ class Checkpointer:
         the target's (read from the checkpoint's metadata, before orbax starts reading:
         a failed orbax restore names no array and leaves its reads pending). Arrays the
         metadata does not name the same way are left to orbax's own check."""
-        with ocp.StandardCheckpointer() as reader:
-            md = reader.metadata(os.path.join(self.directory, str(int(step)), "default"))
         stored = {getattr(leaf, "name", None): tuple(getattr(leaf, "shape", ()))
-                  for leaf in jax.tree_util.tree_leaves(md.item_metadata)}
+                  for leaf in jax.tree_util.tree_leaves(self._item_metadata(step))}
         for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
             name = ".".join(path_names(path))      # orbax's spelling: params.Dense_0.kernel
             shape = tuple(getattr(leaf, "shape", ()))
