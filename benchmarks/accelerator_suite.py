@@ -96,7 +96,7 @@ from typing import Callable, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ezsd_jax.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
+from ezsd_jax.core.io_utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

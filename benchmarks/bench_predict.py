@@ -48,8 +48,8 @@ def random_detector(args):
     """A Detector of the chosen architecture, random init, random unit embeddings."""
     import jax
     from configs import coco, demo
-    from ezsd_jax.detector_api import Detector
-    from ezsd_jax.trained_run import to_device
+    from ezsd_jax.predict.detector import Detector
+    from ezsd_jax.predict.trained_run import to_device
     from ezsd_jax.ezsd.stages import head_config
     from ezsd_jax.models import detector as det
     cfg = (demo if args.model == "tiny" else coco).get_config()
@@ -78,7 +78,7 @@ def main(argv=None):
     args = parse(argv)
     import jax
     if args.workdir:
-        from ezsd_jax.detector_api import Detector
+        from ezsd_jax.predict.detector import Detector
         det = Detector.load(args.workdir, batch_size=args.batch)
         base = det.vocabulary("all")
         names = [base[i % len(base)] + ("" if i < len(base) else f" {i}")

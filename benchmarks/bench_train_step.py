@@ -50,7 +50,7 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     from configs import common
-    from ezsd_jax import sharding
+    from ezsd_jax.core import sharding
     from ezsd_jax.models import detector as det
     from ezsd_jax.train import init_train_state, make_train_step
     import ml_collections

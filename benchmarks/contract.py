@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ezsd_jax.io_utils import atomic_write_json  # noqa: E402
+from ezsd_jax.core.io_utils import atomic_write_json  # noqa: E402
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:

@@ -51,10 +51,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
-    from ezsd_jax import cli
+    from ezsd_jax.core import cli
     from ezsd_jax.data.synthetic_stage import point_data_config
     from ezsd_jax.demo import stages as demo_stages
-    from ezsd_jax.main import resolve_stage
+    from ezsd_jax.stages import resolve_stage
 
     module = os.path.splitext(os.path.relpath(a.config))[0].replace(os.sep, ".")
     cfg = importlib.import_module(module).get_config()

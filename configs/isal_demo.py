@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.widths = (64, 128, 256, 512)  # resnet18
     c.model.dtype = "float32"
 
-    # Orbax checkpoint written by ezsd_jax.checkpoint.Checkpointer with the dict state
+    # Orbax checkpoint written by ezsd_jax.core.checkpoint.Checkpointer with the dict state
     # {'params', 'batch_stats'}. '' -> <workdir>/model. step -1 -> latest.
     c.checkpoint_dir = ""
     c.checkpoint_step = -1

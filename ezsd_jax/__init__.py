@@ -17,6 +17,6 @@ def __getattr__(name):
     """`ezsd_jax.Detector` (detector_api.py), imported on first use so that
     `import ezsd_jax` stays light (no JAX)."""
     if name == "Detector":
-        from ezsd_jax.detector_api import Detector
+        from ezsd_jax.predict.detector import Detector
         return Detector
     raise AttributeError(f"module 'ezsd_jax' has no attribute {name!r}")

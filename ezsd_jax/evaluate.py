@@ -25,10 +25,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 from pycocotools.cocoeval import COCOeval
 
-from ezsd_jax import cli, sharding
-from ezsd_jax.checkpoint import Checkpointer
-from ezsd_jax.io_utils import atomic_write_json
-from ezsd_jax.metrics import Progress
+from ezsd_jax.core import cli, sharding
+from ezsd_jax.core.checkpoint import Checkpointer
+from ezsd_jax.core.io_utils import atomic_write_json
+from ezsd_jax.core.metrics import Progress
 from ezsd_jax.models import detector as det
 from ezsd_jax.ops.masks import encode_masks
 from ezsd_jax.train import detector_config, init_train_state, load_dataset, make_pipeline

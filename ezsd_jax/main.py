@@ -2,45 +2,21 @@
 
 Runs the stages listed in `config.stages` (or --stages=a,b) in order; each stage reads what
 the previous ones wrote into the workdir and skips/resumes work already done, so the same
-command can be re-run after a crash. Stages are looked up in STAGES; an unknown name is a
+command can be re-run after a crash. Stages are looked up in ezsd_jax/stages.py; an unknown name is a
 clear error listing the known ones.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 
 from absl import flags
 
-from ezsd_jax import cli
-
-# stage name -> "module:function(cfg, workdir)"; imported lazily so a stage's heavy
-# dependencies load only when it runs.
-STAGES = {
-    "toy": "ezsd_jax.toy:run",
-    "synth_data": "ezsd_jax.data.synthetic_stage:run",
-    "train": "ezsd_jax.train:run",
-    "eval": "ezsd_jax.evaluate:run",
-    "demo_data": "ezsd_jax.demo.stages:demo_data",
-    "clip_pretrain": "ezsd_jax.clip.stages:clip_pretrain",
-    "renorm": "ezsd_jax.clip.stages:renorm",
-    "proposals": "ezsd_jax.clip.stages:proposals",
-    "ezsd_train": "ezsd_jax.ezsd.stages:ezsd_train",
-    "ezsd_eval": "ezsd_jax.ezsd.stages:ezsd_eval",
-    "ablation": "ezsd_jax.demo.stages:ablation",
-    "demo_report": "ezsd_jax.demo.stages:demo_report",
-}
+from ezsd_jax.core import cli
+from ezsd_jax.stages import resolve_stage
 
 flags.DEFINE_list("stages", None, "Comma-separated stages to run (default: config.stages).")
 cli.define_flags()
-
-
-def resolve_stage(name: str):
-    if name not in STAGES:
-        raise cli.UsageError(f"unknown stage {name!r}; known stages: {', '.join(STAGES)}")
-    module, fn = STAGES[name].split(":")
-    return getattr(importlib.import_module(module), fn)
 
 
 def _lock_key(cfg, process_index: int) -> str:
@@ -62,7 +38,7 @@ def main(argv):
         raise cli.UsageError("no stages: set config.stages or pass --stages")
     fns = [(s, resolve_stage(s)) for s in stages]  # validate all names before any work
     workdir = cli.prepare_workdir(flags.FLAGS.workdir, lock=False)
-    from ezsd_jax import sharding
+    from ezsd_jax.core import sharding
     d = cfg.distributed
     sharding.maybe_initialize_distributed(
         d.enabled or None, coordinator_address=d.coordinator_address,

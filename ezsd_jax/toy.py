@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from ezsd_jax import sharding, train_loop
-from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.core import sharding, train_loop
+from ezsd_jax.core.io_utils import atomic_write_json
 
 
 class MLP(nn.Module):

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ezsd_jax import optim, sharding, train_loop
+from ezsd_jax.core import optim, sharding, train_loop
 from ezsd_jax.data.coco import CocoDataset, load_coco
 from ezsd_jax.data.pipeline import DetectionPipeline
 from ezsd_jax.data.sampling import repeat_factors

@@ -3,7 +3,7 @@
 Place in the pipeline: config -> THIS (an isal_jax.loop.ActiveLearningTask) ->
 isal_jax.loop.run_experiment. Per cycle:
 
-  train     from scratch on the labeled ids through ezsd_jax.train_loop.fit (checkpoints in
+  train     from scratch on the labeled ids through ezsd_jax.core.train_loop.fit (checkpoints in
             <cycle dir>/ckpt_train, metrics in <cycle dir>/metrics/train.csv, resumable):
             SGD + momentum, L2 weight decay on every parameter (PyTorch-style, added to
             the gradient), lr x gamma at `decay_fractions` of the run, BatchNorm in train
@@ -39,8 +39,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from ezsd_jax import sharding, train_loop
-from ezsd_jax.optim import sgd, warmup_step_schedule
+from ezsd_jax.core import sharding, train_loop
+from ezsd_jax.core.optim import sgd, warmup_step_schedule
 
 
 def _no_ids(batches):
@@ -271,7 +271,7 @@ class ClassificationALTask:
             self.data, labeled_ids, np.asarray(unlabeled_ids, np.int64),
             checkpoint=state["checkpoint"], reference_ids=held)
         if info:
-            from ezsd_jax.io_utils import atomic_write_json
+            from ezsd_jax.core.io_utils import atomic_write_json
             if held is not None:
                 info = {**info, "reference": "heldout", "heldout_ids": [int(i) for i in held],
                         "num_selection_model_train": int(len(labeled_ids))}

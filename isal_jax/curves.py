@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from ezsd_jax.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ezsd_jax.core.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 class Curve(NamedTuple):

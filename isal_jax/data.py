@@ -266,10 +266,10 @@ def load_image_folder(split: str, data_dir: str | None = None, *,
                       image_size: Sequence[int] = (32, 32), mean=(0.5,),
                       std=(0.5,)) -> ClassificationData:
     """<data_dir>/<split>/<class name>/<image file>: one sub-folder per class (classes in
-    sorted name order = label 0, 1, ...), images decoded by ezsd_jax.data.images
+    sorted name order = label 0, 1, ...), images decoded by ezsd_jax.core.images
     (EXIF-upright RGB) -> to_model_input(image_size (() -> 32x32), mean, std). Ids: the
     index in the sorted file list of the split."""
-    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.core.images import decode_image
     if not data_dir:
         raise ValueError("folder: set data_dir to the folder that holds <split>/<class>/")
     root = os.path.join(os.path.expanduser(data_dir), split)

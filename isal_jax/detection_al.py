@@ -37,9 +37,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from ezsd_jax import sharding
-from ezsd_jax.io_utils import atomic_savez, atomic_write_json
-from ezsd_jax.metrics import report
+from ezsd_jax.core import sharding
+from ezsd_jax.core.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.core.metrics import report
 from isal_jax.degenerate import check_lissa
 from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, load_cached,
                                    read_id_list, reference_source, score_dir)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ezsd_jax.tree_paths import path_str
+from ezsd_jax.core.tree_paths import path_str
 
 LossFn = Callable[[Any, Any], jax.Array]
 Predicate = Callable[[str, Any], bool]
@@ -762,7 +762,7 @@ def pool_scores(loss_fn: LossFn, params, subset: ParamSubset, s_test: Vec,
     if score_fn is None:
         score_fn = make_score_fn(loss_fn, subset, pseudo_label_fn, mesh=mesh, method=method)
     if mesh is not None:
-        from ezsd_jax.sharding import host_to_global, replicated
+        from ezsd_jax.core.sharding import host_to_global, replicated
         params = jax.device_put(params, replicated(mesh))
         s_test = jax.device_put(s_test, replicated(mesh))
     pending = []

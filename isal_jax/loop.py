@@ -46,8 +46,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from ezsd_jax.io_utils import atomic_write_json, atomic_write_text
-from ezsd_jax.metrics import report
+from ezsd_jax.core.io_utils import atomic_write_json, atomic_write_text
+from ezsd_jax.core.metrics import report
 
 
 @runtime_checkable
@@ -305,7 +305,7 @@ def run_experiment(task: ActiveLearningTask, al_cfg, workdir: str) -> str:
     """Runs (or resumes) every seed x strategy x cycle; returns workdir/al/results.csv.
     al_cfg fields: strategies, seeds, initial, budget, cycles; optional: plot (True),
     debug_kill_after ('' = off, see _maybe_kill)."""
-    from ezsd_jax.metrics import Progress
+    from ezsd_jax.core.metrics import Progress
 
     al_dir = os.path.join(os.path.abspath(workdir), "al")
     os.makedirs(al_dir, exist_ok=True)

@@ -15,7 +15,7 @@ import importlib
 
 from absl import flags
 
-from ezsd_jax import cli
+from ezsd_jax.core import cli
 
 FLAGS = flags.FLAGS
 if "config" not in FLAGS:      # isal_jax.select defines the same two flags

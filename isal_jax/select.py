@@ -29,9 +29,9 @@ import numpy as np
 
 from absl import flags
 
-from ezsd_jax import cli
-from ezsd_jax.io_utils import atomic_savez, atomic_write_json
-from ezsd_jax.metrics import report
+from ezsd_jax.core import cli
+from ezsd_jax.core.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.core.metrics import report
 from isal_jax.degenerate import check_lissa, check_model_outputs
 from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, load_cached,
                                    read_id_list, reference_source, score_dir)
@@ -142,7 +142,7 @@ def _pool_ids(cfg, data, labeled) -> np.ndarray:
 
 def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
     import jax
-    from ezsd_jax.checkpoint import CheckpointError, Checkpointer
+    from ezsd_jax.core.checkpoint import CheckpointError, Checkpointer
     from isal_jax.tasks import save_classifier_checkpoint, train_tiny_classifier
     ckdir = os.path.abspath(cfg.checkpoint_dir or os.path.join(workdir, "model"))
     target = task.init(jax.random.PRNGKey(cfg.seed), data.image_shape)
@@ -158,7 +158,7 @@ def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
             what = ("does not exist" if not os.path.exists(ckdir)
                     else "holds no checkpoint")
             raise SelectError(f"config.checkpoint_dir: {ckdir!r} {what} (write one with "
-                              "ezsd_jax.checkpoint.Checkpointer holding {'params', "
+                              "ezsd_jax.core.checkpoint.Checkpointer holding {'params', "
                               "'batch_stats'}; a demo model is trained only with "
                               "checkpoint_dir='' and init_checkpoint_if_missing=True)")
         report(f"no checkpoint in {ckdir}: training a tiny {cfg.model.name} on "
@@ -224,8 +224,8 @@ def s_test_line(info: dict, seconds: float) -> str:
 
 def run_isal(cfg, workdir, task, state, data, labeled, pool,
              fingerprint, reference_ids=None) -> tuple[np.ndarray, dict]:
-    from ezsd_jax.metrics import MetricWriter, Progress
-    from ezsd_jax.sharding import check_batch_divisible, make_mesh
+    from ezsd_jax.core.metrics import MetricWriter, Progress
+    from ezsd_jax.core.sharding import check_batch_divisible, make_mesh
     from isal_jax import influence as infl
 
     icfg = cfg.influence

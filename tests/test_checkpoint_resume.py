@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ezsd_jax.checkpoint import CheckpointError, Checkpointer
+from ezsd_jax.core.checkpoint import CheckpointError, Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,8 +100,8 @@ def test_unwritable_checkpoint_dir(tmp_path):
 def test_error_inside_fit_closes_its_checkpointer(tmp_path, monkeypatch):
     """An error raised mid-training (here a bad image at step 3) leaves no orbax manager
     open, so nothing of orbax's runs on after the entry point's one-line error."""
-    from ezsd_jax import train_loop
-    from ezsd_jax.data.errors import DataError
+    from ezsd_jax.core import train_loop
+    from ezsd_jax.core.errors import DataError
     made = []
 
     class Spy(Checkpointer):

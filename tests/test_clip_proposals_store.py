@@ -14,7 +14,7 @@ from ezsd_jax.clip.crops import crop_boxes
 from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import encode_image, text_embeddings
 from ezsd_jax.clip.toy import make_tiny_clip
-from ezsd_jax.config_check import ConfigError
+from ezsd_jax.core.config_check import ConfigError
 from ezsd_jax.ops import anchors as A
 
 BASE = ["person", "car", "dog"]

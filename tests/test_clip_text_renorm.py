@@ -10,7 +10,7 @@ import pytest
 from ezsd_jax.clip import renorm, text
 from ezsd_jax.clip.loading import ClipLoadError, load_clip
 from ezsd_jax.clip.toy import make_tiny_clip, make_tokenizer
-from ezsd_jax.tree_paths import path_str
+from ezsd_jax.core.tree_paths import path_str
 
 BASE = ["person", "teddy bear", "hot dog", "tv"]
 NOVEL = ["cell phone", "airplane"]

@@ -1,11 +1,11 @@
-"""The one config validator (ezsd_jax.config_check): every shipped config passes; each
+"""The one config validator (ezsd_jax.core.config_check): every shipped config passes; each
 class of bad value is rejected with the field's name."""
 import importlib
 import os
 
 import pytest
 
-from ezsd_jax.config_check import ConfigError, validate
+from ezsd_jax.core.config_check import ConfigError, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))

@@ -1,10 +1,10 @@
-"""The one image decoder (ezsd_jax/data/images.py) on files in every mode users have."""
+"""The one image decoder (ezsd_jax/core/images.py) on files in every mode users have."""
 import numpy as np
 import pytest
 from PIL import Image
 
 from ezsd_jax.data.coco import DataError
-from ezsd_jax.data.images import decode_image, image_size
+from ezsd_jax.core.images import decode_image, image_size
 
 
 def _photo(h=48, w=80, seed=0):

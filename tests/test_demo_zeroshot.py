@@ -120,7 +120,7 @@ def test_tables_and_drawing():
 # ----------------------------------------------------------------------------- end to end
 
 def _stage_fns():
-    from ezsd_jax.main import STAGES, resolve_stage
+    from ezsd_jax.stages import STAGES, resolve_stage
     return {name: resolve_stage(name) for name in STAGES}
 
 
@@ -263,7 +263,7 @@ def predict_run(demo_run, tmp_path_factory, optimized_env):
 @pytest.mark.slow
 def test_predict_cli_on_val_and_photos(predict_run):
     from ezsd_jax.data.coco import read_json
-    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.core.images import decode_image
     from ezsd_jax.evaluate import coco_eval
     from ezsd_jax.train import load_dataset
     r, cfg, wd = predict_run, predict_run["cfg"], predict_run["wd"]
@@ -321,9 +321,9 @@ def test_predict_cli_on_val_and_photos(predict_run):
 @pytest.mark.slow
 def test_detector_api_order_extra_names_and_bundle(predict_run, tmp_path):
     import jax
-    from ezsd_jax import buckets
+    from ezsd_jax.predict import buckets
     from ezsd_jax import Detector
-    from ezsd_jax.data.images import decode_image
+    from ezsd_jax.core.images import decode_image
     from ezsd_jax.models import detector as det_mod
     cfg, wd = predict_run["cfg"], predict_run["wd"]
     det = Detector.load(wd)
@@ -360,7 +360,7 @@ def test_detector_api_order_extra_names_and_bundle(predict_run, tmp_path):
                                outs[0]["deltas"][0][same_cls], rtol=1e-5, atol=1e-5)
     # bundles: the adapted CLIP copied (any names), or a fixed vocabulary's embeddings,
     # which loads without the workdir, detects the same and serves its names only
-    from ezsd_jax import bundle
+    from ezsd_jax.predict import bundle
     b = bundle.export(det, str(tmp_path / "bundle"))
     man = json.load(open(os.path.join(b, "manifest.json")))
     assert man["versions"]["jax"] == jax.__version__ and man["text"] == "clip"

@@ -167,7 +167,8 @@ def test_pretrained_backbone_from_config_and_bf16_train_step(rng, tmp_path):
     the 8-device mesh gives finite losses and gradient norm; parameters and optimizer
     state stay float32 and move; frozen BN statistics stay the file's."""
     from configs import synthetic_detection
-    from ezsd_jax import sharding, train
+    from ezsd_jax.core import sharding
+    from ezsd_jax import train
     from ezsd_jax.models import ResNet
     from ezsd_jax.models.pretrained import flax_to_torchvision, save_state_dict
 

@@ -49,7 +49,7 @@ def _main(wd, flags, config="configs/coco.py"):
 
 def _flat(params):
     import jax
-    from ezsd_jax.tree_paths import path_str
+    from ezsd_jax.core.tree_paths import path_str
     return {path_str(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
@@ -169,9 +169,9 @@ def test_coco_config_runs_mask_rcnn_stages(tmp_path):
 
     # the trained workdir through the Python predict API: detections carry RLE masks at
     # the photo's size, and the overlay tints them
-    from ezsd_jax import predict_outputs as po
-    from ezsd_jax.data.images import decode_image
-    from ezsd_jax.detector_api import Detector
+    from ezsd_jax.predict import outputs as po
+    from ezsd_jax.core.images import decode_image
+    from ezsd_jax.predict.detector import Detector
     im = val["images"][0]
     path = os.path.join(data, "val", im["file_name"])
     found = Detector.load(wd, batch_size=1).detect(path, names, score_threshold=0.0)

@@ -123,7 +123,7 @@ def test_expected_gradient_is_weighted_sum_of_class_gradients(rng):
 
 @pytest.mark.multidevice
 def test_sharded_scoring_equals_single_device(rng):
-    from ezsd_jax.sharding import make_mesh
+    from ezsd_jax.core.sharding import make_mesh
     task, state, _ = _setup(SmallCNN(num_classes=5, channels=(4, 6)), rng)
     params, ms = state["params"], task.model_state(state)
     sub = infl.make_subset(params)

@@ -6,7 +6,7 @@ import stat
 import numpy as np
 import pytest
 
-from ezsd_jax import io_utils
+from ezsd_jax.core import io_utils
 
 
 def test_atomic_writes_content_mode_and_failure(tmp_path):

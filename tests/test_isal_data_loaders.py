@@ -6,8 +6,8 @@ naming the data set or file."""
 import numpy as np
 import pytest
 
-from ezsd_jax.config_check import ConfigError, validate
-from ezsd_jax.data.errors import DataError
+from ezsd_jax.core.config_check import ConfigError, validate
+from ezsd_jax.core.errors import DataError
 from isal_jax.data import load_dataset, loader_options
 
 tfds = pytest.importorskip("tensorflow_datasets")

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ezsd_jax.config_check import ConfigError, heldout_count, validate
+from ezsd_jax.core.config_check import ConfigError, heldout_count, validate
 from isal_jax.selection_io import SelectError, heldout_split, reference_source
 
 

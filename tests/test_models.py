@@ -9,7 +9,7 @@ import pytest
 
 from ezsd_jax.models import (FPN, BoxHead, BoxRegressor, FrozenBatchNorm, LinearClassifier,
                              ResNet, RPNHead, trainable_mask, upsample_nearest)
-from ezsd_jax.tree_paths import path_names as _path_names
+from ezsd_jax.core.tree_paths import path_names as _path_names
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), width=8, bottleneck=False)
 

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from ezsd_jax import buckets
+from ezsd_jax.predict import buckets
 from ezsd_jax.data import transforms
 from ezsd_jax.models import detector as det
 from ezsd_jax.models import postprocess

@@ -131,7 +131,7 @@ def test_ezsd_head_seesaw_outputs(rng):
 def test_checkpoint_stored_shape_of_the_counts(tmp_path):
     """The counts are sized by the TRAINING vocabulary: evaluation over more names reads
     their stored shape (evaluate.restore_variables) instead of its own model's."""
-    from ezsd_jax.checkpoint import CheckpointError, Checkpointer
+    from ezsd_jax.core.checkpoint import CheckpointError, Checkpointer
     ck = Checkpointer(str(tmp_path / "ck"))
     ck.save(3, {"batch_stats": {det.SEESAW_COUNTS: jnp.zeros((7,))}, "step": jnp.ones(())},
             force=True)

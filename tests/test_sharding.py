@@ -5,7 +5,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import toy as toy_config
-from ezsd_jax import sharding, toy
+from ezsd_jax.core import sharding
+from ezsd_jax import toy
 
 pytestmark = pytest.mark.multidevice
 

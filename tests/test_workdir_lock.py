@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from ezsd_jax import workdir_lock
+from ezsd_jax.core import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOLD = ("import sys, time; from ezsd_jax.workdir_lock import acquire; acquire(sys.argv[1]); "
+HOLD = ("import sys, time; from ezsd_jax.core.workdir_lock import acquire; acquire(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(120)")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from transformers import CLIPTokenizer, FlaxCLIPModel
 from transformers.utils import cached_file
 
-from ezsd_jax.io_utils import atomic_write_text
+from ezsd_jax.core.io_utils import atomic_write_text
 
 # OpenAI CLIP preprocessing constants (used when a checkpoint has no preprocessor config).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from transformers import FlaxCLIPModel
 
-from ezsd_jax import train_loop
+from ezsd_jax.core import train_loop
 from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
 from ezsd_jax.clip.renorm import crop_accuracy, save_adapted_clip
 from ezsd_jax.clip.text import encode_image, encode_text, text_embeddings, tokenize

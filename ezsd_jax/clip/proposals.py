@@ -37,7 +37,7 @@ from ezsd_jax.clip import crops as crops_lib
 from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
 from ezsd_jax.clip.renorm import valid_hw
 from ezsd_jax.clip.text import encode_image
-from ezsd_jax.metrics import MetricWriter, Progress
+from ezsd_jax.core.metrics import MetricWriter, Progress
 from ezsd_jax.ops.anchors import anchor_grid
 from ezsd_jax.ops.boxes import box_area, clip_boxes, iou_matrix
 from ezsd_jax.ops.nms import nms

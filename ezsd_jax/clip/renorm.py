@@ -28,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ezsd_jax import train_loop
+from ezsd_jax.core import train_loop
 from ezsd_jax.clip import crops as crops_lib
 from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD, save_preprocessor
 from ezsd_jax.clip.text import (DEFAULT_TEMPLATES, encode_image, ensemble_text_embeddings,
                                 prompt_tokens, save_text_embeddings, text_embeddings)
 from ezsd_jax.ops.vectors import l2_normalize
-from ezsd_jax.optim import count_params
-from ezsd_jax.tree_paths import path_str
+from ezsd_jax.core.optim import count_params
+from ezsd_jax.core.tree_paths import path_str
 
 log = logging.getLogger(__name__)
 

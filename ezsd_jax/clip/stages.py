@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ezsd_jax import cli, config_check, sharding
+from ezsd_jax.core import cli, config_check, sharding
 from ezsd_jax.clip import pretrain
 from ezsd_jax.clip.loading import load_clip
 from ezsd_jax.clip.proposals import run_proposals
@@ -43,7 +43,7 @@ from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
 from ezsd_jax.demo.world import detection_paths, load_caption_set
 from ezsd_jax.ezsd import splits
 from ezsd_jax.ezsd.stages import text_embeddings_path
-from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.train import load_dataset, make_pipeline
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ezsd_jax.io_utils import atomic_savez, atomic_write_json, json_default
+from ezsd_jax.core.io_utils import atomic_savez, atomic_write_json, json_default
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^shard_(\d{5,})-of-(\d{5,})\.npz$")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ezsd_jax.io_utils import atomic_savez
+from ezsd_jax.core.io_utils import atomic_savez
 from ezsd_jax.ops.vectors import l2_normalize
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)

@@ -25,7 +25,7 @@ from transformers import (CLIPConfig, CLIPTextConfig, CLIPTokenizer, CLIPVisionC
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from ezsd_jax.clip.loading import load_clip, save_preprocessor
-from ezsd_jax.io_utils import atomic_write_text
+from ezsd_jax.core.io_utils import atomic_write_text
 
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 # Words of the default prompt templates; always in a toy vocabulary.

@@ -3,7 +3,7 @@
 """
 from ezsd_jax.data.coco import (CocoDataset, DataError, ImageRecord, load_coco, read_json,
                                 write_split)
-from ezsd_jax.data.images import decode_image, image_size
+from ezsd_jax.core.images import decode_image, image_size
 from ezsd_jax.data.pipeline import DetectionPipeline
 from ezsd_jax.data.synthetic import (CategorySpec, SyntheticSpec, default_categories,
                                      write_coco_dataset)

@@ -25,11 +25,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ezsd_jax.config_check import ON_ERROR
-from ezsd_jax.data.errors import DataError
-from ezsd_jax.data.images import check_image
+from ezsd_jax.core.config_check import ON_ERROR
+from ezsd_jax.core.errors import DataError
+from ezsd_jax.core.images import check_image
 from ezsd_jax.data.segmentation import segmentation_rle
-from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.core.io_utils import atomic_write_json
 
 log = logging.getLogger(__name__)
 

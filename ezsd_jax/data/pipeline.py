@@ -1,7 +1,7 @@
 """Host input pipeline: records -> fixed-shape numpy batches for this process.
 
 Each process reads its own disjoint part of the dataset and yields per-process batches
-(feed them to `ezsd_jax.sharding.host_to_global`):
+(feed them to `ezsd_jax.core.sharding.host_to_global`):
   - train: one stream of items, the concatenation of epoch permutations of ALL records
     (seeded by (seed, epoch), the same on every process). Global step s covers stream
     items [s*G, (s+1)*G), G = batch_size * process_count; process p takes
@@ -34,12 +34,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 from ezsd_jax.data.coco import CocoDataset, DataError, ImageRecord
-from ezsd_jax.config_check import ON_ERROR
-from ezsd_jax.data.images import decode_image
+from ezsd_jax.core.config_check import ON_ERROR
+from ezsd_jax.core.images import decode_image
 from ezsd_jax.data.sampling import repeat_index
 from ezsd_jax.data.segmentation import annotation_mask, box_crops
 from ezsd_jax.data.transforms import example_info, prepare_example
-from ezsd_jax.sharding import process_slice
+from ezsd_jax.core.sharding import process_slice
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ezsd_jax.data.errors import DataError
+from ezsd_jax.core.errors import DataError
 
 
 # ------------------------------------------------------------------ host: COCO -> bitmaps

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
 from ezsd_jax.data.segmentation import exact_segmentation
-from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.ops.boxes import iou_matrix
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon",

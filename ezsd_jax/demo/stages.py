@@ -25,16 +25,16 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from ezsd_jax import cli
+from ezsd_jax.core import cli
 from ezsd_jax.clip import stages as clip_stages
 from ezsd_jax.clip.loading import load_clip
 from ezsd_jax.clip.text import load_text_embeddings, save_text_embeddings, text_embeddings
-from ezsd_jax.data.images import decode_image
+from ezsd_jax.core.images import decode_image
 from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
 from ezsd_jax.demo import report, world
 from ezsd_jax.ezsd import stages as ezsd_stages
 from ezsd_jax.ezsd.stages import text_embeddings_path
-from ezsd_jax.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ezsd_jax.core.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from ezsd_jax import cli
+from ezsd_jax.core import cli
 from ezsd_jax.data.synthetic import (CategorySpec, add_clutter, append_coco_image,
                                      object_record, place_shape, render_background,
                                      shape_mask)
 from ezsd_jax.data.synthetic_stage import coco_layout
-from ezsd_jax.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.core.io_utils import atomic_savez, atomic_write_json
 
 # name -> (shape, rgb). Colours and shapes are pairwise distinct within the catalogue.
 CATALOG: dict[str, tuple[str, tuple[int, int, int]]] = {

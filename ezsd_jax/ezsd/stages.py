@@ -28,13 +28,14 @@ import os
 import jax
 import numpy as np
 
-from ezsd_jax import cli, evaluate
-from ezsd_jax.checkpoint import Checkpointer
+from ezsd_jax.core import cli
+from ezsd_jax import evaluate
+from ezsd_jax.core.checkpoint import Checkpointer
 from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import load_text_embeddings
 from ezsd_jax.ezsd import distill, splits
 from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
-from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.models import detector as det
 from ezsd_jax.models.ezsd_head import EZSDHeadConfig
 from ezsd_jax.ops.vectors import l2_normalize
@@ -216,7 +217,7 @@ def ezsd_eval(cfg, workdir: str) -> dict:
     return summary
 
 
-# name -> function, for ezsd_jax.main.STAGES ("ezsd_jax.ezsd.stages:<function>")
+# name -> function, for ezsd_jax.stages.STAGES ("ezsd_jax.ezsd.stages:<function>")
 STAGES = {"ezsd_train": "ezsd_jax.ezsd.stages:ezsd_train",
           "ezsd_eval": "ezsd_jax.ezsd.stages:ezsd_eval"}
 

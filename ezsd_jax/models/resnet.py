@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ezsd_jax.tree_paths import path_names
+from ezsd_jax.core.tree_paths import path_names
 
 Dtype = Any
 

@@ -166,8 +166,8 @@ def train_tiny_classifier(task: ClassificationTask, images: np.ndarray, labels: 
 
 
 def save_classifier_checkpoint(directory: str, state: dict, step: int = 0) -> None:
-    """Writes {'params', 'batch_stats'} with ezsd_jax.checkpoint.Checkpointer (orbax)."""
-    from ezsd_jax.checkpoint import Checkpointer
+    """Writes {'params', 'batch_stats'} with ezsd_jax.core.checkpoint.Checkpointer (orbax)."""
+    from ezsd_jax.core.checkpoint import Checkpointer
     ckpt = Checkpointer(directory, keep=1)
     ckpt.save(step, {"params": state["params"], "batch_stats": state.get("batch_stats", {})},
               force=True)

@@ -365,14 +365,14 @@ class PoolPredictions:
 def _place(batch, mesh):
     if mesh is None:
         return batch
-    from ezsd_jax.sharding import host_to_global
+    from ezsd_jax.core.sharding import host_to_global
     return host_to_global(batch, mesh)
 
 
 def _replicate(tree, mesh):
     if mesh is None:
         return tree
-    from ezsd_jax.sharding import replicated
+    from ezsd_jax.core.sharding import replicated
     return jax.device_put(tree, replicated(mesh))
 
 

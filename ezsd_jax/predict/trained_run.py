@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ezsd_jax import cli
+from ezsd_jax.core import cli
 from ezsd_jax.clip.loading import ClipLoadError, load_clip
 from ezsd_jax.ezsd import splits
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import time
 
 from absl import flags
 
-from ezsd_jax import cli
+from ezsd_jax.core import cli
 
 flags.DEFINE_string("workdir", None, "Trained workdir or exported bundle.")
 flags.DEFINE_string("images", None, "An image file, a directory (its files) or a glob.")
@@ -97,7 +96,7 @@ def check_workdir(path: str | None) -> None:
 
 def _load(path: str):
     check_workdir(path)                 # before importing JAX (seconds)
-    from ezsd_jax.detector_api import Detector
+    from ezsd_jax.predict.detector import Detector
     try:
         return Detector.load(path, batch_size=FLAGS.batch_size)
     except (cli.MissingInput, ValueError) as e:
@@ -105,7 +104,7 @@ def _load(path: str):
 
 
 def export_main() -> None:
-    from ezsd_jax import bundle
+    from ezsd_jax.predict import bundle
     if not FLAGS.out:
         raise cli.UsageError("export: --out=BUNDLE_DIR is required")
     check_name_flags(required=False)
@@ -129,10 +128,10 @@ def predict_main() -> None:
     check_name_flags()
     files = list_images(FLAGS.images)
     check_workdir(FLAGS.workdir)
-    from ezsd_jax import predict_outputs as po      # imports JAX: after the checks
+    from ezsd_jax.predict import outputs as po      # imports JAX: after the checks
     from ezsd_jax.data.coco import DataError
-    from ezsd_jax.data.images import decode_image
-    from ezsd_jax.metrics import Progress
+    from ezsd_jax.core.images import decode_image
+    from ezsd_jax.core.metrics import Progress
     out = cli.prepare_workdir(FLAGS.out)
     det = _load(FLAGS.workdir)
     names, origin = parse_names(det)
@@ -212,6 +211,3 @@ def main(argv):
                              "is 'export')")
     return predict_main()
 
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

@@ -17,9 +17,9 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from ezsd_jax.checkpoint import Checkpointer
-from ezsd_jax.metrics import MetricWriter, Progress
-from ezsd_jax.sharding import host_to_global
+from ezsd_jax.core.checkpoint import Checkpointer
+from ezsd_jax.core.metrics import MetricWriter, Progress
+from ezsd_jax.core.sharding import host_to_global
 
 
 def fit(*, state: Any, step_fn: Callable, batches: Callable[[int], Iterator[Any]],

@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ezsd_jax.tree_paths import path_str
+from ezsd_jax.core.tree_paths import path_str
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"

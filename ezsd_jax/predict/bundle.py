@@ -24,13 +24,13 @@ import jax
 import numpy as np
 
 import ezsd_jax
-from ezsd_jax import cli
-from ezsd_jax.checkpoint import Checkpointer
+from ezsd_jax.core import cli
+from ezsd_jax.core.checkpoint import Checkpointer
 from ezsd_jax.clip.text import load_text_embeddings, save_text_embeddings
 from ezsd_jax.ezsd.stages import head_config
-from ezsd_jax.io_utils import atomic_write_json
+from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.models import detector as det
-from ezsd_jax.trained_run import load_text_tower, read_config, to_device
+from ezsd_jax.predict.trained_run import load_text_tower, read_config, to_device
 
 FORMAT = "ezsd_jax.predict_bundle"
 FORMAT_VERSION = 1

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from ezsd_jax.tree_paths import path_names
+from ezsd_jax.core.tree_paths import path_names
 
 
 class CheckpointError(RuntimeError):

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ezsd_jax.demo import report
-from ezsd_jax.io_utils import atomic_write_json, atomic_write_text
+from ezsd_jax.core.io_utils import atomic_write_json, atomic_write_text
 
 OVERLAY_DIR = "overlays"
 MAX_OVERLAY_SIDE = 1024

@@ -28,7 +28,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from ezsd_jax.data.errors import DataError
+from ezsd_jax.core.errors import DataError
 
 Source = Union[str, os.PathLike, bytes]
 

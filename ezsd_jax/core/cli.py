@@ -5,8 +5,8 @@ One config system: an ml_collections `get_config()` file passed as --config, eve
 overridable as --config.a.b=value, plus --workdir. `run(main)` reports, as one line
 `error: ...` on stderr and exit status 2 (never a traceback): a config file that is
 missing, has a syntax error or whose get_config() raises; an unknown field or a value of
-the wrong type; a value the validator rejects (ezsd_jax.config_check, run by
-`get_config()` before any work); an unusable or busy workdir (ezsd_jax.workdir_lock);
+the wrong type; a value the validator rejects (ezsd_jax.core.config_check, run by
+`get_config()` before any work); an unusable or busy workdir (ezsd_jax.core.workdir_lock);
 and, from inside the work, a UsageError, DataError (bad annotations or images),
 MissingInput, CheckpointError or FileNotFoundError, plus the entry point's own types.
 """
@@ -38,10 +38,10 @@ def one_line(err: BaseException) -> str:
 
 # module -> its exception type that means bad input (a bad annotation or image file, a
 # checkpoint that does not match, a rejected config value, a busy workdir).
-_USER_ERROR_TYPES = (("ezsd_jax.data.errors", "DataError"),
-                     ("ezsd_jax.checkpoint", "CheckpointError"),
-                     ("ezsd_jax.config_check", "ConfigError"),
-                     ("ezsd_jax.workdir_lock", "WorkdirInUse"))
+_USER_ERROR_TYPES = (("ezsd_jax.core.errors", "DataError"),
+                     ("ezsd_jax.core.checkpoint", "CheckpointError"),
+                     ("ezsd_jax.core.config_check", "ConfigError"),
+                     ("ezsd_jax.core.workdir_lock", "WorkdirInUse"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -107,7 +107,7 @@ def _explain_config_error(argv: list[str], err: Exception) -> str:
 def get_config() -> ml_collections.ConfigDict:
     """The parsed --config, validated (config_check) before any work; UsageError naming
     the file or field otherwise."""
-    from ezsd_jax.config_check import ConfigError, validate
+    from ezsd_jax.core.config_check import ConfigError, validate
     cfg = flags.FLAGS.config
     if not isinstance(cfg, ml_collections.ConfigDict):
         raise UsageError(f"could not load config file {flags.FLAGS['config'].config_filename!r}"
@@ -122,7 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
 def lock_workdir(workdir: str, key: str = "") -> str:
     """Takes the workdir's lock (one run per workdir and key); UsageError naming the
     holder's PID."""
-    from ezsd_jax.workdir_lock import WorkdirInUse, acquire
+    from ezsd_jax.core.workdir_lock import WorkdirInUse, acquire
     try:
         return acquire(workdir, key)
     except WorkdirInUse as e:
@@ -161,7 +161,7 @@ def prepare_workdir(path: str | None, lock: bool = True) -> str:
 
 def save_config(cfg: ml_collections.ConfigDict, workdir: str, name: str = "config.json") -> str:
     """Writes the resolved config next to the outputs (atomically), for reproducibility."""
-    from ezsd_jax.io_utils import atomic_write_text
+    from ezsd_jax.core.io_utils import atomic_write_text
     return atomic_write_text(os.path.join(workdir, name), cfg.to_json_best_effort(indent=2))
 
 
@@ -185,7 +185,7 @@ def run(main: Callable[[list[str]], None],
     try:
         app.run(main_with_verbosity, flags_parser=_flags_parser)
     except UsageError as e:
-        if "ezsd_jax.checkpoint" in sys.modules:  # no orbax thread may outlive the error
-            sys.modules["ezsd_jax.checkpoint"].close_all()
+        if "ezsd_jax.core.checkpoint" in sys.modules:  # no orbax thread may outlive the error
+            sys.modules["ezsd_jax.core.checkpoint"].close_all()
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
