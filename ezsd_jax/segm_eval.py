@@ -11,7 +11,7 @@ LVIS with masks differs from LVIS with boxes in exactly two places (lvis-api LVI
 iou_type='segm', LVISResults): the IoU is mask IoU (pycocotools maskUtils.iou of the
 results' RLEs and the GT segmentations converted at the image's height/width, no crowd),
 and a detection's area is its mask area (maskUtils.area), where boxes use w * h. The GT
-area is the annotation's 'area' field in both: ezsd_jax.ezsd.lvis_eval.lvis_evaluate takes
+area is the annotation's 'area' field in both: ezsd_jax.lvis_eval.lvis_evaluate takes
 the IoU type as a parameter.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
+from ezsd_jax.lvis_eval import lvis_evaluate
 from ezsd_jax.ops.masks import encode_masks
 
 

@@ -16,7 +16,7 @@ STAGES = {
     "train": "ezsd_jax.train:run",
     "eval": "ezsd_jax.evaluate:run",
     "demo_data": "ezsd_jax.demo.stages:demo_data",
-    "clip_pretrain": "ezsd_jax.clip.stages:clip_pretrain",
+    "clip_pretrain": "ezsd_jax.demo.stages:clip_pretrain",
     "renorm": "ezsd_jax.clip.stages:renorm",
     "proposals": "ezsd_jax.clip.stages:proposals",
     "ezsd_train": "ezsd_jax.ezsd.stages:ezsd_train",

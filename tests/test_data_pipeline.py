@@ -4,26 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ezsd_jax.data import synthetic as S
 from ezsd_jax.data import transforms as T
 from ezsd_jax.data.coco import DataError, load_coco
-from ezsd_jax.data.pipeline import DetectionPipeline
-
-HW = (64, 80)
-
-
-def _dataset(tmp_path, n=7, objects=(1, 4), seed=0, **kw):
-    spec = S.SyntheticSpec(S.default_categories(5), image_hw_range=((50, 110), (50, 110)),
-                           objects_per_image=objects, object_size=(10, 36), **kw)
-    ann = S.write_coco_dataset(str(tmp_path), spec, n, seed=seed)
-    return load_coco(ann, str(tmp_path / "train"))
-
-
-def _pipe(ds, **kw):
-    args = dict(batch_size=3, image_size=HW, max_boxes=4, train=False, short_side=48,
-                max_side=80, num_threads=2, prefetch=2, process_index=0, process_count=1)
-    args.update(kw)
-    return DetectionPipeline(ds, **args)
+from helpers import PIPE_HW as HW, small_pipeline as _pipe, synthetic_dataset as _dataset
 
 
 # ---- transforms --------------------------------------------------------------------

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ezsd_jax.data.sampling import repeat_factors, repeat_index
-from test_data_pipeline import _dataset, _pipe
+from helpers import small_pipeline as _pipe, synthetic_dataset as _dataset
 
 
 def _np_repeat_factors(labels, num_classes, t):

@@ -122,7 +122,7 @@ def test_lvis_format_loads_like_lvis(tmp_path):
     them), per-category frequency, negatives = the categories an image lacks, LVIS splits
     (base = frequent + common, novel = rare); a missing frequency is an error."""
     from ezsd_jax.data.coco import load_coco
-    from ezsd_jax.ezsd.splits import lvis_names
+    from ezsd_jax.data.splits import lvis_names
     spec = _spec(categories=S.default_categories(4))
     coco = _load(S.write_coco_dataset(str(tmp_path), spec, 5, seed=2, split="val"))
     names = [c.name for c in spec.categories]

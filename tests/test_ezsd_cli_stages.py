@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from coco_reference import cocoeval_ap
+from helpers import cocoeval_ap
 from ezsd_jax.clip.toy import make_tiny_clip
 from ezsd_jax.data import synthetic as S
 

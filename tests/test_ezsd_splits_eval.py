@@ -8,8 +8,9 @@ import pytest
 
 from ezsd_jax import evaluate
 from ezsd_jax.data.coco import DataError, load_coco, read_json
-from ezsd_jax.ezsd import splits
-from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
+from ezsd_jax.data import splits
+from ezsd_jax.lvis_eval import lvis_evaluate
+from helpers import lvis_gt
 
 COCO80 = {
     1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus",
@@ -123,23 +124,6 @@ def test_coco_eval_groups_perfect_detections(tmp_path):
 
 # ----------------------------------------------------------------------------- LVIS
 
-def _lvis_gt(rng, n_img=6):
-    cats = [{"id": c, "name": f"thing_{c}", "frequency": "rcf"[c % 3], "synset": "x"}
-            for c in range(1, 7)]
-    images, anns = [], []
-    for i in range(1, n_img + 1):
-        present = [1 + (i % 6), 1 + ((i + 2) % 6)]
-        images.append({"id": i, "height": 200, "width": 300,
-                       "coco_url": f"http://x/val2017/{i:012d}.jpg",
-                       "neg_category_ids": [1 + ((i + 4) % 6)],
-                       "not_exhaustive_category_ids": []})
-        for c in present:
-            w, h = rng.uniform(10, 120, 2)
-            x, y = rng.uniform(0, 300 - w), rng.uniform(0, 200 - h)
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": c,
-                         "bbox": [x, y, w, h], "area": w * h * 0.8})
-    return {"images": images, "annotations": anns, "categories": cats}
-
 
 def _perfect(gt, score=0.9):
     return [{"image_id": a["image_id"], "category_id": a["category_id"],
@@ -147,7 +131,7 @@ def _perfect(gt, score=0.9):
 
 
 def test_lvis_eval_perfect_detections(tmp_path, rng):
-    gt = _lvis_gt(rng)
+    gt = lvis_gt(rng)
     path = tmp_path / "lvis_val.json"
     path.write_text(json.dumps(gt))
     m = lvis_evaluate(str(path), _perfect(gt))
@@ -159,7 +143,7 @@ def test_lvis_eval_perfect_detections(tmp_path, rng):
 
 
 def test_lvis_federated_rules(rng):
-    gt = _lvis_gt(rng)
+    gt = lvis_gt(rng)
     perfect = _perfect(gt, 0.5)
     img = gt["images"][0]
     present = {a["category_id"] for a in gt["annotations"] if a["image_id"] == img["id"]}
@@ -186,7 +170,7 @@ def test_lvis_federated_rules(rng):
 
 
 def test_lvis_eval_bad_input(rng):
-    gt = _lvis_gt(rng)
+    gt = lvis_gt(rng)
     bad = json.loads(json.dumps(gt))
     del bad["images"][0]["neg_category_ids"]
     with pytest.raises(DataError, match="neg_category_ids"):
@@ -197,7 +181,7 @@ def test_lvis_eval_bad_input(rng):
 
 
 def test_lvis_names_by_frequency(tmp_path, rng):
-    gt = _lvis_gt(rng)
+    gt = lvis_gt(rng)
     path = tmp_path / "lvis.json"
     path.write_text(json.dumps(gt))
     base, novel = splits.lvis_names(str(path))

@@ -13,13 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coco_reference import cocoeval_ap
+from helpers import cocoeval_ap
 from configs import coco as coco_cfg
 from configs import synthetic_detection
 from ezsd_jax.clip.store import ProposalStore
 from ezsd_jax.clip.text import save_text_embeddings
 from ezsd_jax.data.coco import ImageRecord
 from ezsd_jax.data.transforms import example_info
+from ezsd_jax.clip.text import text_embeddings_path
 from ezsd_jax.ezsd import distill, stages
 
 D = 32
@@ -225,12 +226,12 @@ def test_extra_fn_gt_only_and_missing_images(tmp_path, rng):
 def test_class_embeddings_lookup(tmp_path, rng):
     cfg = _ezsd_synthetic_config(["a", "b", "c"], ["a", "b"], ["c"])
     with pytest.raises(FileNotFoundError, match="renorm"):
-        stages.text_embeddings_path(cfg, str(tmp_path))
+        text_embeddings_path(cfg, str(tmp_path))
     emb = rng.normal(size=(3, D)).astype(np.float32)
     os.makedirs(tmp_path / "clip_renorm")
     save_text_embeddings(str(tmp_path / "clip_renorm" / "text_embeddings.npz"),
                          ["c", "a", "b"], emb)
-    path = stages.text_embeddings_path(cfg, str(tmp_path))
+    path = text_embeddings_path(cfg, str(tmp_path))
     got = stages.load_class_embeddings(path, ["a", "c"], D)
     np.testing.assert_allclose(got, _unit(emb[[1, 0]]), rtol=1e-6)
     with pytest.raises(ValueError, match="'z'"):

@@ -15,7 +15,7 @@ from ezsd_jax.data.pipeline import DetectionPipeline
 from ezsd_jax.data.segmentation import annotation_mask, box_crops, exact_segmentation
 from ezsd_jax.data.transforms import boxes_to_original
 from ezsd_jax.ops.masks import crop_mask_targets
-from test_ops_masks import H, W, _np_targets, rand_polygon, uncompressed_rle
+from helpers import MASK_H as H, MASK_W as W, np_mask_targets, rand_polygon, uncompressed_rle
 
 jcrop = jax.jit(crop_mask_targets, static_argnames=("size", "sampling_ratio", "binarize"))
 
@@ -60,7 +60,7 @@ def test_crop_targets_match_numpy_crop_and_resize(rng):
         gi, pos = rng.integers(0, 3, r), rng.random(r) < 0.9
         valid = np.ones(3, bool)
         got, wt = jcrop(crops, boxes, valid, rois, gi, pos, np.array([H, W]))
-        ref = (_np_targets(gts, rois, gi, 2) >= 0.5) * pos[:, None, None]
+        ref = (np_mask_targets(gts, rois, gi, 2) >= 0.5) * pos[:, None, None]
         assert np.array_equal(np.asarray(wt), pos.astype(np.float32))
         agree.append(float((np.asarray(got) == ref).mean()))
     assert np.mean(agree) >= 0.99 and min(agree) >= 0.97, agree

@@ -10,32 +10,12 @@ from pycocotools import mask as mask_utils
 from ezsd_jax.data.coco import DataError
 from ezsd_jax.data.segmentation import annotation_mask, instance_masks, pad_instances
 from ezsd_jax.ops.masks import encode_masks, mask_targets, paste_masks
-from test_ops_roi_align import np_roi_align
+from helpers import np_mask_targets, rand_polygon, uncompressed_rle
 
 H, W = 48, 64
 # one compiled function per static variant, shared by the tests (compiles dominate here)
 jtargets = jax.jit(mask_targets, static_argnames=("size", "sampling_ratio", "binarize"))
 jpaste = jax.jit(paste_masks, static_argnames=("height", "width", "threshold", "batch_size"))
-
-
-def rand_polygon(rng, h=H, w=W, n=None):
-    """Star-shaped polygon (flat x, y list) inside the image."""
-    n = n or int(rng.integers(5, 12))
-    cx, cy = rng.uniform(0.3 * w, 0.7 * w), rng.uniform(0.3 * h, 0.7 * h)
-    ang = np.sort(rng.uniform(0, 2 * np.pi, n))
-    rad = rng.uniform(0.15, 0.45, n) * min(h, w)
-    xs = np.clip(cx + rad * np.cos(ang), 0, w - 1)
-    ys = np.clip(cy + rad * np.sin(ang), 0, h - 1)
-    return np.stack([xs, ys], 1).ravel().tolist()
-
-
-def uncompressed_rle(mask):
-    """Column-major run lengths starting with zeros (COCO's uncompressed RLE)."""
-    flat = np.asarray(mask, np.uint8).ravel(order="F")
-    change = np.flatnonzero(np.diff(np.r_[0, flat, 1 - flat[-1]])) if flat.size else []
-    counts = np.diff(np.r_[0, change]).tolist()
-    return {"counts": counts[:-1] if counts and sum(counts) > flat.size else counts,
-            "size": list(mask.shape)}
 
 
 def test_decode_formats_agree(rng):
@@ -104,21 +84,12 @@ def _world(rng, m=3, r=6):
     return gts, rois.astype(np.float32), rng.integers(0, m, r), rng.random(r) < 0.8
 
 
-def _np_targets(gts, rois, gi, sr, size=28):
-    """Straightforward numpy crop-and-resize of each matched rasterized mask."""
-    clipped = rois.astype(np.float64).copy()
-    clipped[:, [0, 2]] = np.clip(clipped[:, [0, 2]], 0, W)
-    clipped[:, [1, 3]] = np.clip(clipped[:, [1, 3]], 0, H)
-    return np.stack([np_roi_align(gts[g][:, :, None], clipped[i:i + 1], 1.0, size, sr)[0, ..., 0]
-                     for i, g in enumerate(gi)])
-
-
 def test_mask_targets_match_numpy_crop_and_resize(rng):
     gts, rois, _, _ = _world(rng)
     gi, pos = np.array([0, 1, 2, 0, 1, 2]), np.array([1, 1, 1, 1, 1, 0], bool)
     valid = np.array([True, True, False])
     soft, wt = jtargets(gts, valid, rois, gi, pos, binarize=False)
-    ref = _np_targets(gts, rois, gi, 2)
+    ref = np_mask_targets(gts, rois, gi, 2)
     w_ref = (pos & valid[gi]).astype(np.float32)
     assert np.array_equal(np.asarray(wt), w_ref) and w_ref.tolist() == [1, 1, 0, 1, 1, 0]
     np.testing.assert_allclose(np.asarray(soft), ref * w_ref[:, None, None], atol=1e-5)
@@ -136,7 +107,7 @@ def test_mask_targets_fixed_vs_adaptive_sampling(rng):
     pos = np.ones(len(gi), bool)
     # RoIs of a 2.5x resized input, masks at the original resolution
     ours, _ = jtargets(gts, np.ones(3, bool), rois * 2.5, gi, pos, roi_scale=2.5)
-    adaptive = _np_targets(gts, rois, gi, 0) >= 0.5
+    adaptive = np_mask_targets(gts, rois, gi, 0) >= 0.5
     agree = float((np.asarray(ours).astype(bool) == adaptive).mean())
     assert agree >= 0.98, agree
 

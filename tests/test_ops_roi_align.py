@@ -9,57 +9,9 @@ import numpy as np
 import pytest
 
 from ezsd_jax.ops.roi_align import assign_levels, multilevel_roi_align, roi_align
+from helpers import np_roi_align
 
 jroi = jax.jit(roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
-
-
-def np_bilinear(f, y, x):
-    h, w = f.shape[:2]
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        return np.zeros(f.shape[2], np.float64)
-    y = max(y, 0.0)
-    x = max(x, 0.0)
-    y_low, x_low = int(y), int(x)
-    if y_low >= h - 1:
-        y_high = y_low = h - 1
-        y = float(y_low)
-    else:
-        y_high = y_low + 1
-    if x_low >= w - 1:
-        x_high = x_low = w - 1
-        x = float(x_low)
-    else:
-        x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    hy, hx = 1.0 - ly, 1.0 - lx
-    return (hy * hx * f[y_low, x_low] + hy * lx * f[y_low, x_high]
-            + ly * hx * f[y_high, x_low] + ly * lx * f[y_high, x_high])
-
-
-def np_roi_align(f, boxes, scale, out=7, sr=2, aligned=True):
-    f = f.astype(np.float64)
-    res = np.zeros((len(boxes), out, out, f.shape[2]))
-    off = 0.5 if aligned else 0.0
-    for r, b in enumerate(boxes.astype(np.float64)):
-        x1, y1 = b[0] * scale - off, b[1] * scale - off
-        x2, y2 = b[2] * scale - off, b[3] * scale - off
-        rw, rh = x2 - x1, y2 - y1
-        if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
-        bh, bw = rh / out, rw / out
-        gh = sr if sr > 0 else math.ceil(rh / out)
-        gw = sr if sr > 0 else math.ceil(rw / out)
-        count = max(gh * gw, 1)
-        for ph in range(out):
-            for pw in range(out):
-                acc = 0.0
-                for iy in range(gh):
-                    y = y1 + ph * bh + (iy + 0.5) * bh / gh
-                    for ix in range(gw):
-                        x = x1 + pw * bw + (ix + 0.5) * bw / gw
-                        acc = acc + np_bilinear(f, y, x)
-                res[r, ph, pw] = acc / count
-    return res
 
 
 def rand_boxes(rng, n, img_h, img_w):

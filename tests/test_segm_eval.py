@@ -9,11 +9,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from ezsd_jax.data.coco import DataError
-from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
+from ezsd_jax.lvis_eval import lvis_evaluate
 from ezsd_jax.evaluate import coco_eval
 from ezsd_jax.segm_eval import lvis_segm_evaluate, segm_results
-from test_ezsd_splits_eval import _lvis_gt
-from test_ops_masks import rand_polygon
+from helpers import rand_polygon
 
 
 def _rle_str(mask):

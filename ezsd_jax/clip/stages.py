@@ -1,10 +1,8 @@
 """CLIP stages for `python -m ezsd_jax.main`: read the config and the workdir, call the
 drivers of this package, write their outputs into the workdir, skip work already done.
 
-  clip_pretrain  (demo only) toy CLIP contrastive pretraining on a caption set
-                 -> <workdir>/clip_pretrain/{model/, clean_accuracy.json}
   renorm         LayerNorm-only re-normalization of the teacher (config.clip.model, or
-                 the toy CLIP of clip_pretrain when empty) on BASE GT crops of the
+                 the demo's toy CLIP, demo/stages.py clip_pretrain, when empty) on BASE GT crops of the
                  training set -> <workdir>/clip_renorm/{adapted_clip/,
                  text_embeddings.npz (ALL names, adapted text tower)}, and crop accuracy
                  over all names on val GT crops before / after ->
@@ -14,8 +12,8 @@ drivers of this package, write their outputs into the workdir, skip work already
                  skipped, so a killed job resumes; config.clip.proposal_shard "i/n"
                  splits the chunks over jobs, default one job per process)
 
-Names: config.ezsd's zero-shot split (ezsd/splits.py), the same for every stage. The
-EZSD detector stages read these outputs (ezsd/stages.py: DEFAULT_TEXT_EMBEDDINGS,
+Names: config.ezsd's zero-shot split (data/splits.py), the same for every stage. The
+EZSD detector stages read these outputs (clip/text.py: DEFAULT_TEXT_EMBEDDINGS,
 DEFAULT_PROPOSALS).
 """
 from __future__ import annotations
@@ -32,25 +30,23 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ezsd_jax.core import cli, config_check, sharding
-from ezsd_jax.clip import pretrain
 from ezsd_jax.clip.loading import load_clip
 from ezsd_jax.clip.proposals import run_proposals
 from ezsd_jax.clip.renorm import crop_accuracy, flatten_gt_boxes, run_renorm
 from ezsd_jax.clip.store import ProposalStore
-from ezsd_jax.clip.text import load_text_embeddings, text_embeddings
+from ezsd_jax.clip.text import (RENORM_DIR, load_text_embeddings, text_embeddings,
+                              text_embeddings_path)
 from ezsd_jax.data.pipeline import DetectionPipeline
-from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
-from ezsd_jax.demo.world import detection_paths, load_caption_set
-from ezsd_jax.ezsd import splits
-from ezsd_jax.ezsd.stages import text_embeddings_path
+from ezsd_jax.data.synthetic_stage import point_data_config
+from ezsd_jax.data import splits
 from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.train import load_dataset, make_pipeline
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_DIR = "clip_pretrain"
-RENORM_DIR = "clip_renorm"
 PROPOSALS_DIR = "proposals"
+
+PRETRAIN_DIR = "clip_pretrain"   # the demo's toy CLIP (demo/stages.py: clip_pretrain)
 
 
 def _point_data(cfg, workdir: str) -> None:
@@ -99,7 +95,7 @@ def clip_source(cfg, workdir: str) -> str:
     return d
 
 
-def _templates(cfg) -> tuple[str, ...]:
+def prompt_templates(cfg) -> tuple[str, ...]:
     return tuple(cfg.clip.renorm.get("templates", ("a photo of a {}.",)))
 
 
@@ -118,57 +114,6 @@ def _local_pipeline(dataset, cfg, batch_size: int, train: bool = False):
                              flip_prob=0.0, seed=cfg.train.seed, num_threads=d.num_threads,
                              prefetch=d.prefetch, process_index=0, process_count=1,
                              on_error=d.on_error)
-
-
-# ----------------------------------------------------------------------------- pretrain
-
-def clip_pretrain(cfg, workdir: str) -> dict:
-    """Stage 'clip_pretrain' (demo): toy CLIP on the caption set of config.clip.captions
-    ('' = the demo world's <synth root>/captions/{train,heldout}.npz). Skipped when the
-    model and its clean accuracy exist. Returns the clean accuracy dict."""
-
-    _point_data(cfg, workdir)
-    out = os.path.join(workdir, PRETRAIN_DIR)
-    model_dir = os.path.join(out, "model")
-    acc_path = os.path.join(out, "clean_accuracy.json")
-    if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), acc_path)):
-        log.info(f"[clip_pretrain] {model_dir} exists, skipping")
-        with open(acc_path) as f:
-            return json.load(f)
-    tr_path, ho_path = _caption_paths(cfg, workdir)
-    train = load_caption_set(tr_path)
-    base, novel, names = split_names(cfg)
-    missing = sorted(set(names) - set(train["names"]))
-    if missing:
-        raise ValueError(f"{tr_path}: the caption set has no category {missing} of the "
-                         "zero-shot split (config.ezsd)")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        pretrain.run_pretrain(train["images"], train["captions"], train["labels"],
-                              train["names"], model_dir, workdir, cfg.clip.pretrain, log=log.info)
-    model, params, tok, _, mean, std = load_clip(model_dir)
-    templates = _templates(cfg)
-    held = load_caption_set(ho_path)
-    pos = {n: i for i, n in enumerate(names)}
-    labels = np.asarray([pos.get(held["names"][k], -1) if k >= 0 else -1
-                         for k in held["labels"]], np.int32)
-    keep = labels >= 0
-    acc = pretrain.clean_accuracy(model, params, tok, held["images"][keep], labels[keep],
-                                  names, is_base=np.asarray([n in base for n in names]),
-                                  templates=templates, mean=mean, std=std)
-    acc["images"] = int(keep.sum())
-    if _is_main():
-        atomic_write_json(acc_path, acc)
-    log.info(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
-             f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
-    return acc
-
-
-def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
-    c = cfg.clip.get("captions", "")
-    if c:
-        return os.path.join(c, "train.npz"), os.path.join(c, "heldout.npz")
-    p = detection_paths(dataset_paths(cfg, workdir)["root"])
-    return p["captions_train"], p["captions_heldout"]
 
 
 # ----------------------------------------------------------------------------- renorm
@@ -240,7 +185,7 @@ def renorm(cfg, workdir: str) -> dict:
             return json.load(f)
     src = clip_source(cfg, workdir)
     model, params, tok, size, mean, std = load_clip(src)
-    templates = _templates(cfg)
+    templates = prompt_templates(cfg)
     # crop accuracy over ALL names on val GT crops, before (first: run_renorm
     # donates the teacher's parameters) and after
     is_base = np.asarray([n in base for n in names])
@@ -361,7 +306,7 @@ def _barrier_if_multiprocess() -> None:
 
 
 
-__all__ = ["clip_pretrain", "renorm", "proposals", "generate_proposals", "clip_source",
+__all__ = ["renorm", "proposals", "generate_proposals", "clip_source",
            "split_names", "scoring_names", "SCORE_NAMES", "renorm_steps", "renorm_batch_size",
            "RENORM_EPOCH_UNITS", "val_crop_accuracy",
-           "PRETRAIN_DIR", "RENORM_DIR", "PROPOSALS_DIR"]
+           "PRETRAIN_DIR", "PROPOSALS_DIR", "prompt_templates"]

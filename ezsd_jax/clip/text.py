@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ezsd_jax.core import cli
 from ezsd_jax.core.io_utils import atomic_savez
 from ezsd_jax.ops.vectors import l2_normalize
 
@@ -22,6 +23,23 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 ENSEMBLE_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a picture of a {}.",
                       "there is a {} in the scene.", "this is a photo of a {}.",
                       "a photo of a small {}.", "a photo of a large {}.")
+
+# what the renorm stage (clip/stages.py) writes, read by the EZSD stages and predict
+RENORM_DIR = "clip_renorm"
+DEFAULT_TEXT_EMBEDDINGS = RENORM_DIR + "/text_embeddings.npz"
+
+
+def text_embeddings_path(cfg, workdir: str) -> str:
+    p = cfg.ezsd.get("text_embeddings", "")
+    if p:
+        if not os.path.exists(p):
+            raise cli.MissingInput(f"config.ezsd.text_embeddings: {p} does not exist")
+        return p
+    p = os.path.join(workdir, DEFAULT_TEXT_EMBEDDINGS)
+    if not os.path.exists(p):
+        raise cli.MissingInput(f"no text embeddings: {p} does not exist; run the 'renorm' "
+                                "stage first or set config.ezsd.text_embeddings")
+    return p
 
 
 def _vision(module, pixel_values):
@@ -158,4 +176,5 @@ def load_text_embeddings(path: str) -> tuple[list[str], np.ndarray]:
 
 __all__ = ["DEFAULT_TEMPLATES", "ENSEMBLE_TEMPLATES", "encode_image", "encode_text", "prompts",
            "tokenize", "prompt_tokens", "ensemble_text_embeddings", "text_embeddings",
-           "save_text_embeddings", "load_text_embeddings"]
+           "save_text_embeddings", "load_text_embeddings", "text_embeddings_path",
+           "RENORM_DIR", "DEFAULT_TEXT_EMBEDDINGS"]

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ezsd_jax.core.errors import DataError
+from ezsd_jax.ops.masks import CROP_SCALE
 
 
 # ------------------------------------------------------------------ host: COCO -> bitmaps
@@ -137,7 +138,6 @@ def pad_instances(masks: np.ndarray, max_instances: int) -> tuple[np.ndarray, np
 
 # ------------------------------------------------------------------ host: box crops
 
-CROP_SCALE = 255.0   # box crops are uint8 coverage 0..255
 
 
 def box_crops(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
@@ -204,4 +204,4 @@ def exact_segmentation(mask: np.ndarray, origin: tuple[int, int], hw: tuple[int,
 
 
 __all__ = ["exact_segmentation", "segmentation_rle", "annotation_mask", "instance_masks",
-           "pad_instances", "box_crops", "CROP_SCALE"]
+           "pad_instances", "box_crops"]

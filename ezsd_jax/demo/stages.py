@@ -22,18 +22,20 @@ import logging
 import os
 
 import jax
+import numpy as np
 import ml_collections
 from jax.experimental import multihost_utils
 
 from ezsd_jax.core import cli
+from ezsd_jax.clip import pretrain
 from ezsd_jax.clip import stages as clip_stages
 from ezsd_jax.clip.loading import load_clip
-from ezsd_jax.clip.text import load_text_embeddings, save_text_embeddings, text_embeddings
+from ezsd_jax.clip.text import (load_text_embeddings, save_text_embeddings, text_embeddings,
+                              text_embeddings_path)
 from ezsd_jax.core.images import decode_image
 from ezsd_jax.data.synthetic_stage import dataset_paths, point_data_config
 from ezsd_jax.demo import report, world
 from ezsd_jax.ezsd import stages as ezsd_stages
-from ezsd_jax.ezsd.stages import text_embeddings_path
 from ezsd_jax.core.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,58 @@ def demo_data(cfg, workdir: str) -> dict:
 
 def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------- clip_pretrain
+
+def clip_pretrain(cfg, workdir: str) -> dict:
+    """Stage 'clip_pretrain' (demo): toy CLIP on the caption set of config.clip.captions
+    ('' = the demo world's <synth root>/captions/{train,heldout}.npz). Skipped when the
+    model and its clean accuracy exist. Returns the clean accuracy dict."""
+
+    if "synth" in cfg:
+        point_data_config(cfg, workdir)
+    out = os.path.join(workdir, clip_stages.PRETRAIN_DIR)
+    model_dir = os.path.join(out, "model")
+    acc_path = os.path.join(out, "clean_accuracy.json")
+    if all(os.path.exists(p) for p in (os.path.join(model_dir, "config.json"), acc_path)):
+        log.info(f"[clip_pretrain] {model_dir} exists, skipping")
+        with open(acc_path) as f:
+            return json.load(f)
+    tr_path, ho_path = _caption_paths(cfg, workdir)
+    train = world.load_caption_set(tr_path)
+    base, novel, names = clip_stages.split_names(cfg)
+    missing = sorted(set(names) - set(train["names"]))
+    if missing:
+        raise ValueError(f"{tr_path}: the caption set has no category {missing} of the "
+                         "zero-shot split (config.ezsd)")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        pretrain.run_pretrain(train["images"], train["captions"], train["labels"],
+                              train["names"], model_dir, workdir, cfg.clip.pretrain, log=log.info)
+    model, params, tok, _, mean, std = load_clip(model_dir)
+    templates = clip_stages.prompt_templates(cfg)
+    held = world.load_caption_set(ho_path)
+    pos = {n: i for i, n in enumerate(names)}
+    labels = np.asarray([pos.get(held["names"][k], -1) if k >= 0 else -1
+                         for k in held["labels"]], np.int32)
+    keep = labels >= 0
+    acc = pretrain.clean_accuracy(model, params, tok, held["images"][keep], labels[keep],
+                                  names, is_base=np.asarray([n in base for n in names]),
+                                  templates=templates, mean=mean, std=std)
+    acc["images"] = int(keep.sum())
+    if _is_main():
+        atomic_write_json(acc_path, acc)
+    log.info(f"[clip_pretrain] held-out clean images, accuracy over all {len(names)} names: "
+             f"all {acc['acc_all']:.3f}, base {acc['acc_base']:.3f}, novel {acc['acc_novel']:.3f}")
+    return acc
+
+
+def _caption_paths(cfg, workdir: str) -> tuple[str, str]:
+    c = cfg.clip.get("captions", "")
+    if c:
+        return os.path.join(c, "train.npz"), os.path.join(c, "heldout.npz")
+    p = world.detection_paths(dataset_paths(cfg, workdir)["root"])
+    return p["captions_train"], p["captions_heldout"]
 
 
 # ----------------------------------------------------------------------------- ablation

@@ -15,7 +15,7 @@ proposals, which write the text embeddings and the proposal store into the workd
               checkpoint (config.ezsd.eval.force re-runs).
 
 Inputs (config.ezsd): split ('coco48_17' | 'lvis' | 'names' + base_names/novel_names),
-text_embeddings (.npz of the renorm stage; '' = <workdir>/DEFAULT_TEXT_EMBEDDINGS), proposals_dir ('' = <workdir>/proposals), distill (loss/sampling options),
+text_embeddings (.npz of the renorm stage; '' = <workdir>/clip_renorm/text_embeddings.npz), proposals_dir ('' = <workdir>/proposals), distill (loss/sampling options),
 eval (protocol, force, reference_max_dets: COCO maxDets reported alongside the standard
 1/10/100, e.g. the reference's (100, 300, 1000)).
 """
@@ -32,9 +32,10 @@ from ezsd_jax.core import cli
 from ezsd_jax import evaluate
 from ezsd_jax.core.checkpoint import Checkpointer
 from ezsd_jax.clip.store import ProposalStore, StoreError
-from ezsd_jax.clip.text import load_text_embeddings
-from ezsd_jax.ezsd import distill, splits
-from ezsd_jax.ezsd.lvis_eval import lvis_evaluate
+from ezsd_jax.clip.text import load_text_embeddings, text_embeddings_path
+from ezsd_jax.ezsd import distill
+from ezsd_jax.data import splits
+from ezsd_jax.lvis_eval import lvis_evaluate
 from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.models import detector as det
 from ezsd_jax.models.ezsd_head import EZSDHeadConfig
@@ -43,27 +44,12 @@ from ezsd_jax.train import detector_config, load_dataset, masks_on, train_detect
 
 log = logging.getLogger(__name__)
 
-# what the renorm stage (clip/stages.py) writes: the one default place
-DEFAULT_TEXT_EMBEDDINGS = "clip_renorm/text_embeddings.npz"
 DEFAULT_PROPOSALS = "proposals"
 CKPT_NAME = "ezsd"
 EVAL_NAME = "ezsd_eval"
 
 
 # ----------------------------------------------------------------------------- inputs
-
-def text_embeddings_path(cfg, workdir: str) -> str:
-    p = cfg.ezsd.get("text_embeddings", "")
-    if p:
-        if not os.path.exists(p):
-            raise cli.MissingInput(f"config.ezsd.text_embeddings: {p} does not exist")
-        return p
-    p = os.path.join(workdir, DEFAULT_TEXT_EMBEDDINGS)
-    if not os.path.exists(p):
-        raise cli.MissingInput(f"no text embeddings: {p} does not exist; run the 'renorm' "
-                                "stage first or set config.ezsd.text_embeddings")
-    return p
-
 
 def load_class_embeddings(path: str, names, embed_dim: int) -> np.ndarray:
     """Rows of the text-embeddings file for `names`, in that order: [K, D] float32,
@@ -221,5 +207,5 @@ def ezsd_eval(cfg, workdir: str) -> dict:
 STAGES = {"ezsd_train": "ezsd_jax.ezsd.stages:ezsd_train",
           "ezsd_eval": "ezsd_jax.ezsd.stages:ezsd_eval"}
 
-__all__ = ["ezsd_train", "ezsd_eval", "STAGES", "text_embeddings_path",
-           "load_class_embeddings", "distill_fns", "open_store", "DEFAULT_TEXT_EMBEDDINGS"]
+__all__ = ["ezsd_train", "ezsd_eval", "STAGES",
+           "load_class_embeddings", "distill_fns", "open_store", "DEFAULT_PROPOSALS"]

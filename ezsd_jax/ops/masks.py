@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ezsd_jax.data.segmentation import CROP_SCALE
 from ezsd_jax.ops.roi_align import bilinear_axis_weights
+
+CROP_SCALE = 255.0   # GT mask box crops are uint8 coverage 0..255 (data/segmentation.py)
 
 
 # ------------------------------------------------------------------ device: mask targets
@@ -186,4 +187,4 @@ def encode_masks(masks: np.ndarray) -> list[dict]:
     return rles
 
 
-__all__ = ["mask_targets", "crop_mask_targets", "paste_masks", "encode_masks"]
+__all__ = ["mask_targets", "crop_mask_targets", "paste_masks", "encode_masks", "CROP_SCALE"]

@@ -33,11 +33,11 @@ import numpy as np
 from ezsd_jax.predict import bundle, buckets
 from ezsd_jax.core import cli
 from ezsd_jax import evaluate
-from ezsd_jax.clip.stages import RENORM_DIR
+from ezsd_jax.clip.text import RENORM_DIR
 from ezsd_jax.clip.text import ENSEMBLE_TEMPLATES, text_embeddings
 from ezsd_jax.core.errors import DataError
 from ezsd_jax.core.images import decode_image
-from ezsd_jax.ezsd.splits import COCO_80
+from ezsd_jax.data.splits import COCO_80
 from ezsd_jax.ezsd.stages import CKPT_NAME, head_config
 from ezsd_jax.core.metrics import Progress
 from ezsd_jax.models import detector as det

@@ -13,7 +13,7 @@ import numpy as np
 
 from ezsd_jax.core import cli
 from ezsd_jax.clip.loading import ClipLoadError, load_clip
-from ezsd_jax.ezsd import splits
+from ezsd_jax.data import splits
 
 
 def read_config(path: str):
