@@ -198,147 +198,21 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
     data = read_json(ann_file)
     id_to_name, _ = _parse_categories(data, ann_file)
     cat_ids, cat_names = _select_categories(id_to_name, category_names, ann_file)
-    cat_to_class = {cid: k for k, cid in enumerate(cat_ids)}
-    images = _require_list(data, "images", ann_file)
-    anns = _require_list(data, "annotations", ann_file)
-
-    skipped: dict[str, int] = defaultdict(int)
-
-    def bad(reason: str, msg: str) -> None:
-        if on_error == "raise":
-            raise DataError(f"{ann_file}: {msg}")
-        skipped[reason] += 1
-
-    # Images.
-    imgs: dict[int, dict] = {}
-    order: list[int] = []
-    bad_images: set[int] = set()
-    for i, img in enumerate(images):
-        if not isinstance(img, dict):
-            bad("bad_image", f"images[{i}] is not an object")
-            continue
-        missing = [k for k in _IMAGE_KEYS if k not in img]
-        path = _image_path(img, image_dir)
-        if path is None:
-            missing.append("file_name")
-        iid = img.get("id")
-        if missing:
-            bad("image_missing_keys", f"image id={iid} (images[{i}]) is missing keys {missing}")
-            if _is_int(iid):
-                bad_images.add(int(iid))
-            continue
-        if not _is_int(iid) or not 0 <= iid <= _MAX_ID:
-            bad("bad_image", f"images[{i}] has id {iid!r}: must be an integer in [0, 2^31)")
-            continue
-        iid = int(iid)
-        if iid in imgs or iid in bad_images:
-            # A duplicate id makes annotations ambiguous: never skippable.
-            raise DataError(f"{ann_file}: duplicate image id {iid} (images[{i}])")
-        h, w = img["height"], img["width"]
-        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
-            bad("bad_image", f"image id={iid} has invalid size height={h!r} width={w!r}")
-            bad_images.add(iid)
-            continue
-        imgs[iid] = {"path": path, "h": int(h), "w": int(w)}
-        order.append(iid)
-
-    # Annotations.
-    ann_ids: set = set()
-    boxes: dict[int, list] = defaultdict(list)
-    classes: dict[int, list] = defaultdict(list)
-    segms: dict[int, list] = defaultdict(list)
-    seg_ids: dict[int, list] = defaultdict(list)
-    clipped = 0
-    for j, a in enumerate(anns):
-        if not isinstance(a, dict):
-            bad("ann_missing_keys", f"annotations[{j}] is not an object")
-            continue
-        aid = a.get("id", f"<none> (annotations[{j}])")
-        missing = [k for k in _ANN_KEYS if k not in a]
-        if missing:
-            bad("ann_missing_keys", f"annotation id={aid} (image id={a.get('image_id')}) "
-                                    f"is missing keys {missing}")
-            if _is_int(a.get("image_id")):
-                bad_images.add(int(a["image_id"]))
-            continue
-        iid, cid = a["image_id"], a["category_id"]
-        where = f"annotation id={aid} (image id={iid})"
-        if not isinstance(aid, (int, str)) or isinstance(aid, bool):
-            raise DataError(f"{ann_file}: annotations[{j}] has id {aid!r}: must be an "
-                            "integer or a string")
-        if aid in ann_ids:
-            # Evaluation indexes annotations by id: a duplicate is never skippable.
-            raise DataError(f"{ann_file}: duplicate annotation id {aid} (annotations[{j}])")
-        ann_ids.add(aid)
-        if not _is_int(iid) or (int(iid) not in imgs and int(iid) not in bad_images):
-            bad("unknown_image", f"{where}: image id not in 'images'")
-            continue
-        iid = int(iid)
-        if iid in bad_images:
-            continue  # its image is already dropped (and counted)
-        if not _is_int(cid) or int(cid) not in id_to_name:
-            bad("unknown_category", f"{where}: category_id {cid!r} not in 'categories'")
-            bad_images.add(iid)
-            continue
-        if a.get("iscrowd", 0):
-            skipped["crowd"] += 1
-            continue
-        if int(cid) not in cat_to_class:
-            skipped["unselected_category"] += 1
-            continue
-        bb = a["bbox"]
-        if not (isinstance(bb, (list, tuple)) and len(bb) == 4 and all(_is_num(v) for v in bb)):
-            bad("bad_box", f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bb!r:.100}")
-            bad_images.add(iid)
-            continue
-        x, y, bw, bh = (float(v) for v in bb)
-        if bw <= 0 or bh <= 0:
-            bad("degenerate_box", f"{where}: zero-area or negative box [x,y,w,h]={bb}")
-            bad_images.add(iid)
-            continue
-        H, W = imgs[iid]["h"], imgs[iid]["w"]
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + bw, float(W)), min(y + bh, float(H))
-        if x2 <= x1 or y2 <= y1:
-            bad("box_outside_image", f"{where}: box [x,y,w,h]={bb} lies entirely outside "
-                                     f"the {W}x{H} (WxH) image")
-            bad_images.add(iid)
-            continue
-        if with_masks:
-            try:
-                segmentation_rle(a.get("segmentation"), H, W, where)
-            except DataError as e:
-                bad("bad_segmentation", str(e))
-                bad_images.add(iid)
-                continue
-            segms[iid].append(a["segmentation"])
-            seg_ids[iid].append(aid)
-        if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
-            clipped += 1
-        boxes[iid].append((x1, y1, x2, y2))
-        classes[iid].append(cat_to_class[int(cid)])
-
+    issues = _Issues(ann_file, on_error)
+    imgs, order, bad_images = _parse_images(_require_list(data, "images", ann_file),
+                                            image_dir, issues)
+    per_image, clipped = _parse_annotations(
+        _require_list(data, "annotations", ann_file), imgs, bad_images, id_to_name,
+        {cid: k for k, cid in enumerate(cat_ids)}, with_masks, issues)
     if check_files:  # after the cheap checks: only files of images still kept
         kept = [iid for iid in order if iid not in bad_images]
+        unreadable = set()
         for iid, reason, msg in _check_image_files(imgs, kept, num_threads):
-            bad(reason, msg)
-            order.remove(iid)
-
-    records: list[ImageRecord] = []
-    for iid in order:
-        if iid in bad_images:
-            skipped["images_dropped"] += 1
-            continue
-        if not boxes[iid] and not keep_empty:
-            skipped["empty_image"] += 1
-            continue
-        im = imgs[iid]
-        records.append(ImageRecord(
-            image_id=iid, path=im["path"], height=im["h"], width=im["w"],
-            boxes=np.asarray(boxes[iid], np.float32).reshape(-1, 4),
-            classes=np.asarray(classes[iid], np.int32).reshape(-1),
-            segmentations=segms[iid] if with_masks else None,
-            ann_ids=seg_ids[iid] if with_masks else None))
+            issues.bad(reason, msg)        # counted by its file reason alone
+            unreadable.add(iid)
+        order = [iid for iid in order if iid not in unreadable]
+    records = _index(order, imgs, per_image, bad_images, keep_empty, with_masks, issues)
+    skipped = issues.skipped
     if clipped:
         log.info("%s: clipped %d boxes partially outside their image", ann_file, clipped)
     errors = {k: v for k, v in skipped.items()
@@ -347,6 +221,171 @@ def load_coco(ann_file: str, image_dir: str, category_names: Sequence[str] | Non
         log.warning("%s: skipped bad input %s", ann_file, errors)
     return CocoDataset(records=records, cat_ids=cat_ids, cat_names=cat_names,
                        ann_file=ann_file, skipped=dict(skipped), clipped=clipped)
+
+
+class _Issues:
+    """Bad records of one annotation file: raise at the first ('raise') or count by reason
+    ('skip')."""
+
+    def __init__(self, ann_file: str, on_error: str):
+        self.ann_file, self.on_error = ann_file, on_error
+        self.skipped: dict[str, int] = defaultdict(int)
+
+    def bad(self, reason: str, msg: str) -> None:
+        if self.on_error == "raise":
+            raise DataError(f"{self.ann_file}: {msg}")
+        self.skipped[reason] += 1
+
+    def never_skippable(self, msg: str) -> None:
+        raise DataError(f"{self.ann_file}: {msg}")
+
+
+def _parse_images(images: list, image_dir: str, issues: _Issues):
+    """-> ({id: {path, h, w}}, ids in file order, ids of dropped images)."""
+    imgs: dict[int, dict] = {}
+    order: list[int] = []
+    bad_images: set[int] = set()
+    for i, img in enumerate(images):
+        if not isinstance(img, dict):
+            issues.bad("bad_image", f"images[{i}] is not an object")
+            continue
+        missing = [k for k in _IMAGE_KEYS if k not in img]
+        path = _image_path(img, image_dir)
+        if path is None:
+            missing.append("file_name")
+        iid = img.get("id")
+        if missing:
+            issues.bad("image_missing_keys",
+                       f"image id={iid} (images[{i}]) is missing keys {missing}")
+            if _is_int(iid):
+                bad_images.add(int(iid))
+            continue
+        if not _is_int(iid) or not 0 <= iid <= _MAX_ID:
+            issues.bad("bad_image", f"images[{i}] has id {iid!r}: must be an integer in "
+                                    "[0, 2^31)")
+            continue
+        iid = int(iid)
+        if iid in imgs or iid in bad_images:
+            # A duplicate id makes annotations ambiguous: never skippable.
+            issues.never_skippable(f"duplicate image id {iid} (images[{i}])")
+        h, w = img["height"], img["width"]
+        if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+            issues.bad("bad_image", f"image id={iid} has invalid size height={h!r} width={w!r}")
+            bad_images.add(iid)
+            continue
+        imgs[iid] = {"path": path, "h": int(h), "w": int(w)}
+        order.append(iid)
+    return imgs, order, bad_images
+
+
+def _parse_annotations(anns: list, imgs: dict, bad_images: set, id_to_name: dict,
+                       cat_to_class: dict, with_masks: bool, issues: _Issues):
+    """Validates every annotation; -> ({image id: {boxes, classes, segms, ann_ids}},
+    number of boxes clipped to their image). A bad annotation adds its image to
+    `bad_images` (an image with a silently missing box would teach background)."""
+    ann_ids: set = set()
+    per_image: dict[int, dict] = defaultdict(
+        lambda: {"boxes": [], "classes": [], "segms": [], "ann_ids": []})
+    clipped = 0
+    for j, a in enumerate(anns):
+        if not isinstance(a, dict):
+            issues.bad("ann_missing_keys", f"annotations[{j}] is not an object")
+            continue
+        aid = a.get("id", f"<none> (annotations[{j}])")
+        missing = [k for k in _ANN_KEYS if k not in a]
+        if missing:
+            issues.bad("ann_missing_keys", f"annotation id={aid} (image id="
+                                           f"{a.get('image_id')}) is missing keys {missing}")
+            if _is_int(a.get("image_id")):
+                bad_images.add(int(a["image_id"]))
+            continue
+        iid, cid = a["image_id"], a["category_id"]
+        where = f"annotation id={aid} (image id={iid})"
+        if not isinstance(aid, (int, str)) or isinstance(aid, bool):
+            issues.never_skippable(f"annotations[{j}] has id {aid!r}: must be an integer "
+                                   "or a string")
+        if aid in ann_ids:
+            # Evaluation indexes annotations by id: a duplicate is never skippable.
+            issues.never_skippable(f"duplicate annotation id {aid} (annotations[{j}])")
+        ann_ids.add(aid)
+        if not _is_int(iid) or (int(iid) not in imgs and int(iid) not in bad_images):
+            issues.bad("unknown_image", f"{where}: image id not in 'images'")
+            continue
+        iid = int(iid)
+        if iid in bad_images:
+            continue  # its image is already dropped (and counted)
+        if not _is_int(cid) or int(cid) not in id_to_name:
+            issues.bad("unknown_category", f"{where}: category_id {cid!r} not in 'categories'")
+            bad_images.add(iid)
+            continue
+        if a.get("iscrowd", 0):
+            issues.skipped["crowd"] += 1
+            continue
+        if int(cid) not in cat_to_class:
+            issues.skipped["unselected_category"] += 1
+            continue
+        box = _checked_box(a["bbox"], imgs[iid], where, issues)
+        if box is None:
+            bad_images.add(iid)
+            continue
+        if with_masks:
+            try:
+                segmentation_rle(a.get("segmentation"), imgs[iid]["h"], imgs[iid]["w"], where)
+            except DataError as e:
+                issues.bad("bad_segmentation", str(e))
+                bad_images.add(iid)
+                continue
+        rec = per_image[iid]
+        if with_masks:
+            rec["segms"].append(a["segmentation"])
+            rec["ann_ids"].append(aid)
+        clipped += box[1]
+        rec["boxes"].append(box[0])
+        rec["classes"].append(cat_to_class[int(cid)])
+    return per_image, clipped
+
+
+def _checked_box(bb: Any, im: dict, where: str, issues: _Issues):
+    """COCO xywh -> ((x1, y1, x2, y2) clipped to the image, whether it was clipped), or
+    None (counted) for a malformed, degenerate or fully outside box."""
+    if not (isinstance(bb, (list, tuple)) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+        issues.bad("bad_box", f"{where}: bbox must be 4 finite numbers [x, y, w, h], "
+                              f"got {bb!r:.100}")
+        return None
+    x, y, bw, bh = (float(v) for v in bb)
+    if bw <= 0 or bh <= 0:
+        issues.bad("degenerate_box", f"{where}: zero-area or negative box [x,y,w,h]={bb}")
+        return None
+    H, W = im["h"], im["w"]
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + bw, float(W)), min(y + bh, float(H))
+    if x2 <= x1 or y2 <= y1:
+        issues.bad("box_outside_image", f"{where}: box [x,y,w,h]={bb} lies entirely outside "
+                                        f"the {W}x{H} (WxH) image")
+        return None
+    return (x1, y1, x2, y2), int((x1, y1, x2, y2) != (x, y, x + bw, y + bh))
+
+
+def _index(order: list, imgs: dict, per_image: dict, bad_images: set, keep_empty: bool,
+           with_masks: bool, issues: _Issues) -> list[ImageRecord]:
+    """The kept images in file order as ImageRecords."""
+    records: list[ImageRecord] = []
+    for iid in order:
+        if iid in bad_images:
+            issues.skipped["images_dropped"] += 1
+            continue
+        rec = per_image.get(iid, {"boxes": [], "classes": [], "segms": [], "ann_ids": []})
+        if not rec["boxes"] and not keep_empty:
+            issues.skipped["empty_image"] += 1
+            continue
+        im = imgs[iid]
+        records.append(ImageRecord(
+            image_id=iid, path=im["path"], height=im["h"], width=im["w"],
+            boxes=np.asarray(rec["boxes"], np.float32).reshape(-1, 4),
+            classes=np.asarray(rec["classes"], np.int32).reshape(-1),
+            segmentations=rec["segms"] if with_masks else None,
+            ann_ids=rec["ann_ids"] if with_masks else None))
+    return records
 
 
 def _check_image_files(imgs: dict[int, dict], order: list[int], num_threads: int):
