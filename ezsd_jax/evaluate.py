@@ -1,15 +1,9 @@
 """Evaluation stage ("eval"): batched jitted inference -> detections in ORIGINAL image
 coordinates (COCO ids, xywh) -> pycocotools COCOeval, optionally per category group
-(all / novel / base for generalized zero-shot detection). A Mask R-CNN (model.mask_on)
-also pastes its masks in the jitted step (models/detector.paste_detection_masks, on a
-canvas as large as the dataset's largest image) and each result carries its RLE
-'segmentation' (the reference's segm results also keep the box), scored with COCOeval
-'segm' next to 'bbox' (metrics['segm'][group]).
-
-Every process runs inference on its slice; detections (fixed-size arrays) are gathered to
-every process and process 0 writes `<workdir>/eval/<name>_detections.json` and
-`<workdir>/eval/<name>_metrics.json` (atomically). Padding entries of the last batch
-(`valid` False) are dropped.
+(all / novel / base: generalized zero-shot detection), box AP and, for a Mask R-CNN, mask
+AP. Process 0 writes
+<workdir>/eval/<name>_detections.json and <name>_metrics.json. Masks and multi-process
+gathering: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,26 +1,9 @@
-"""LVIS box evaluation (the `lvis` API protocol), implemented here on numpy and
-pycocotools' box IoU instead of depending on the unmaintained `lvis` package.
+"""LVIS evaluation (the `lvis` API's federated protocol), implemented here on numpy and
+pycocotools' IoU instead of depending on the unmaintained `lvis` package.
 
-Place in the pipeline: ezsd_eval on LVIS (configs/lvis.py) hands its COCO-format
-detections here; the result has AP, AP50, AP75, APs/m/l, APr, APc, APf and AR@max_dets.
-
-Why not `pip install lvis==0.5.3`: its package __init__ imports the visualizer, which needs
-opencv-python (a large binary dependency used for nothing here), and its eval code uses
-np.float, removed in numpy 2 (a monkey-patch of numpy would be needed). The protocol is
-small and is reproduced step by step:
-  - results: at most `max_dets` (300) detections per image, the highest scores (over all
-    categories), before anything else; detection area = w * h, GT area = 'area' field;
-  - federated filter: in image i a detection of category c is evaluated only if c is in
-    i's GT categories or in i's 'neg_category_ids'; others are dropped;
-  - per (image, category): detections by score (stable), GT with ignore last, greedy
-    matching at each IoU threshold 0.50:0.05:0.95 exactly as COCOeval (no crowd);
-    unmatched detections of a category in i's 'not_exhaustive_category_ids', or outside
-    the area range, are ignored (not false positives);
-  - per category and area range: detections of all images sorted by score (stable,
-    image order breaking ties), precision made monotone, sampled at 101 recall points;
-    categories without GT in the area range are -1 and excluded from the means;
-  - APr / APc / APf: means over the categories of frequency 'r' / 'c' / 'f'
-    (-1 when a group has no evaluated category).
+Place in the pipeline: ezsd_eval on LVIS (configs/lvis.py) hands its COCO-format detections
+here -> AP, AP50, AP75, APs/m/l, APr, APc, APf and AR@max_dets. Why not `lvis`, and the
+protocol step by step: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
 """Instance-segmentation evaluation: pasted detection masks -> COCO RLE results ->
-COCOeval `segm` (COCO 48/17) or LVIS mask AP (the `lvis` API's federated protocol with
-mask IoU).
+COCOeval `segm` (COCO 48/17) or LVIS mask AP.
 
-Place in the pipeline: the eval stage pastes the mask head's output at the final boxes
-(ezsd_jax.ops.masks.paste_masks) on a padded canvas; `segm_results` crops each image's
-masks to its original size and encodes them; ezsd_jax.evaluate.coco_eval(iou_type='segm')
-/ `lvis_segm_evaluate` score them (the same evaluators as for boxes).
-
-LVIS with masks differs from LVIS with boxes in exactly two places (lvis-api LVISEval with
-iou_type='segm', LVISResults): the IoU is mask IoU (pycocotools maskUtils.iou of the
-results' RLEs and the GT segmentations converted at the image's height/width, no crowd),
-and a detection's area is its mask area (maskUtils.area), where boxes use w * h. The GT
-area is the annotation's 'area' field in both: ezsd_jax.lvis_eval.lvis_evaluate takes
-the IoU type as a parameter.
+Place in the pipeline: the eval stage pastes masks on a padded canvas; `segm_results` crops
+and encodes them; evaluate.coco_eval(iou_type='segm') / `lvis_segm_evaluate` score them.
+How LVIS mask AP differs from box AP: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -2,9 +2,8 @@
 
 A small MLP learns a fixed random teacher function, data-parallel over the mesh's 'data'
 axis with the first layer's kernel split over 'model' (rule-based sharding), through the
-project's one training loop (checkpoints, resume, metrics, progress). It is what the
-foundation tests use for the sharded-step and kill/resume checks, and what `make demo`
-runs until the zero-shot demo exists.
+project's one training loop (checkpoints, resume, metrics, progress). The foundation tests
+run it (configs/toy.py) for the sharded-step and kill/resume checks.
 """
 from __future__ import annotations
 

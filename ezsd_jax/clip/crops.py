@@ -1,41 +1,9 @@
 """Batched box crops for CLIP, on device: enlarge, clip, zero-pad to a square, resize,
 normalize - the reference's per-box PIL preprocessing as one jittable function.
 
-Place in the pipeline: CLIP re-normalization (GT crops at 1.2x) and CLIP proposals
-(~15k candidate crops per image at 1.0x, then 1.2x feature crops) call this inside their
-jitted step; nothing is cropped on the host.
-
-Convention (the reference's, `crop_img_to_patches` in EZAD's ClsProposalGenerator):
-  1. box (x1, y1, x2, y2) enlarged by `enlarge` around its centre:
-     x1 - (e-1)/2 w, x2 + (e-1)/2 w (same in y);
-  2. snapped outwards to whole pixels and clipped to the image's valid region:
-     X0 = floor(max(x1', 0)), X1 = ceil(min(x2', W)) (the reference clips to W-1, an
-     off-by-one that drops the last column/row; we clip to W). At least one pixel wide.
-  3. the crop (cw x ch pixels) is placed in a zero square of side S = max(cw, ch) at offset
-     ((S-cw)//2, (S-ch)//2); the zeros are zero PIXEL values (black, as the reference's
-     np.zeros square), i.e. they become -mean/std after normalization;
-  4. resized S -> out_size with PIL's antialiased resampling (bicubic a=-0.5, support 2, or
-     bilinear/triangle, support 1; the kernel is stretched by max(S/out, 1) when shrinking
-     and renormalized over the square at its border), horizontal pass then vertical pass,
-     each clipped to [0, 255] like PIL's 8-bit passes (PIL also rounds each pass to uint8;
-     we keep floats, so results differ from PIL by about one grey level at most);
-  5. normalized: (v / 255 - mean) / std (mean/std in 0..1 units, CLIP's).
-Pixels outside the valid region `image_hw` (the padding of a padded batch) are never read.
-
-Implementation: per box, the square is cut into P x P blocks (P = `window`, default
-2 * out_size) of f x f pixels, f = ceil(S / P) (1 whenever the square fits the window);
-the blocks' sums of crop pixels are read from an int32 summed-area table of the image (one
-gather of (P+1)^2 corners per box; clamping the block edges to the crop gives the zero
-padding for free and never reads outside the valid region), and the crop is
-Wy @ blocks @ Wx^T with two small weight matrices [out, P] (matmuls, MXU/tensor-core
-friendly). With f = 1 this is PIL's resampling of the padded square (up to PIL's uint8
-rounding); with f > 1 (squares larger than the window) the kernel sees f x f block
-averages at their centres (a box prefilter, like PIL's `reducing_gap`), a close
-approximation whose crop and square edges stay exact. Boxes are processed in chunks
-(`chunk`) with `lax.map`, so memory is bounded by B * chunk * (P+1)^2 * 3 words,
-whatever the number of boxes. Cost: 3 (P^2 out + out^2 P) multiply-adds per crop
-(`crop_flops`: 0.20 G at out 224 / P 448, about 5% of a ViT-B/32 forward); window =
-out_size cuts it 3x, squares between out and 2 out then take the block path.
+Called inside the jitted steps of CLIP re-normalization (GT crops at 1.2x) and CLIP
+proposals (candidate crops at 1.0x, feature crops at 1.2x); nothing is cropped on the host.
+Crop convention and the summed-area-table implementation: docs/code-notes.md.
 """
 from __future__ import annotations
 

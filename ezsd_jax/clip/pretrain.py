@@ -1,20 +1,9 @@
 """Toy CLIP pretraining: contrastive image-caption training of a small FlaxCLIPModel.
 
-Place in the pipeline: the demo's stand-in for OpenAI's CLIP pretraining (stage
-'clip_pretrain', clip/stages.py). No real CLIP weights exist offline and a random CLIP
-knows nothing, so the demo trains its own teacher on a caption set (demo/world.py: one
-clean, centred object per image, "a photo of a {name}." for ALL categories). The result
-is saved with `save_pretrained` (+ tokenizer and preprocessor config) and read back by
-re-normalization and proposals with `loading.load_clip`, exactly like a real checkpoint.
-
-Loss: symmetric InfoNCE (image->text and text->image softmax cross-entropy over the
-batch, logits = exp(logit_scale) * cos). Many captions of a batch name the same category
-(a handful of categories, a batch of 100+), so the targets are multi-positive: every
-caption naming the image's category is a positive, with equal target mass (the plain
-InfoNCE one-hot target would push identical captions apart). logit_scale is learned,
-initialized to log(1/0.07) and clipped at log(100) as in CLIP. AdamW with a linear
-warm-up and cosine decay; random horizontal flips. The shared train loop runs it
-(checkpoints in <workdir>/ckpt_clip_pretrain, metrics in metrics/clip_pretrain.csv).
+The demo's stand-in for OpenAI's CLIP pretraining (stage 'clip_pretrain', demo/stages.py):
+no real CLIP weights exist offline, so the demo trains its own teacher on the caption set of
+demo/world.py and saves it like a real checkpoint for `loading.load_clip`. Loss and
+schedule: docs/code-notes.md.
 """
 from __future__ import annotations
 

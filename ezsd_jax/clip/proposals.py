@@ -1,25 +1,10 @@
 """CLIP distillation proposals: regions that may hold novel objects, with their CLIP
 embeddings (docs/ezsd-method.md section 2).
 
-Place in the pipeline: second stage, after re-normalization. Input: training images (no
-flip) with their BASE GT boxes, the adapted CLIP and the text embeddings of ALL names.
-Output per image (written by `store.ProposalStore`): up to `keep` proposal boxes in
-ORIGINAL image coordinates with fp16 L2-normalized CLIP embeddings (1.2x crops), max
-softmax confidence, argmax category and score; and the base GT boxes with their
-embeddings. The detector distills these embeddings.
-
-One jitted function per batch (`make_proposal_fn`), static shapes throughout:
-  1. candidates: dense sliding anchors on the padded canvas (stride 32, sizes 32..512,
-     ratios 0.5/1/2; ~15.7k on 1344x800), clipped to each image's valid region, masked;
-  2. 1.0x crops -> adapted CLIP -> softmax over ALL names (exp(logit_scale) * cos)
-     -> score = log(C) - entropy(p) (crops and CLIP chunked, only scores are kept);
-  3. class-agnostic NMS (IoU 0.7) -> top `num_nms` (1000) by score;
-  4. drop candidates with IoU >= 0.3 to any BASE GT box (the reference also filters
-     against novel GT, which leaks novel annotations; we do not);
-  5. 1.2x crops -> L2-normalized embedding, softmax over all names; drop those whose argmax
-     is a base category; keep the first `keep` (300) by score (LVIS mode:
-     drop_base=False, selection='random': `keep` (500) at random among the survivors);
-  6. base GT boxes: 1.2x crop embeddings.
+Second stage, after re-normalization: training images with their BASE GT boxes, the adapted
+CLIP and the text embeddings of ALL names -> per image, proposal boxes and the base GT boxes
+with their CLIP embeddings, for `store.ProposalStore`. One jitted function per batch
+(`make_proposal_fn`); its six steps: docs/code-notes.md.
 """
 from __future__ import annotations
 

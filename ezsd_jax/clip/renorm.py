@@ -1,18 +1,9 @@
 """CLIP re-normalization: tune only CLIP's LayerNorms on base-class GT crops.
 
-Place in the pipeline (docs/ezsd-method.md section 1): first stage. Input: detection training
-batches (the data pipeline's format) with BASE annotations; output: the adapted CLIP
-(a `save_pretrained` directory that `loading.load_clip` reads like the original) and the
-adapted text embeddings of ALL names (base + novel), used by the proposal stage and the
-detector.
-
-Trained: vision pre_layrnorm (sic), every encoder layer's layer_norm1/2, post_layernorm,
-and - with `text_layernorms` (COCO) - the text encoder layers' layer_norm1/2 and the text
-final_layer_norm; everything else, logit_scale included, stays bit-identical.
-Crops: GT boxes enlarged 1.2x, zero-padded square, 224 bicubic, CLIP-normalized, random
-horizontal flip 0.5 - done on device inside the step (`crops.crop_flat`).
-Classifier: exp(logit_scale) * cos(image, text of the base names); sigmoid BCE on one-hot
-targets (reference) or softmax CE. AdamW 1e-4, wd 1e-4, global-norm clip 0.1.
+Place in the pipeline (docs/ezsd-method.md section 1): first stage. Detection training
+batches with BASE annotations -> the adapted CLIP (a `save_pretrained` directory for
+`loading.load_clip`) and the adapted text embeddings of ALL names, used by the proposal
+stage and the detector. Trained parameters, crops, loss: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,20 +1,9 @@
 """CLIP stages for `python -m ezsd_jax.main`: read the config and the workdir, call the
 drivers of this package, write their outputs into the workdir, skip work already done.
 
-  renorm         LayerNorm-only re-normalization of the teacher (config.clip.model, or
-                 the demo's toy CLIP, demo/stages.py clip_pretrain, when empty) on BASE GT crops of the
-                 training set -> <workdir>/clip_renorm/{adapted_clip/,
-                 text_embeddings.npz (ALL names, adapted text tower)}, and crop accuracy
-                 over all names on val GT crops before / after ->
-                 <workdir>/clip_renorm/crop_accuracy.json
-  proposals      CLIP proposals of every training image with the adapted CLIP ->
-                 <workdir>/proposals (ProposalStore; chunks already written are
-                 skipped, so a killed job resumes; config.clip.proposal_shard "i/n"
-                 splits the chunks over jobs, default one job per process)
-
-Names: config.ezsd's zero-shot split (data/splits.py), the same for every stage. The
-EZSD detector stages read these outputs (clip/text.py: DEFAULT_TEXT_EMBEDDINGS,
-DEFAULT_PROPOSALS).
+  renorm      LayerNorm-only re-normalization of the teacher -> <workdir>/clip_renorm/
+  proposals   CLIP proposals of every training image -> <workdir>/proposals (resumable)
+Inputs, outputs and job splitting: docs/code-notes.md.
 """
 from __future__ import annotations
 

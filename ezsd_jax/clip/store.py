@@ -1,16 +1,9 @@
 """On-disk store of per-image CLIP proposals: one .npz file per chunk of images + manifest.
 
-Place in the pipeline: written by `proposals.run_proposals` (possibly many jobs/hosts in
-parallel, each its own chunks), read by the detector's data pipeline (`get(image_id)`).
-
-Layout of `directory`:
-  manifest.json                          names, settings, num_chunks, chunk_size
-  shard_{c:05d}-of-{n:05d}.npz           records of the images of chunk c (n = num_chunks)
-A shard file holds `image_ids` [m] and, for every record field f, the concatenation of the
-m images' arrays along axis 0 (`f`) and their lengths (`_len_f` [m]); dtypes are kept
-exactly (fp16 embeddings round-trip bit for bit). Files are written to a temporary name and
-renamed (io_utils.atomic_savez), so a chunk file either exists complete or not at all,
-and a killed job redoes only the chunk it was writing.
+Written by `proposals.run_proposals` (possibly many jobs/hosts in parallel, each its own
+chunks), read by the detector's data pipeline (`get(image_id)`); chunk files are written
+atomically, so a killed job redoes only the chunk it was writing. File layout:
+docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
 """A tiny random CLIP (+ its own BPE tokenizer) for tests, benchmarks and the demo.
 
-Place in the pipeline: none of the real runs; `make_tiny_clip` writes a `save_pretrained`
-directory that `clip/loading.load_clip` reads like a real checkpoint, and the demo's
-`clip_pretrain` stage starts from `tiny_clip_config` + `make_tokenizer`. No pretrained
-weights ship with the project; the toy CLIP is random until pretrained.
-
-The toy tokenizer is a genuine CLIP BPE vocabulary, only small: all 256 byte symbols, each
-also with the end-of-word marker '</w>', the merges that assemble every pre-token of the
-given words (whole words become single tokens), '<|startoftext|>' and '<|endoftext|>'.
-Any text therefore tokenizes without unknown tokens (unknown pieces fall back to bytes).
+No real run uses it: `make_tiny_clip` writes a `save_pretrained` directory that
+`clip/loading.load_clip` reads like a real checkpoint, and the demo's `clip_pretrain` stage
+(demo/stages.py) starts from `tiny_clip_config` + `make_tokenizer`. The tokenizer:
+docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
 """The one config validator: the whole resolved config, checked before any work is done.
 
-Every entry point (ezsd_jax.main, isal_jax.main, isal_jax.select) gets its config through
-`cli.get_config()`, which runs `validate(cfg)`; a bad value is one line naming the field
-(exit status 2) instead of a no-op run or a crash after hours of work. Rules go by a
-field's LEAF name wherever it sits (`batch_size` covers train.batch_size, eval.batch_size,
-clip.pretrain.batch_size, ...), enums by full path; a rule applies only when the config
-has that field, so one table serves every config in configs/. The modules that consume a
-field still check their own arguments (they are also called from Python). This module
-imports nothing of the project's, so a rejected value costs no jax import.
+`cli.get_config()` runs `validate(cfg)` for every entry point; a bad value is one line
+naming the field (exit status 2). It imports nothing of the project's, so a rejected value
+costs no jax import. How rules match fields: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,8 @@
 """The one image decoder: file or bytes -> upright uint8 HxWx3 RGB (every stage reads this).
 
-Training, evaluation, the CLIP stages and predict all decode through `decode_image`, so
-an image looks the same to each of them:
-  - EXIF orientation is applied (`ImageOps.exif_transpose`): annotations, as COCO tools
-    assume, are in the upright frame a viewer shows;
-  - 16-bit and 32-bit grayscale (PIL modes I;16*, I, F) are scaled by their own range
-    convention (I;16: /257; I and F: /257 when any value exceeds 255, i.e. 16-bit data
-    stored as 32-bit; otherwise taken as 0..255) instead of PIL's clip to 255 (which
-    turns a 16-bit PNG all white);
-  - palette, gray, gray+alpha, RGBA, CMYK and YCbCr become RGB; transparency is
-    composited over black (the zero value of the detector's padding);
-  - failure is a `DataError` naming the file and the cause (missing, empty, truncated,
-    not an image, too large for PIL's decompression-bomb guard).
-
-`image_size(path)` reads only the header (PIL's lazy open) and returns the upright
-(height, width). `check_image(path)` adds the end marker of JPEG and PNG files (a file cut
-short has none): the cheap check of every file against its annotation before training
-(coco.load_coco runs it in parallel threads).
+Training, evaluation, the CLIP stages and predict all decode through `decode_image`, so an
+image looks the same to each; `image_size` reads only the header, `check_image` is the
+cheap pre-training check. EXIF, bit depth, modes and failures: docs/code-notes.md.
 """
 from __future__ import annotations
 

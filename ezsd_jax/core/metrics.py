@@ -1,13 +1,7 @@
 """Metrics and progress for every long job: scalars to CSV + TensorBoard, rate and ETA to the log.
 
-  writer = MetricWriter(workdir, "train")          # workdir/metrics/train.csv (+ tb events)
-  progress = Progress(total=steps, unit="img", per_step=batch)
-  for step ...:
-      if progress.tick(step):                      # True every `every_s` seconds
-          writer.write(step, {**metrics, **progress.rates()})
-Only process 0 writes files; every process may log. A run resumed from the checkpoint of
-step k passes `resume_step=k`: rows (and TensorBoard events) past k, written by the killed
-run after its last checkpoint, are dropped, so the CSV reads like an uninterrupted run's.
+`MetricWriter` writes <workdir>/metrics/<name>.csv (process 0 only) and drops the rows past a
+resumed run's checkpoint step; `Progress` says when to log. Usage: docs/code-notes.md.
 """
 from __future__ import annotations
 

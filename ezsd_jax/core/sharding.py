@@ -1,12 +1,8 @@
 """Device mesh, shardings and host->global batch conversion: the one way to place data.
 
-Every jitted step in the project gets its in/out shardings from here:
-  mesh = make_mesh(cfg.mesh)                       # axes ('data', 'model')
-  batch = host_to_global(host_batch, mesh)         # split on 'data'
-  state_sh = param_shardings(mesh, state, rules)   # replicated unless a rule matches
-  step = jax.jit(fn, in_shardings=..., out_shardings=..., donate_argnums=(0,))
-Multi-host: call `maybe_initialize_distributed(cfg)` first; each process then feeds its
-local slice of the global batch (see `process_slice`).
+Every jitted step in the project gets its in/out shardings from here (`make_mesh`,
+`host_to_global`, `param_shardings`); multi-host runs call `maybe_initialize_distributed`
+first. Usage pattern: docs/code-notes.md.
 """
 from __future__ import annotations
 

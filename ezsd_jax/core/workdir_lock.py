@@ -1,13 +1,8 @@
 """One run per workdir: an fcntl lock file that every entry point takes before any work.
 
-`cli.prepare_workdir` (ezsd_jax.main, isal_jax.main, isal_jax.select) calls `acquire`;
-a second run on the same workdir stops with one line, "workdir DIR in use by PID N",
-instead of two processes writing the same checkpoints. The lock is `flock` on
-`<workdir>/.lock`, or `.lock.<key>` for runs meant to share a workdir (the other
-processes of a multi-host job, `clip.proposal_shard` jobs: ezsd_jax.main picks the key):
-the kernel releases it when the holding process dies, however it dies (SIGKILL included),
-so a killed run never leaves a stale lock; the PID in the file is only for the message.
-The file descriptor is close-on-exec, so subprocesses never hold the lock.
+`cli.prepare_workdir` calls `acquire`; a second run on the same workdir stops with one line,
+"workdir DIR in use by PID N". The kernel releases the lock when its holder dies, so it is
+never stale. Lock files and keys: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """COCO-format annotations -> validated per-image records (the first step of the data layer).
 
-`load_coco` reads a COCO (or LVIS) annotation JSON, checks every image and annotation, and
-returns a `CocoDataset` of `ImageRecord`s: xyxy float32 boxes in ORIGINAL image pixels and
-contiguous class indices 0..C-1. Restricting `category_names` is the zero-shot split
-mechanism: annotations of other categories are dropped (train = base names only).
-`write_split` writes a category-restricted copy of an annotation file (base-only train,
-65-category val) for evaluation with pycocotools. The host pipeline (pipeline.py) reads the
-records; evaluation gets the pycocotools COCO object from `CocoDataset.coco()`.
-
-Bad input raises `DataError` naming the file and the record, or, with on_error='skip', is
-dropped and counted in `CocoDataset.skipped[reason]`.
+`load_coco` reads a COCO (or LVIS) annotation JSON, checks it, and returns a `CocoDataset`
+of `ImageRecord`s (xyxy boxes in original pixels, class indices 0..C-1); restricting
+`category_names` is the zero-shot split mechanism. Details: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,27 +1,8 @@
 """Host input pipeline: records -> fixed-shape numpy batches for this process.
 
-Each process reads its own disjoint part of the dataset and yields per-process batches
-(feed them to `ezsd_jax.core.sharding.host_to_global`):
-  - train: one stream of items, the concatenation of epoch permutations of ALL records
-    (seeded by (seed, epoch), the same on every process). Global step s covers stream
-    items [s*G, (s+1)*G), G = batch_size * process_count; process p takes
-    [s*G + p*B, s*G + (p+1)*B). Every random choice of an item (flip, box subset) is
-    seeded by (seed, its stream position), so `train_iterator(start_step=k)` yields
-    exactly what an uninterrupted run yields from step k, whatever the thread timing.
-    With `repeat_factors` (data/sampling.py) an epoch is a permutation of the repeated
-    index list instead; with `short_side_range` (lo, hi) each train item's short side is
-    drawn uniformly from the integers lo..hi (mmdet multiscale_mode='range'), again from
-    the item's own seed; the padded shape stays `image_size`.
-  - eval: a contiguous slice per process (`sharding.process_slice`), every image once;
-    the last batches are padded with valid=False entries so that all processes yield
-    the same number of batches.
-Decoding (PIL) and resizing run in a thread pool; up to `prefetch` batches beyond the
-one being consumed are in flight, so the accelerator does not wait on the host.
-Every decoded image is checked against its record's (height, width). A file that fails to
-decode or has another size (coco.load_coco checks headers before training; this catches
-damage inside the pixel data) raises DataError naming it, or with on_error='skip' becomes
-a padding entry (valid=False, counted in `num_unreadable`): a property of the file, so a
-resumed run skips exactly what an uninterrupted one skips.
+Each process reads its own disjoint part of the dataset and yields per-process batches (feed
+them to `ezsd_jax.core.sharding.host_to_global`); decoding runs in a prefetching thread pool.
+Train stream and resume, eval slices, unreadable files: docs/code-notes.md.
 """
 from __future__ import annotations
 

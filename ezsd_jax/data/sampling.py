@@ -1,14 +1,7 @@
 """Class-balanced repeat-factor sampling (LVIS; Gupta et al. 2019), as mmdetection's
-ClassBalancedDataset implements it. Place in the pipeline: train.make_pipeline computes
-the per-image repeat counts from the loaded records when config.data.repeat_threshold > 0;
-the DetectionPipeline's train stream then permutes the repeated index list each epoch
-(seeded by (seed, epoch)), so the order is a pure function of the seed and the stream
-position: a resumed run sees exactly what an uninterrupted one sees.
-
-  f(c) = fraction of the training images that hold category c
-  r(c) = max(1, sqrt(t / f(c)))
-  r(I) = max over the categories c in image I of r(c)   (1 for an image without any)
-  image I appears ceil(r(I)) times per epoch            (mmdet; detectron2 rounds at random)
+ClassBalancedDataset implements it: per-image repeat counts for the train stream when
+config.data.repeat_threshold > 0 (train.make_pipeline). The rule and the resumable epoch
+order: docs/code-notes.md.
 """
 from __future__ import annotations
 

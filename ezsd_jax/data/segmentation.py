@@ -2,12 +2,8 @@
 RLE) -> validated RLEs and bitmaps, and the fixed-size box crops that training batches
 carry (one [S, S] crop per GT box, whatever the image size).
 
-Place in the pipeline: coco.load_coco(with_masks=True) validates every kept annotation
-with `segmentation_rle`; the host pipeline (pipeline.py) decodes the kept annotations of
-each training image (`annotation_mask`) and crops them to their boxes (`box_crops`); the
-device turns crops into Mask R-CNN targets (ezsd_jax.ops.masks.crop_mask_targets).
-Malformed input is a one-line DataError naming the file and the annotation (the
-reference silently accepts it; a 4-number polygon is even read as a box by pycocotools).
+Used by coco.load_coco (validation) and the host pipeline (crops); the device turns the
+crops into targets (ops.masks.crop_mask_targets). Detail: docs/code-notes.md.
 """
 from __future__ import annotations
 

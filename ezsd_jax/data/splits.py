@@ -1,16 +1,9 @@
 """Zero-shot category splits (docs/ezsd-method.md section 0): COCO 48/17, LVIS base/novel by
 frequency, explicit name lists; split annotation files; evaluation groups.
 
-Place in the pipeline: every EZSD stage asks `zeroshot_names(cfg.ezsd, ann_file)` for the
-base / novel names (renorm trains on base names, proposals classify over all names, the
-detector trains on base names and is evaluated over all names). Names are returned in the
-annotation file's category-id order, so class indices are stable across stages.
-
-Training data keeps every train image: annotations of novel categories are dropped and
-images whose only objects are novel (or that have none) stay in as background-only images
-(`coco.load_coco(..., category_names=base)` with keep_empty=True). The reference
-(mmdetection) drops images without annotations from training; we keep them, as the method
-note asks, and say so in the configs.
+Every EZSD stage asks `zeroshot_names(cfg.ezsd, ann_file)` for the base / novel names, in
+the annotation file's category-id order, so class indices are stable across stages.
+Which stage uses which names, and the training images kept: docs/code-notes.md.
 """
 from __future__ import annotations
 

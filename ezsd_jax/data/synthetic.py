@@ -1,11 +1,8 @@
 """Synthetic COCO-format detection datasets: coloured, textured shapes on varied backgrounds.
 
-Used by the tests and the built-in demo in place of COCO (no photos ship offline). Each
-category is a (shape, colour, texture) combination with a readable name ("red circle"),
-so a zero-shot split is a split of these names. `write_coco_dataset` writes real image
-files plus a COCO annotation JSON that `coco.load_coco` and pycocotools read like COCO's;
-`to_lvis_format` turns that JSON into LVIS v1's form (coco_url, frequencies, negative ids).
-Boxes are the tight boxes of the drawn pixels; output is deterministic for a seed.
+Used by the tests and the built-in demo in place of COCO (no photos ship offline):
+`write_coco_dataset` writes image files + a COCO JSON, `to_lvis_format` its LVIS v1 form.
+Categories, boxes and determinism: docs/code-notes.md.
 """
 from __future__ import annotations
 

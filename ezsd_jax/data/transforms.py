@@ -1,11 +1,8 @@
 """Host-side (numpy/PIL) image and box transforms: resize, horizontal flip, pad.
 
-One example goes original image -> resized (short side to `short_side`, long side at most
-`max_side`, and never larger than the padded input) -> optionally flipped -> zero-padded
-at the top-left to the static input size. Boxes follow the same path, so they are in
-pixels of the padded input. `prepare_example` does all of it for the pipeline
-(pipeline.py); `boxes_to_input` maps any other original-coordinate boxes (stored CLIP
-proposals, say) with an example's `info`, and `boxes_to_original` maps predictions back.
+`prepare_example` takes one example from the original image to the static padded input
+(boxes follow, so they are in padded-input pixels); `boxes_to_input` / `boxes_to_original`
+map other boxes in and predictions back. The steps: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,8 @@
 """Stages of the zero-shot demo (configs/demo.py) for `python -m ezsd_jax.main`:
-
-  demo_data    writes the demo world (demo/world.py) into <synth root> (default
-               <workdir>/synthetic): COCO-format detection train/val and the caption sets;
-               config.data points at it (data/synthetic_stage.point_data_config).
-  ablation     (config.ablation.enabled) trains and evaluates one detector per variant
-               in <workdir>/ablation/<variant>/ (same data, CLIP and schedule as the main
-               run): no_renorm (proposals and text embeddings of the CLIP before
-               re-normalization), no_proposals (GT-only distillation),
-               no_semantic_regression, no_distillation (base-only detector, the floor).
-               -> <workdir>/ablation/results.json
-  demo_report  the final tables (printed; <workdir>/report.md, report.json) and
-               <workdir>/detections.png (detections on val images, base / novel labelled)
-
-Every stage skips work whose outputs exist, so the demo command can be re-run.
+demo_data (the demo world, demo/world.py), clip_pretrain (the toy CLIP teacher,
+clip/pretrain.py), ablation (one detector per variant) and demo_report (tables and a
+detections PNG). Every stage skips work whose outputs exist, so the demo command can be
+re-run. Outputs and ablation variants: docs/code-notes.md.
 """
 from __future__ import annotations
 

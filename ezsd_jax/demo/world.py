@@ -1,28 +1,9 @@
 """The synthetic zero-shot world of the built-in demo: what exists, and two ways of seeing it.
 
-Place in the pipeline: stage 'demo_data' (demo/stages.py) writes, into the workdir,
-  - a DETECTION set (COCO format, the layout of data/synthetic_stage.dataset_paths, so
-    config.data points at it like at any synthetic set): 128x128 scenes with several
-    objects on busy backgrounds (noise, gradients, stripes, checkers), clutter strokes
-    and blobs, and "dim lighting" (lower contrast, darker, a colour cast, sensor noise).
-    Every object of every category is annotated; the zero-shot split happens downstream
-    (ezsd_train loads base names only, so novel objects are unlabelled background there).
-    Novel objects appear in training scenes (`novel_weight_train` relative frequency),
-    as unannotated novel objects do in COCO: the CLIP proposals are meant to find them.
-  - a CAPTION set in a clean style (the toy CLIP's pretraining data): one centred object
-    per image on a plain (uniformly coloured) background, captioned "a photo of a
-    {name}." - for ALL categories, base and novel - plus some object-free images
-    captioned EMPTY_CAPTION. Stored at the CLIP input size as a .npz.
-The gap between the two styles is the domain gap that CLIP re-normalization bridges.
-
-Categories are coloured shapes with readable names; in the default split every colour and
-every shape belongs to one category only, so a novel name shares no word with a base name
-(what the text tower knows about a novel name it learned from the caption images).
-Choices that matter for the CLIP proposals (found by looking at them): no black category
-(crops are zero-padded to squares with black, and black-padded background crops were
-confidently called 'black ...'), compact shapes only among the defaults (a thin crescent
-looked like any tall crop between two black bars), and the object-free caption images
-(without them the toy CLIP calls background crops confidently by some name).
+Stage 'demo_data' (demo/stages.py) writes a cluttered, dimly lit DETECTION set (COCO format)
+and a clean CAPTION set (the toy CLIP's pretraining data); the gap between the two styles is
+the domain gap that CLIP re-normalization bridges. Scenes, categories and the choices behind
+them: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,27 +1,9 @@
 """Second-stage box head: RoI features [B,R,7,7,C] -> region features -> logits / deltas.
 
 Place in the pipeline: RoIAlign (ezsd_jax.ops) -> BoxHead -> LinearClassifier (plain Faster
-R-CNN) or the EZSD cosine classifier (built in the detector) and BoxRegressor.
-
-BoxHead = `num_convs` 3x3 convs (+ReLU, optional GroupNorm) then flatten (order H, W, C:
-NHWC, unlike torch's C, H, W; only matters when importing torch box-head weights) and
-`num_fcs` FCs with ReLU after each. Init as detectron2: convs c2_msra_fill (kaiming normal,
-fan_out), FCs c2_xavier_fill (U(+-sqrt(3/fan_in))), biases 0.
-
-Branched heads (mmdet ConvFCBBoxHead: shared convs -> shared FCs -> per branch convs ->
-FCs) are three BoxHeads built by `branch_heads(spec, ...)`; `spec` holds the six counts
-BOX_HEAD_SPEC_FIELDS, written as mmdet's six-digit name ("301212": 3 shared convs, 0 shared
-FCs, 1 conv + 2 FCs in the classification and in the regression branch), parsed by
-`parse_box_head_spec`. The EZSD head of the reference's final runs:
-    shared = BoxHead(num_convs=3, num_fcs=0, name='shared')(roi)          # [B,R,7,7,256]
-    cls_feat = BoxHead(num_convs=1, num_fcs=2, name='cls_head')(shared)   # [B,R,1024]
-    reg_feat = BoxHead(num_convs=1, num_fcs=2, name='reg_head')(shared)   # [B,R,1024]
-    deltas = BoxRegressor()(reg_feat, extra=text_emb_of_class)           # [B,R,4]
-(num_fcs=0 returns the conv features unflattened; a BoxHead with num_convs=0 also accepts
-already flattened [B,R,D] input; `flatten_rois` flattens a branch without FCs.)
-
-Class convention (project-wide): logits have num_classes + 1 columns and BACKGROUND IS THE
-LAST INDEX (num_classes). Classifier and regressor outputs are float32.
+R-CNN) or the EZSD cosine classifier (built in the detector) and BoxRegressor. Logits have
+num_classes + 1 columns, BACKGROUND LAST (project-wide). Layers, init and the branched heads
+of mmdet ("301212"): docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,29 +1,9 @@
 """The EZSD RoI head: region embeddings in CLIP's joint space, classified by cosine
 similarity with frozen text embeddings, plus semantic box regression (docs/ezsd-method.md section 3).
 
-Place in the pipeline: RoIAlign -> EZSDRoIHead (plugged in by detector.make_roi_head when
-model.roi_head == 'ezsd'). The class names live only in `class_embeddings` [K, D], given
-at call time: base names in training, base + novel names at test (one joint classifier),
-so the same parameters serve any vocabulary.
-
-    shared  = box_num_convs x (3x3 conv, ReLU)                      [B,R,S,S,C]
-    r       = L2norm(Linear(fc_dim -> D)(FC -> FC (shared)))        classification branch
-    logits  = temperature * [cos(r, t_1) .. cos(r, t_K), bg(r)]     background LAST
-    deltas  = Linear(fc_dim + D -> 4)([FC -> FC (shared), t_cls])   regression branch
-(model.box_head_spec, e.g. the reference's '301212', sets the shared and branch layers
-instead: models/box_head.parse_box_head_spec.) With model.box_cls_loss='seesaw' the
-background is a 2-way objectness Linear(D -> 2) without temperature, as the reference's
-ConvFCEmbeddingBBoxHead with SeesawLoss: 'seesaw_logits' [B,R,K+2] = [temp * cos, obj]
-for the loss, and 'logits' = losses.seesaw_scores of them (log-probabilities [K+1]).
-bg is a learned Linear(D -> 1) without bias, temperature = exp(log_temperature), learned,
-initialized to 100. t_cls is the (normalized) text embedding of the class: the assigned GT
-class in training (`reg_classes`, zeros for background = K), the argmax foreground class
-of the logits at test. `embed` runs the classification branch alone (distillation boxes).
-
-Options (EZSDHeadConfig) come from DetectorConfig.ezsd, the (key, value) pairs of
-config.model.ezsd: embed_dim, semantic_regression (off: plain class-agnostic regressor),
-learned_background (off: background logit fixed at 0), temperature_init,
-learn_temperature.
+Place in the pipeline: RoIAlign -> EZSDRoIHead (detector.make_roi_head, model.roi_head='ezsd').
+Class names enter only as `class_embeddings` [K, D] at call time, so the same parameters
+serve any vocabulary. Layers, the seesaw background and options: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,20 +1,7 @@
 """Feature pyramid network: backbone {'C2'..'C5'} -> [P2, P3, P4, P5, P6] (strides 4..64).
 
 Place in the pipeline: ResNet -> FPN -> RPN (all five levels) and RoIAlign (P2..P5).
-
-Per level l = 2..5: lateral 1x1 conv (C_l -> out_channels, named 'lateral_{l}'); top-down
-path: the merged map of level l+1 is upsampled by nearest neighbour to the lateral's exact
-spatial shape and added; a 3x3 output conv (named 'output_{l}') gives P_l. P6 is a
-max-pool with kernel 1 and stride 2 of P5 (the Faster R-CNN FPN convention, "LastLevelMaxPool"),
-i.e. P5[:, ::2, ::2], size ceil(n / 2).
-
-Nearest upsampling follows torch's F.interpolate(size=..., mode='nearest'):
-src = floor(dst * n_in / n_out), which for the usual n_out = 2 n_in or 2 n_in - 1 (odd
-input sizes) is "repeat each pixel twice and crop", keeping the top-left alignment of the
-strided convs.
-
-Init as in detectron2 (c2_xavier_fill): kaiming uniform with a=1, i.e. U(+-sqrt(3/fan_in)),
-bias 0, for lateral and output convs.
+Lateral / top-down layout, nearest upsampling and init: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,23 +1,9 @@
 """Mask R-CNN mask branch: the FCN mask head and its loss.
 
-Place in the pipeline: multi-level RoIAlign 14x14 (ezsd_jax.ops.roi_align) of the positive
-RoIs (training) or of the final detections (test) -> MaskHead -> 28x28 logits; training
-compares them with ezsd_jax.ops.masks.mask_targets via `mask_loss`; test takes
-sigmoid(logits) of the selected channel and pastes it (ops.masks.paste_masks).
-
-Reference (EZAD's configs/_base_/models/mask_rcnn_r50_fpn_with_clip_feat.py, kept by every
-COCO and LVIS distillation config): mmdetection's FCNMaskHead with num_convs=4 (3x3, 256,
-ReLU), a 2x2 stride-2 deconv (256, ReLU), a 1x1 conv to the logits, and
-class_agnostic=True: ONE output channel. So a novel category uses the same (only) mask
-channel as every base category at test time: the mask head never needed a per-class
-channel, which is what lets it segment categories it never saw a mask of. num_classes > 1
-gives the class-specific variant (channel = the RoI's class), which cannot serve novel
-classes (their channels get no training signal), hence the default of 1.
-Init as mmdetection: kaiming normal (fan_out, ReLU gain) for all convs, biases 0.
-Layout NHWC; a torch FCNMaskHead checkpoint needs its conv kernels transposed
-(O, I, kh, kw) -> (kh, kw, I, O), and its deconv kernel (I, O, kh, kw) -> (kh, kw, I, O)
-AND flipped in both spatial axes: flax's ConvTranspose computes out[2i+a, 2j+b] =
-x[i, j] . k[1-a, 1-b] where torch uses w[:, :, a, b] (pinned by the test).
+Place in the pipeline: 14x14 RoIAlign of the positive RoIs (training) or of the final
+detections (test) -> MaskHead -> 28x28 logits -> `mask_loss` against ops.masks targets, or
+sigmoid and ops.masks.paste_masks at test. Class-agnostic (one channel) like the reference;
+layers, init and torch weight layout: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,35 +1,9 @@
 """torchvision ImageNet ResNet weights <-> our flax ResNet variables.
 
-Place in the pipeline: a torchvision ResNet-50 checkpoint (converted once to .safetensors,
-no torch needed at run time) -> `load_torchvision_resnet` -> {'params', 'batch_stats'} of
-`models.resnet.ResNet`, to be merged into the detector's variables under its backbone name.
-Nothing is downloaded here: the file has to be provided.
-
-Key mapping (s = stage 1..4, b = block, k = 1..3; conv weights OIHW -> HWIO by
-transpose(2, 3, 1, 0); norms: weight -> scale, bias -> bias, running_mean -> mean,
-running_var -> var):
-
-  torchvision key                     flax collection / path
-  conv1.weight                        params/stem_conv/kernel
-  bn1.weight, bn1.bias                params/stem_bn/scale, params/stem_bn/bias
-  bn1.running_mean, bn1.running_var   batch_stats/stem_bn/mean, batch_stats/stem_bn/var
-  layer{s}.{b}.conv{k}.weight         params/layer{s}_{b}/conv{k}/kernel
-  layer{s}.{b}.bn{k}.*                params|batch_stats/layer{s}_{b}/bn{k}/*
-  layer{s}.{b}.downsample.0.weight    params/layer{s}_{b}/downsample_conv/kernel
-  layer{s}.{b}.downsample.1.*         params|batch_stats/layer{s}_{b}/downsample_bn/*
-  fc.weight, fc.bias                  ignored (classifier)
-  *.num_batches_tracked               ignored
-
-Bottleneck blocks have conv1..conv3 (k = 1..3), basic blocks conv1..conv2. mmdet/mmcv
-backbones use the same names under a prefix: pass prefix='backbone.'.
-
-Input normalization matching these weights: RGB, (pixel - IMAGENET_MEAN) / IMAGENET_STD with
-pixels in 0..255 (equivalently torchvision's mean/std on 0..1 images).
-
-Converting a .pth without torch installed here (run once where torch exists):
-  python -c "import torch; from safetensors.torch import save_file; \\
-    sd = torch.load('resnet50.pth', map_location='cpu'); \\
-    save_file({k: v.contiguous() for k, v in sd.items()}, 'resnet50.safetensors')"
+A torchvision ResNet-50 checkpoint (converted once to .safetensors, no torch at run time)
+-> `load_torchvision_resnet` -> {'params', 'batch_stats'} of `models.resnet.ResNet`, merged
+into the detector's variables. Nothing is downloaded here. Key mapping, input normalization
+and the .pth conversion command: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -2,30 +2,7 @@
 
 Place in the pipeline: normalized image [B,H,W,3] -> ResNet -> {'C2'..'C5'} -> FPN -> RPN /
 RoIAlign -> box head. ImageNet weights come from torchvision via `models.pretrained`.
-
-Layout (torchvision ResNet v1.5): 7x7/2 stem conv (pad 3) + frozen BN + ReLU + 3x3/2 max pool
-(pad 1), then four stages of bottleneck (or basic) blocks; the stride of a bottleneck sits on
-its 3x3 conv; stage i has width `width * 2**i` (x4 output channels for bottlenecks); the first
-block of a stage has a 1x1 projection shortcut when the stride or the channel count changes.
-Output strides: C2 4, C3 8, C4 16, C5 32 (sizes follow torchvision's floor formulas, so odd
-input sizes work: each stride-2 step gives floor((n - 1) / 2) + 1).
-
-Variable tree (flax path -> torchvision key; full table in `models.pretrained`):
-  params/stem_conv/kernel                      conv1.weight
-  params/stem_bn/{scale,bias}                  bn1.{weight,bias}
-  batch_stats/stem_bn/{mean,var}               bn1.{running_mean,running_var}
-  params/layer{s}_{b}/conv{k}/kernel           layer{s}.{b}.conv{k}.weight   (k = 1..3)
-  params/layer{s}_{b}/bn{k}/...                layer{s}.{b}.bn{k}.*
-  params/layer{s}_{b}/downsample_conv/kernel   layer{s}.{b}.downsample.0.weight
-  params/layer{s}_{b}/downsample_bn/...        layer{s}.{b}.downsample.1.*
-with s = 1..4 (stage; C{s+1} is the output of layer s) and b = 0.. (block). Convs have no bias.
-
-Freezing: batch norms are always frozen (statistics in 'batch_stats', affine params in
-'params' but behind stop_gradient, so their gradient is exactly zero); `trainable_mask`
-gives the optimizer mask (norms, stem and the first `frozen_stages` stages False). Setting
-the module field `frozen_stages` (-1 = off) also puts a stop_gradient after the last frozen
-stage so no backward pass is computed through the frozen part (as in torch, where frozen
-parameters and an input without grad mean no backward there).
+Layout, variable tree and freezing: docs/code-notes.md.
 """
 from __future__ import annotations
 

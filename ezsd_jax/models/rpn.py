@@ -1,14 +1,7 @@
 """RPN head: FPN levels -> per-anchor objectness logits and box deltas.
 
 Place in the pipeline: FPN [P2..P6] -> RPNHead -> (decode with anchors, NMS: ezsd_jax.ops)
--> proposals -> RoIAlign -> box head.
-
-One head shared across levels: 3x3 conv ('conv') + ReLU, then 1x1 'objectness' (A
-channels) and 1x1 'deltas' (4A channels, ordered anchor-major: channel a*4 + k, as in
-torchvision/detectron2). Outputs are flattened per level in the order row y, column x,
-anchor a: index (y * W + x) * A + a; anchors must be generated in that same order. Init:
-normal std 0.01, bias 0 (all three convs). Outputs are float32 (losses want full
-precision) whatever the compute dtype.
+-> proposals -> RoIAlign -> box head. Layers, output order and init: docs/code-notes.md.
 """
 from __future__ import annotations
 

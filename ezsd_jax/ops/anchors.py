@@ -1,15 +1,8 @@
 """Anchor layouts: FPN anchors for the RPN and the layout of the dense sliding candidates
 of CLIP proposals (clip/proposals.sliding_candidates clips and masks it on device).
 
-Pure numpy, evaluated once at trace time (shapes are static), returning np.float32 xyxy
-boxes in input-image pixels.
-
-Convention (detectron2 DefaultAnchorGenerator, offset 0.0): the anchors of feature cell
-(y, x) are centred on (x * stride + offset * stride, y * stride + offset * stride) with
-``offset = 0.0`` by default, i.e. on the top-left corner of the cell's receptive stride
-block. A cell anchor of size s and ratio r (= h / w) has area s**2:
-w = sqrt(s**2 / r), h = r * w, and is not rounded. Order: row y, then column x, then
-anchor a with sizes outer and ratios inner (A = len(sizes) * len(ratios)).
+Pure numpy at trace time, np.float32 xyxy boxes in input-image pixels, in detectron2's
+DefaultAnchorGenerator convention (centres, sizes, order: docs/code-notes.md).
 """
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """Box geometry ops shared by the RPN, the RoI head, CLIP proposals and evaluation.
 
 Convention everywhere inside the project: xyxy, absolute float32 pixels of the (padded)
-input image, continuous coordinates (a box [0, 0, 10, 10] is 10 pixels wide; no "+1").
-COCO xywh appears only at the data/evaluation edges (``xyxy_to_xywh``/``xywh_to_xyxy``).
-
-All functions are pure jnp, shape-polymorphic over leading axes and jittable;
-``box_area`` and ``iou_matrix`` also run on host in float64 with ``xp=numpy`` (the
-synthetic data generator places objects with them).
+input image, continuous coordinates (no "+1"); COCO xywh only at the data/evaluation edges.
+Pure jnp and jittable; details and host use: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,30 +1,9 @@
 """Instance masks for Mask R-CNN on the device: mask targets of the sampled positive
 RoIs, test-time pasting into the image, and RLE results (host).
 
-Place in the pipeline: the data layer (ezsd_jax/data/segmentation.py) decodes each
-training image's annotations (crowd regions dropped, as the reference does) and the batch
-carries each GT mask cropped to its box at a fixed size; the detector calls
-`crop_mask_targets` on the positives it sampled (`mask_targets` is the same RoIAlign on
-full-image masks, the form the reference uses and the tests compare against); inference
-calls `paste_masks` on the mask head's probabilities at the final detections, and the
-evaluator turns the pasted bitmaps into COCO RLE with `encode_masks`.
-
-Reference semantics (mmdetection 2.x as used by EZAD, branch new_rpn of dragonlzm/mmdetection):
-  - decoding (LoadAnnotations._poly2mask): polygons -> frPyObjects + merge, uncompressed RLE
-    -> frPyObjects, compressed RLE used as is, then maskUtils.decode at the image's (h, w);
-    crowd annotations (CocoDataset._parse_ann_info) go to gt_bboxes_ignore, their masks are
-    dropped, and with ignore_iof_thr=-1 the ignore boxes are unused: crowd regions play no
-    part in training. The reference silently accepts malformed input (a 4-number polygon is
-    even read as a box by pycocotools); here it is a one-line DataError naming the annotation.
-  - targets (mask_target_single + BitmapMasks.crop_and_resize): RoIs clipped to the mask
-    extent, RoIAlign of the binary GT mask at the RoI (spatial scale 1, aligned=True,
-    output 28), then binarized with >= 0.5. The reference's sampling_ratio=0 (adaptive,
-    ceil(roi_size / 28) samples per bin) is not a static shape; `sampling_ratio` here is a
-    fixed count per bin axis (tests measure the agreement with the adaptive rule).
-  - pasting (FCNMaskHead._do_paste_mask): F.grid_sample(bilinear, zero padding,
-    align_corners=False) of the 28x28 probabilities at pixel centres (x + 0.5) normalised
-    to the box extent, then >= 0.5 (mask_thr_binary). grid_sample with a separable grid is
-    separable, so each paste is two small matrix products: rows [H, 28] @ mask @ [28, W].
+Training: `crop_mask_targets` on the sampled positives (GT masks arrive as box crops from
+data/segmentation.py); inference: `paste_masks` at the final detections, then `encode_masks`
+to COCO RLE. Reference semantics and how they are reproduced: docs/code-notes.md.
 """
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
 """Static-shape greedy non-maximum suppression (RPN proposals, CLIP proposals, inference).
 
-Tiled algorithm in the spirit of TF's ``non_max_suppression_padded``: boxes are sorted by
-score (descending, ties by lower index, invalid last) and cut into tiles of ``tile_size``.
-Tiles are processed in order inside a ``lax.while_loop``; a tile's boxes are first
-suppressed by the already kept boxes of all earlier tiles (one [T, N] IoU matrix op), then
-the tile's self-suppression is iterated to its fixed point with a second while_loop (the
-fixed point of x_j = alive_j & not any(x_i & IoU_ij > thr, i < j) is unique and equals
-greedy NMS). The loop stops once ``max_output`` boxes are kept or the remaining tiles
-hold only invalid boxes. The result is identical to plain greedy NMS (torchvision
-semantics: a box is suppressed when its IoU with a kept box is > threshold).
-
-Jittable with static N / ``max_output`` / ``tile_size``; vmap-able over a batch.
+Tiled inside ``lax.while_loop``, with a result identical to plain greedy NMS (torchvision
+semantics); jittable with static N / ``max_output`` / ``tile_size``, vmap-able over a batch.
+The tiled algorithm: docs/code-notes.md.
 """
 from __future__ import annotations
 

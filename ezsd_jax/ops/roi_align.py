@@ -1,16 +1,7 @@
-"""RoIAlign (single map and multi-level FPN) for the detector's box head.
+"""RoIAlign (single map and multi-level FPN) for the detector's box and mask heads.
 
-Exact torchvision / detectron2 ``ROIAlign`` semantics with a fixed ``sampling_ratio``:
-box coordinates are scaled by ``spatial_scale`` and, when ``aligned``, shifted by -0.5
-pixel; each of the output_size**2 bins averages sampling_ratio**2 regularly spaced
-bilinear samples; a sample with y < -1, y > H, x < -1 or x > W contributes 0, otherwise
-coordinates are clamped at 0 and at the last row/column exactly as torchvision does.
-
-Implementation: the bilinear kernel is separable, so per box we compute 2 row indices and
-weights for each of the output_size*sampling_ratio sample rows (same for columns), gather
-the 2x2 neighbours of every sample from a flattened [H*W, C] map in one gather, and reduce.
-The multi-level version concatenates all flattened FPN levels and gathers with per-box
-level offsets: one gather for all boxes, each box touching only its own level.
+Exact torchvision / detectron2 ``ROIAlign`` semantics with a fixed ``sampling_ratio``,
+computed as separable bilinear gathers. Semantics and implementation: docs/code-notes.md.
 """
 from __future__ import annotations
 
