@@ -60,11 +60,14 @@ def _abstract(tree: Any) -> Any:
 
 
 class _DropReadOnlyNotice(logging.Filter):
-    """orbax warns 'Given directory is read only' on every read-only open: that is the
-    intent here, not news for the user."""
+    """orbax warns 'Given directory is read only' on every read-only open (the intent
+    here), and 'Metadata file does not exist' when the item metadata is read from the
+    item directory (the step's metadata lives one level up): not news for the user."""
+
+    NOTICES = ("Given directory is read only", "Metadata file does not exist")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Given directory is read only")
+        return not str(record.msg).startswith(self.NOTICES)
 
 
 logging.getLogger("absl").addFilter(_DropReadOnlyNotice())

@@ -25,6 +25,7 @@ import numpy as np
 
 from ezsd_jax.core import cli
 from ezsd_jax.core.checkpoint import Checkpointer
+from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.core.metrics import MetricWriter, Progress
 from ezsd_jax.core.sharding import host_to_global
 
@@ -132,6 +133,9 @@ def _fit(ckpt: Checkpointer, stop: _StopSignals, *, state, step_fn, batches, num
         return state, []
     # rows the killed run logged after its last checkpoint are re-run: drop them
     writer = MetricWriter(workdir, name, resume_step=start)
+    if writer.enabled:   # the run's length, for readers of an unfinished run (predict)
+        atomic_write_json(os.path.join(workdir, "metrics", f"{name}.steps.json"),
+                          {"num_steps": int(num_steps)})
     progress = Progress(num_steps, start=start, per_step=items_per_step, unit=unit, name=name,
                         every_s=0.0 if log_every <= 1 else 30.0)
     rows = []
