@@ -221,19 +221,27 @@ def infer_dataset(cfg, model, variables, dataset, consts=None, name: str = "eval
         pipe.close()
 
 
-def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detector"):
-    """Latest checkpoint of the detector trained in `workdir` -> its variables (sharded)."""
+def restore_variables(cfg, workdir: str, model, consts=None, name: str = "detector",
+                      stage: str = "train"):
+    """Latest checkpoint of the detector trained in `workdir` -> its variables (sharded).
+    Read-only: nothing in the workdir is created, cleaned or written. `stage`: the stage
+    that writes ckpt_<name> (named in the error when there is none)."""
     mesh = sharding.make_mesh(cfg.mesh)
     init, state_sh, _, _ = init_train_state(model, cfg, mesh, jax.random.key(0), consts or {})
     # abstract target (shapes, dtypes, shardings): nothing is compiled or allocated
     target = jax.tree_util.tree_map(
         lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
         jax.eval_shape(init, jax.random.key(0)), state_sh)
-    ckpt = Checkpointer(os.path.join(workdir, f"ckpt_{name}"))
-    step = ckpt.latest_step()
+    ckdir = os.path.join(workdir, f"ckpt_{name}")
+    step = None
+    if os.path.isdir(ckdir):
+        ckpt = Checkpointer(ckdir, read_only=True)
+        step = ckpt.latest_step()
+        if step is None:
+            ckpt.close()
     if step is None:
-        raise cli.MissingInput(f"no detector checkpoint in {workdir}/ckpt_{name}: run the "
-                                "train stage first")
+        raise cli.MissingInput(f"no detector checkpoint in {ckdir}: run the {stage} stage "
+                               "first")
     stats = target["batch_stats"]
     counts = stats.get(det.SEESAW_COUNTS)
     if counts is not None:   # sized by the TRAINING vocabulary, not this model's

@@ -148,7 +148,7 @@ def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
     target = task.init(jax.random.PRNGKey(cfg.seed), data.image_shape)
     steps = []
     if os.path.isdir(ckdir):
-        ck = Checkpointer(ckdir, keep=1000)
+        ck = Checkpointer(ckdir, read_only=True)
         steps = ck.all_steps()
         ck.close()
     if not steps:
@@ -172,7 +172,7 @@ def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
     step = max(steps) if cfg.checkpoint_step < 0 else int(cfg.checkpoint_step)
     if step not in steps:
         raise SelectError(f"config.checkpoint_step={step} not in {ckdir!r} (has {steps})")
-    ck = Checkpointer(ckdir, keep=1000)
+    ck = Checkpointer(ckdir, read_only=True)
     try:
         state = ck.restore(step, target)
     except CheckpointError as e:

@@ -158,7 +158,8 @@ def test_coco_config_runs_mask_rcnn_stages(tmp_path):
     # LVIS mode: base-argmax proposals kept, `keep` of them sampled per image
     from ezsd_jax.clip.store import ProposalStore
     lvis_dir = os.path.join(wd, "proposals_lvis")
-    _main(wd, flags + ["--stages=proposals", f"--config.ezsd.proposals_dir={lvis_dir}",
+    _main(wd, flags + ["--stages=proposals", "--allow_config_change",
+                       f"--config.ezsd.proposals_dir={lvis_dir}",
                        "--config.clip.proposals.selection=random",
                        "--config.clip.proposals.drop_base=False",
                        "--config.clip.proposals.keep=5"])

@@ -8,7 +8,11 @@
 
 Orbax writes each step into a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous checkpoint intact; the half-written one is
-never listed as a step (and is cleaned up on the next start).
+never listed as a step (and is cleaned up on the next start of the writer).
+
+Readers (predict, export, evaluation) open it with `read_only=True`: nothing is created,
+cleaned or written, so a reader never deletes the temporary directory of a run still
+training in the same workdir, and a read-only directory loads.
 """
 from __future__ import annotations
 
@@ -40,6 +44,12 @@ def close_all() -> None:
             logging.warning("closing checkpoint manager %s failed: %s", ck.directory, e)
 
 
+def one_line_short(text: str, limit: int = 200) -> str:
+    """`text` on one line, cut to `limit` characters (orbax's messages run to kilobytes)."""
+    text = " ".join(t.strip() for t in str(text).splitlines() if t.strip())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _abstract(tree: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings, for restore onto the right devices."""
     def one(x):
@@ -49,20 +59,45 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns 'Given directory is read only' on every read-only open (the intent
+    here), and 'Metadata file does not exist' when the item metadata is read from the
+    item directory (the step's metadata lives one level up): not news for the user."""
+
+    NOTICES = ("Given directory is read only", "Metadata file does not exist")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+
+
 class Checkpointer:
     def __init__(self, directory: str, save_every: int = 1000, keep: int = 3,
-                 async_save: bool = False):
+                 async_save: bool = False, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {e}") from e
-        if not os.access(self.directory, os.W_OK):
-            raise CheckpointError(f"checkpoint directory {self.directory} is not writable")
+        self.read_only = bool(read_only)
         self.save_every = max(int(save_every), 1)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
+        if self.read_only:
+            if not os.path.isdir(self.directory):
+                raise CheckpointError(f"no checkpoint directory {self.directory}")
+            # nothing created, cleaned (a writer's in-flight <step>.orbax-checkpoint-tmp)
+            # or deleted; the values orbax would otherwise override with a warning
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, save_interval_steps=0, max_to_keep=None, create=False,
+                cleanup_tmp_directories=False, enable_async_checkpointing=False)
+        else:
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+            except OSError as e:
+                raise CheckpointError(f"cannot create checkpoint directory "
+                                      f"{self.directory}: {e}") from e
+            if not os.access(self.directory, os.W_OK):
+                raise CheckpointError(f"checkpoint directory {self.directory} is not writable")
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
         self._closed = False
         _open.add(self)
@@ -74,6 +109,9 @@ class Checkpointer:
         return list(self._mngr.all_steps())
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
+        if self.read_only:
+            raise CheckpointError(f"checkpoint directory {self.directory} was opened "
+                                  "read-only: not saving")
         saved = self._mngr.save(int(step), args=ocp.args.StandardSave(state), force=force)
         if saved:
             logging.info("checkpoint: saved step %d to %s", step, self.directory)
@@ -120,17 +158,45 @@ class Checkpointer:
             if name in stored and stored[name] != shape:
                 raise CheckpointError(
                     f"checkpoint {self.directory}/{step} does not match the model/state "
-                    f"being restored: {name} is {stored[name]} there, {shape} here")
+                    f"being restored: {name} is {stored[name]} there, {shape} here. Fix: "
+                    "use the config it was written with (the run's config.json)")
+
+    def _first_key_mismatch(self, step: int, target: Any) -> str | None:
+        """'<key> is missing there' / 'only there' for the first array name that the
+        stored tree and the target do not share (sorted), or None."""
+        try:
+            stored = {getattr(leaf, "name", None)
+                      for leaf in jax.tree_util.tree_leaves(self._item_metadata(step))}
+        except CheckpointError:
+            return None
+        stored.discard(None)
+        wanted = {".".join(path_names(p))
+                  for p, _ in jax.tree_util.tree_flatten_with_path(target)[0]}
+        diff = sorted(wanted ^ stored)
+        if not diff:
+            return None
+        key = diff[0]
+        return f"{key} is {'missing there' if key in wanted else 'only there'}"
 
     def restore(self, step: int, target: Any) -> Any:
-        """Restores `step` with the structure, dtypes and shardings of `target`."""
+        """Restores `step` with the structure, dtypes and shardings of `target`.
+        CheckpointError naming the step, the first mismatching array and the fix."""
+        step = int(step)
+        steps = self.all_steps()
+        if step not in steps:
+            raise CheckpointError(f"checkpoint {self.directory} has no step {step} (it has "
+                                  f"{steps or 'no complete step'})")
         self._check_shapes(step, target)
         try:
-            return self._mngr.restore(int(step), args=ocp.args.StandardRestore(_abstract(target)))
+            return self._mngr.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
         except Exception as e:  # orbax raises many types; name the file and the cause
+            what = self._first_key_mismatch(step, target)
+            cause = one_line_short(f"{type(e).__name__}: {e}")
             raise CheckpointError(
-                f"checkpoint {self.directory}/{step} does not match the model/state being "
-                f"restored ({type(e).__name__}: {e})") from e
+                f"checkpoint {self.directory} step {step} does not match the model/state "
+                f"being restored: " + (what + "; " if what else "") + f"({cause}). Fix: "
+                f"use the config it was written with (the run's config.json), or move "
+                f"{self.directory}/{step} away to fall back to an earlier step") from e
 
     def restore_or(self, target: Any) -> tuple[Any, int]:
         """(latest checkpoint restored onto target's shardings, its step), or (target, 0)."""

@@ -12,6 +12,9 @@ MissingInput, CheckpointError or FileNotFoundError, plus the entry point's own t
 """
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
 import sys
 from typing import Callable
@@ -23,6 +26,15 @@ from ml_collections import config_flags
 
 class UsageError(Exception):
     """Bad command line, config or input: `run` prints it as one line, exit status 2."""
+
+
+class Interrupted(Exception):
+    """A run stopped on purpose with its work saved (a preempted training): `run` prints
+    the message as one line and exits with `exit_code` (128 + the signal)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = int(exit_code)
 
 
 class MissingInput(FileNotFoundError):
@@ -41,7 +53,28 @@ def one_line(err: BaseException) -> str:
 _USER_ERROR_TYPES = (("ezsd_jax.core.errors", "DataError"),
                      ("ezsd_jax.core.checkpoint", "CheckpointError"),
                      ("ezsd_jax.core.config_check", "ConfigError"),
-                     ("ezsd_jax.core.workdir_lock", "WorkdirInUse"))
+                     ("ezsd_jax.core.workdir_lock", "WorkdirInUse"),
+                     ("ezsd_jax.core.train_loop", "Diverged"))
+
+# a full, read-only or over-quota disk: the user's to fix, named as one line
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device",
+                errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system"}
+
+
+def disk_error(err: BaseException) -> str | None:
+    """One line for an error caused (anywhere in its __cause__/__context__ chain: orbax
+    wraps) by a full / read-only disk, naming the file; None for any other error."""
+    seen = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
+            where = f" writing {e.filename}" if e.filename else ""
+            return (f"{_DISK_ERRNOS[e.errno]}{where}: free space (or use another --workdir/"
+                    "--out) and re-run; finished checkpoints are kept")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -59,6 +92,9 @@ def define_flags(workdir_required: bool = True) -> None:
         "with --config.<field>=<value>", lock_config=True)
     flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics, outputs).",
                         required=workdir_required)
+    flags.DEFINE_boolean("allow_config_change", False, "Resume a workdir whose stored "
+                         "config.json differs in fields that change the model or the data "
+                         "(refused otherwise); the change is logged to config_changes.jsonl.")
 
 
 def _flags_parser(argv: list[str]) -> list[str]:
@@ -159,10 +195,98 @@ def prepare_workdir(path: str | None, lock: bool = True) -> str:
     return path
 
 
-def save_config(cfg: ml_collections.ConfigDict, workdir: str, name: str = "config.json") -> str:
-    """Writes the resolved config next to the outputs (atomically), for reproducibility."""
+# Fields a resumed run may change: where/how it runs, how often it logs or saves, how
+# long it trains (extending `steps` is a legitimate resume), evaluation settings, fault
+# injection. Any other field changes the model or the data: refused on a workdir with
+# results unless --allow_config_change.
+BENIGN_BLOCKS = frozenset({"mesh", "distributed", "debug", "stages", "eval", "report"})
+BENIGN_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "keep_checkpoints",
+                           "num_threads", "prefetch", "eval_batch_size", "proposal_shard",
+                           "proposal_batch_size", "force", "plot",
+                           "debug_kill_after"})
+CONFIG_NAME = "config.json"
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(guarded, benign) dotted fields whose values differ between two config dicts
+    (JSON-normalised: tuples == lists); a field only in one of them counts."""
+    a, b = _flat(old), _flat(new)
+    guarded, benign = [], []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, KeyError) == b.get(k, KeyError):
+            continue
+        parts = k.split(".")
+        (benign if set(parts[:-1]) & BENIGN_BLOCKS or parts[0] in BENIGN_BLOCKS
+         or parts[-1] in BENIGN_LEAVES else guarded).append(k)
+    return guarded, benign
+
+
+def _has_results(workdir: str) -> bool:
+    """Whether the workdir holds anything a run wrote besides its config and lock files
+    (empty directories do not count: a run that failed at once leaves nothing to keep)."""
+    skip = (CONFIG_NAME, "config_changes.jsonl")
+    for root, dirs, files in os.walk(workdir):
+        if root == workdir:
+            files = [f for f in files if f not in skip and not f.startswith((".lock",
+                                                                            ".write_probe"))]
+        if files:
+            return True
+    return False
+
+
+def save_config(cfg: ml_collections.ConfigDict, workdir: str, name: str = CONFIG_NAME,
+                allow_change: bool | None = None) -> str:
+    """Writes the resolved config next to the outputs (atomically), for reproducibility
+    and for predict, which reads the model from it. Call it after validation.
+
+    On a workdir with results (a resume), the stored config is compared field by field:
+    a change that alters the model or the data (not in BENIGN_BLOCKS / BENIGN_LEAVES) is
+    a UsageError listing the fields, unless allow_change (default: --allow_config_change),
+    which logs it to config_changes.jsonl; benign changes are printed and written."""
     from ezsd_jax.core.io_utils import atomic_write_text
-    return atomic_write_text(os.path.join(workdir, name), cfg.to_json_best_effort(indent=2))
+    path = os.path.join(workdir, name)
+    text = cfg.to_json_best_effort(indent=2)
+    if os.path.exists(path) and _has_results(workdir):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{path}: cannot read the stored config of this workdir ({e}); "
+                             "restore it or use another --workdir") from None
+        guarded, benign = config_changes(old, json.loads(text))
+        if allow_change is None:
+            allow_change = bool(getattr(flags.FLAGS, "allow_config_change", False)) \
+                if "allow_config_change" in flags.FLAGS else False
+        if guarded and not allow_change:
+            shown = ", ".join(guarded[:8]) + (f" (+{len(guarded) - 8} more)"
+                                              if len(guarded) > 8 else "")
+            raise UsageError(f"{path}: this workdir was run with another config; changed "
+                             f"fields that alter the model or the data: {shown}. Use another "
+                             "--workdir, restore those values, or pass --allow_config_change")
+        if guarded or benign:
+            flat_old, flat_new = _flat(old), _flat(json.loads(text))
+            change = {k: [flat_old.get(k), flat_new.get(k)] for k in guarded + benign}
+            msg = (f"config: {'ALLOWED (--allow_config_change) ' if guarded else ''}changes "
+                   f"from the stored {name}: " +
+                   "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in change.items()))
+            logging.warning("%s", msg)
+            print(msg, flush=True)
+            if guarded:
+                import time
+                with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                        "fields": change}, default=str) + "\n")
+    return atomic_write_text(path, text)
 
 
 def run(main: Callable[[list[str]], None],
@@ -177,15 +301,32 @@ def run(main: Callable[[list[str]], None],
             absl_logging.set_verbosity(absl_logging.WARNING)
         try:
             return main(argv)
+        except Interrupted:
+            raise
         except Exception as e:  # noqa: BLE001 -- only user errors are turned into one line
             if isinstance(e, user_errors() + tuple(extra_user_errors)):
                 raise UsageError(one_line(e)) from None
+            disk = disk_error(e)
+            if disk is not None:
+                raise UsageError(disk) from None
             raise
 
     try:
         app.run(main_with_verbosity, flags_parser=_flags_parser)
+    except Interrupted as e:
+        _close_checkpoints()
+        print(one_line(e), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except UsageError as e:
-        if "ezsd_jax.core.checkpoint" in sys.modules:  # no orbax thread may outlive the error
-            sys.modules["ezsd_jax.core.checkpoint"].close_all()
+        _close_checkpoints()
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def _close_checkpoints() -> None:
+    """No orbax thread may outlive the one-line message (nor print after it)."""
+    if "ezsd_jax.core.checkpoint" in sys.modules:
+        try:
+            sys.modules["ezsd_jax.core.checkpoint"].close_all()
+        except Exception as e:  # noqa: BLE001 -- already reporting an error
+            logging.debug("closing checkpoints: %s", e)

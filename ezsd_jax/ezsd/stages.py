@@ -144,9 +144,10 @@ def ezsd_eval(cfg, workdir: str) -> dict:
     consts = {"class_embeddings": load_class_embeddings(
         text_embeddings_path(cfg, workdir), names, hcfg.embed_dim)}
     model = det.FasterRCNN(dcfg)
-    ck = Checkpointer(os.path.join(workdir, f"ckpt_{CKPT_NAME}"))
-    latest = ck.latest_step()
-    ck.close()
+    latest = None
+    if os.path.isdir(os.path.join(workdir, f"ckpt_{CKPT_NAME}")):
+        with Checkpointer(os.path.join(workdir, f"ckpt_{CKPT_NAME}"), read_only=True) as ck:
+            latest = ck.latest_step()
     spath = _summary_path(workdir)
     if not ec.force and latest is not None and os.path.exists(spath):
         with open(spath) as f:
@@ -155,7 +156,8 @@ def ezsd_eval(cfg, workdir: str) -> dict:
             log.info(f"[ezsd_eval] {spath} is of checkpoint step {latest}: skipping "
                      "(config.ezsd.eval.force=True re-runs)")
             return done
-    variables, step = evaluate.restore_variables(cfg, workdir, model, consts, name=CKPT_NAME)
+    variables, step = evaluate.restore_variables(cfg, workdir, model, consts, name=CKPT_NAME,
+                                                 stage="ezsd_train")
     log.info(f"[ezsd_eval] checkpoint step {step}; {len(dataset.records)} images, "
              f"{len(names)} names ({len(base)} base + {len(novel)} novel), protocol "
              f"{ec.protocol}")

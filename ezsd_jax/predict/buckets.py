@@ -17,6 +17,7 @@ programs instead of one per image or per name list.
 from __future__ import annotations
 
 import types
+import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -42,13 +43,30 @@ def pad_vocabulary(emb: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return out, np.arange(size) < k
 
 
+def normalize_names(names: Sequence[str]) -> list[str]:
+    """Names as the model sees them, in the user's order: a UTF-8 BOM dropped, Unicode
+    NFC, whitespace collapsed to single spaces and stripped, exact duplicates dropped.
+    ValueError for a single string (not a list of names), an empty name, or two names
+    that differ only in letter case ("Cat" and "cat" would split one class's scores)."""
+    if isinstance(names, (str, bytes)):
+        raise ValueError(f"names must be a list of names, got one string {names!r} (e.g. "
+                         f"[{names!r}] for one name)")
+    out: dict[str, str] = {}                   # casefolded -> the first spelling
+    for raw in names:
+        n = " ".join(unicodedata.normalize("NFC", str(raw)).replace("\ufeff", "").split())
+        if not n:
+            raise ValueError(f"names: empty name in {list(names)[:20]!r}")
+        prev = out.setdefault(n.casefold(), n)
+        if prev != n:
+            raise ValueError(f"names {prev!r} and {n!r} differ only in letter case: give "
+                             "one of them")
+    return list(out.values())
+
+
 def canonical_names(names: Sequence[str]) -> list[str]:
-    """Stripped, de-duplicated, sorted names: the order the model sees, whatever order
-    the user gave (results are then exactly order invariant). Empty names are an error."""
-    out = sorted({str(n).strip() for n in names})
-    if not out or any(not n for n in out):
-        raise ValueError(f"names: empty name in {list(names)!r}")
-    return out
+    """normalize_names, sorted: the order the model sees, whatever order the user gave
+    (results are then exactly order invariant)."""
+    return sorted(normalize_names(names))
 
 
 def geometry(h: int, w: int, image_size: Sequence[int], short_side: int, max_side: int,
@@ -73,4 +91,5 @@ def prepare(image: np.ndarray, info: dict) -> np.ndarray:
     return transforms.pad_image(img, *info["padded_hw"])
 
 
-__all__ = ["vocab_bucket", "pad_vocabulary", "canonical_names", "geometry", "prepare"]
+__all__ = ["vocab_bucket", "pad_vocabulary", "normalize_names", "canonical_names", "geometry",
+           "prepare"]

@@ -7,13 +7,17 @@
 
 --workdir: a trained workdir (ckpt_ezsd, clip_renorm/adapted_clip) or an exported bundle.
 Writes DIR/detections.json (COCO results + file_name, category_name), DIR/overlays/*.png,
-DIR/index.html, DIR/summary.json (predict_outputs.py). A file that is not a readable image
-is skipped with one line naming it and counted in the summary. Bad arguments or a missing
-input: one line and exit status 2.
+DIR/index.html, DIR/summary.json (predict_outputs.py); a re-run into DIR removes the
+overlays of the earlier run that it does not rewrite (only files predict wrote). A file
+that is not a readable image is skipped with one line naming it and counted in the
+summary. A detector whose training has not finished is served with a warning line (step
+k of n). Reading the workdir or bundle is read-only. Bad arguments or a missing input:
+one line and exit status 2.
 """
 from __future__ import annotations
 
 import glob
+import math
 import os
 import time
 
@@ -63,27 +67,38 @@ def check_name_flags(required: bool = True) -> None:
                              f"(got {', '.join('--' + g for g in given) or 'none'})")
 
 
-def parse_names(detector) -> tuple[list[str], str]:
-    """(names, where from) of the one of --names / --names_file / --vocabulary given."""
+def parse_names(detector=None) -> tuple[list[str], str]:
+    """(names, where from) of the one of --names / --names_file / --vocabulary given
+    (--vocabulary needs the loaded detector; the others are read before loading it)."""
     check_name_flags()
     if FLAGS.vocabulary:
         try:
             return detector.vocabulary(FLAGS.vocabulary), "split"
         except ValueError as e:
             raise cli.UsageError(f"--vocabulary: {e}") from None
+    from ezsd_jax.predict.buckets import normalize_names
     if FLAGS.names_file:
+        src = f"--names_file={FLAGS.names_file}"
         try:
-            with open(FLAGS.names_file, encoding="utf-8") as f:
-                names = [ln.strip() for ln in f if ln.strip()]
+            with open(FLAGS.names_file, "rb") as f:
+                raw = f.read()
         except OSError as e:
-            raise cli.UsageError(f"--names_file={FLAGS.names_file}: {e.strerror}") from None
-        src = FLAGS.names_file
+            raise cli.UsageError(f"{src}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8-sig")          # a BOM is not part of the first name
+        except UnicodeDecodeError as e:
+            raise cli.UsageError(f"{src}: not UTF-8 text (byte {raw[e.start]:#04x} at "
+                                 f"offset {e.start}); save it as UTF-8") from None
+        names = [ln for ln in text.splitlines() if ln.strip()]
     else:
-        names = [n.strip() for n in FLAGS.names.split(",") if n.strip()]
+        names = [n for n in FLAGS.names.split(",") if n.strip()]
         src = "--names"
     if not names:
         raise cli.UsageError(f"{src}: no names")
-    return list(dict.fromkeys(names)), "user"
+    try:
+        return normalize_names(names), "user"
+    except ValueError as e:
+        raise cli.UsageError(f"{src}: {e}") from None
 
 
 def check_workdir(path: str | None) -> None:
@@ -103,12 +118,70 @@ def _load(path: str):
         raise cli.UsageError(f"--workdir={path}: {e}") from None
 
 
+def prepare_out(path: str) -> str:
+    """--out as a writable directory (created), locked against a second predict into it;
+    UsageError naming --out otherwise."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise cli.UsageError(f"--out {path} is a file: give a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise cli.UsageError(f"--out {path} is not writable ({e.strerror})") from None
+    from ezsd_jax.core.workdir_lock import WorkdirInUse, acquire
+    try:
+        acquire(path)
+    except WorkdirInUse as e:
+        raise cli.UsageError(f"--out: {e}".replace("--workdir", "--out")) from None
+    return path
+
+
+def check_out_for_export(path: str) -> None:
+    """export's --out: a new or empty directory whose parent is writable."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise cli.UsageError(f"--out {path} is a file: give a new directory for the bundle")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise cli.UsageError(f"--out {path}: its parent directory does not exist")
+    probe = os.path.join(parent, f".write_probe_{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise cli.UsageError(f"--out {path}: cannot write into {parent} ({e.strerror})") \
+            from None
+
+
+def check_limits() -> None:
+    """--score_threshold / --max_detections before loading anything."""
+    thr = FLAGS.score_threshold
+    if thr is not None and not (math.isfinite(thr) and 0.0 <= thr <= 1.0):
+        raise cli.UsageError(f"--score_threshold={thr}: need a number in [0, 1] (scores "
+                             "are probabilities)")
+    if FLAGS.max_detections is not None and FLAGS.max_detections < 1:
+        raise cli.UsageError(f"--max_detections must be >= 1, got {FLAGS.max_detections}")
+
+
+def warn_unfinished(det) -> None:
+    msg = det.unfinished()
+    if msg:
+        print(f"[predict] warning: {msg}", flush=True)
+
+
 def export_main() -> None:
     from ezsd_jax.predict import bundle
     if not FLAGS.out:
         raise cli.UsageError("export: --out=BUNDLE_DIR is required")
     check_name_flags(required=False)
+    check_out_for_export(FLAGS.out)
     det = _load(FLAGS.workdir)
+    warn_unfinished(det)
     names = None
     if FLAGS.names or FLAGS.names_file or FLAGS.vocabulary:
         names, _ = parse_names(det)
@@ -123,18 +196,23 @@ def predict_main() -> None:
         raise cli.UsageError("--images and --out are required")
     if FLAGS.batch_size < 1:
         raise cli.UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-    if FLAGS.max_detections is not None and FLAGS.max_detections < 1:
-        raise cli.UsageError(f"--max_detections must be >= 1, got {FLAGS.max_detections}")
+    check_limits()
     check_name_flags()
     files = list_images(FLAGS.images)
     check_workdir(FLAGS.workdir)
+    out = prepare_out(FLAGS.out)
+    user_names = None if FLAGS.vocabulary else parse_names()
     from ezsd_jax.predict import outputs as po      # imports JAX: after the checks
     from ezsd_jax.data.coco import DataError
     from ezsd_jax.core.images import decode_image
     from ezsd_jax.core.metrics import Progress
-    out = cli.prepare_workdir(FLAGS.out)
     det = _load(FLAGS.workdir)
-    names, origin = parse_names(det)
+    warn_unfinished(det)
+    try:
+        det.check_limits(FLAGS.score_threshold, FLAGS.max_detections)
+    except ValueError as e:
+        raise cli.UsageError(f"--{e}") from None
+    names, origin = user_names or parse_names(det)
     name_ids = {n: i + 1 for i, n in enumerate(names)}
     id_to_name = {i: n for n, i in name_ids.items()}
     novel_ids = {name_ids[n] for n in names if n in set(det.novel)}
@@ -154,6 +232,13 @@ def predict_main() -> None:
             arrays[len(decoded) - 1] = img
             yield img
 
+    planned = [f"{po.OVERLAY_DIR}/{po.overlay_name(fi + 1, f)}"
+               for fi, f in enumerate(files)] if FLAGS.overlays else []
+    removed = po.begin_outputs(out, planned)
+    if removed:
+        print(f"[predict] removed {len(removed)} files of an earlier run in {out}",
+              flush=True)
+    written = list(po.FIXED_FILES[:2])
     print(f"[predict] {len(files)} files, {len(names)} names ({origin}), detector step "
           f"{det.step} from {det.source}", flush=True)
     t0 = time.perf_counter()
@@ -172,12 +257,15 @@ def predict_main() -> None:
                 oname = po.overlay_name(fi + 1, files[fi])
                 po.write_overlay(out, oname, img, res, id_to_name, novel_ids,
                                  FLAGS.overlay_threshold, FLAGS.overlay_max)
+                written.append(f"{po.OVERLAY_DIR}/{oname}")
                 shown = min(sum(r["score"] >= FLAGS.overlay_threshold for r in res),
                             FLAGS.overlay_max)
                 rows.append({"index": fi, "file_name": files[fi], "overlay": oname,
                              "detections": len(res), "shown": shown})
     except ValueError as e:            # names the model cannot serve (fixed bundle)
         raise cli.UsageError(str(e)) from None
+    except MemoryError as e:           # masks of many detections on huge photos
+        raise cli.UsageError(f"{e} (--max_detections, --score_threshold)") from None
     if progress.step < len(files):          # the last files were unreadable
         progress.tick(len(files), force=True)
     seconds = time.perf_counter() - t0
@@ -195,6 +283,8 @@ def predict_main() -> None:
     if FLAGS.overlays:
         rows.sort(key=lambda r: r["index"])
         po.write_index(out, rows, f"{n_ok} images, names: {', '.join(names)}")
+        written.append("index.html")
+    po.end_outputs(out, written)
     print(f"[predict] {n_ok} images, {len(results)} detections, {len(skipped)} skipped "
           f"(unreadable); {summary['images_per_s']} images/s incl. "
           f"{summary['programs']} compiles ({summary['compile_seconds']} s); wrote "

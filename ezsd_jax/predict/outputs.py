@@ -2,11 +2,14 @@
 (detections.json), one overlay PNG per image (overlays/, drawn by demo/report.
 draw_detections: novel names of the run's split in magenta with '*', others green), a
 static index.html of the overlays, and summary.json (counts, skipped files, speed).
-Pure host code: no JAX.
+predict_files.json lists what predict wrote: a re-run into the same --out removes the
+files of the earlier run that it does not rewrite (stale overlays), and never a file
+predict did not write. Pure host code: no JAX.
 """
 from __future__ import annotations
 
 import html
+import json
 import os
 from typing import Mapping, Sequence
 
@@ -17,6 +20,8 @@ from ezsd_jax.demo import report
 from ezsd_jax.core.io_utils import atomic_write_json, atomic_write_text
 
 OVERLAY_DIR = "overlays"
+FILES_MANIFEST = "predict_files.json"
+FIXED_FILES = ("detections.json", "summary.json", "index.html")
 MAX_OVERLAY_SIDE = 1024
 
 
@@ -76,10 +81,44 @@ def write_index(out_dir: str, rows: Sequence[Mapping], title: str) -> str:
     return atomic_write_text(os.path.join(out_dir, "index.html"), page)
 
 
+def _listed(out_dir: str) -> list[str]:
+    try:
+        with open(os.path.join(out_dir, FILES_MANIFEST), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        return [str(p) for p in files]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def begin_outputs(out_dir: str, planned: Sequence[str]) -> list[str]:
+    """Before a run writes into `out_dir`: removes the files an earlier predict run
+    listed in FILES_MANIFEST that this run will not rewrite (only regular files inside
+    out_dir: user files are never touched), then lists `planned` (relative paths) +
+    the earlier entries still present. Returns the removed paths."""
+    planned = list(dict.fromkeys(list(FIXED_FILES) + [str(p) for p in planned]))
+    keep, removed = set(planned), []
+    root = os.path.realpath(out_dir)
+    for rel in _listed(out_dir):
+        path = os.path.realpath(os.path.join(out_dir, rel))
+        if rel in keep or os.path.commonpath([root, path]) != root:
+            continue
+        if os.path.isfile(path) and not os.path.islink(os.path.join(out_dir, rel)):
+            os.remove(path)
+            removed.append(rel)
+    atomic_write_json(os.path.join(out_dir, FILES_MANIFEST), {"files": planned})
+    return removed
+
+
+def end_outputs(out_dir: str, written: Sequence[str]) -> None:
+    """After the run: the manifest lists exactly what it wrote."""
+    atomic_write_json(os.path.join(out_dir, FILES_MANIFEST),
+                      {"files": list(dict.fromkeys(str(p) for p in written))})
+
+
 def write_results(out_dir: str, results: list[dict], summary: dict) -> None:
     atomic_write_json(os.path.join(out_dir, "detections.json"), results)
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
 
 
 __all__ = ["coco_results", "overlay_name", "write_overlay", "write_index", "write_results",
-           "OVERLAY_DIR"]
+           "begin_outputs", "end_outputs", "OVERLAY_DIR", "FILES_MANIFEST"]

@@ -29,6 +29,19 @@ def read_config(path: str):
     return ml_collections.ConfigDict(d)
 
 
+def planned_steps(cfg, workdir: str, name: str) -> int | None:
+    """The number of steps the training of ckpt_<name> runs to: what the training loop
+    recorded (metrics/<name>.steps.json), else config.train.steps when > 0, else None."""
+    path = os.path.join(workdir, "metrics", f"{name}.steps.json")
+    try:
+        with open(path) as f:
+            return int(json.load(f)["num_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    steps = int(cfg.get("train", {}).get("steps", 0) or 0)
+    return steps if steps > 0 else None
+
+
 def split_names(cfg) -> tuple[list[str], list[str]]:
     """(base, novel) of the run's zero-shot split (config.ezsd), val file's order."""
     ann = cfg.data.get("val_ann", "")
@@ -57,4 +70,4 @@ def load_text_tower(clip_dir: str):
     return model, params, tok
 
 
-__all__ = ["read_config", "split_names", "to_device", "load_text_tower"]
+__all__ = ["read_config", "planned_steps", "split_names", "to_device", "load_text_tower"]
