@@ -4,6 +4,8 @@
       --names="giraffe,red mug" | --names_file=FILE | --vocabulary=base|novel|all|coco \\
       --out=DIR [--prompts=single|ensemble] [--score_threshold=S] [--max_detections=N]
   python -m ezsd_jax.predict export --workdir=W --out=BUNDLE [--names=... (fixed vocab)]
+  python -m ezsd_jax.predict serve --workdir=W [--port=8765] (a local page: serve.py)
+(installed: `ezsd-predict ...`)
 
 --workdir: a trained workdir (ckpt_ezsd, clip_renorm/adapted_clip) or an exported bundle.
 Writes DIR/detections.json (COCO results + file_name, category_name), DIR/overlays/*.png,
@@ -20,6 +22,7 @@ import time
 from absl import flags
 
 from ezsd_jax.core import cli
+from ezsd_jax.predict import serve    # its --host, --port (standard library only)
 
 flags.DEFINE_string("workdir", None, "Trained workdir or exported bundle.")
 flags.DEFINE_string("images", None, "An image file, a directory (its files) or a glob.")
@@ -206,8 +209,15 @@ def main(argv):
     args = argv[1:]
     if args == ["export"]:
         return export_main()
+    if args == ["serve"]:
+        return serve.serve_main(_load(FLAGS.workdir))
     if args:
-        raise cli.UsageError(f"unexpected arguments: {' '.join(args)} (the only command "
-                             "is 'export')")
+        raise cli.UsageError(f"unexpected arguments: {' '.join(args)} (the commands are "
+                             "'export' and 'serve')")
     return predict_main()
+
+
+def run():
+    """`python -m ezsd_jax.predict` and the `ezsd-predict` console script."""
+    return cli.run(main, doc=__doc__)
 

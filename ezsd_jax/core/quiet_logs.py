@@ -1,0 +1,64 @@
+"""Library log noise that does not concern the user, silenced in ONE place (cli.run calls
+`setup()` before an entry point's work): orbax's notice that a checkpoint has no metadata
+file (it reads the step fine without it), and libtpu's environment hints on a machine
+with no accelerator at all (there JAX is pointed at the CPU it would end up on anyway).
+Everything else, warnings and errors of the same libraries included, still prints.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+
+# (logger name, message prefix) of records that are dropped
+BENIGN = (("absl", "Metadata file does not exist"),)
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"          # TPU chips (jax._src.hardware_utils)
+
+
+class _DropBenign(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not any(record.name == name and msg.startswith(prefix)
+                       for name, prefix in BENIGN)
+
+
+_FILTER = _DropBenign()
+
+
+def has_accelerator() -> bool:
+    """A TPU chip (Google PCI device, /dev/accel*, /dev/vfio), an NVIDIA or an AMD GPU."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/nvidia*") or os.path.exists("/dev/kfd"):
+        return True
+    if glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _cpu_only_jax() -> None:
+    """No accelerator and no JAX_PLATFORMS: JAX would try libtpu (which prints its
+    environment hints to stderr, then fails) and fall back to the CPU; go there directly."""
+    if os.environ.get("JAX_PLATFORMS") or has_accelerator():
+        return
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:          # imported already: its config read the variable
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+def setup() -> None:
+    """Idempotent; called by cli.run."""
+    logger = logging.getLogger("absl")
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+    _cpu_only_jax()
+
+
+__all__ = ["setup", "has_accelerator", "BENIGN"]
