@@ -40,6 +40,10 @@ flags.DEFINE_float("overlay_threshold", 0.3, "Draw detections of at least this s
 flags.DEFINE_integer("overlay_max", 20, "Draw at most this many detections per image.")
 flags.DEFINE_boolean("overlays", True, "Write overlay PNGs and index.html.")
 flags.DEFINE_integer("batch_size", 8, "Images per forward.")
+flags.DEFINE_string("coco_gt", None, "A COCO ground-truth file: detections.json takes "
+                    "its image ids (by file name) and category ids (by name), for "
+                    "pycocotools' loadRes / COCOeval. Default: image id = file index + 1, "
+                    "category id = name index + 1.")
 FLAGS = flags.FLAGS
 
 
@@ -139,6 +143,13 @@ def predict_main() -> None:
     det = _load(FLAGS.workdir)
     names, origin = parse_names(det)
     name_ids = {n: i + 1 for i, n in enumerate(names)}
+    image_ids = list(range(1, len(files) + 1))
+    if FLAGS.coco_gt:
+        try:
+            image_ids, name_ids = po.coco_gt_ids(FLAGS.coco_gt, files, names)
+        except (OSError, ValueError) as e:
+            raise cli.UsageError(f"--coco_gt={FLAGS.coco_gt}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
     id_to_name = {i: n for n, i in name_ids.items()}
     novel_ids = {name_ids[n] for n in names if n in set(det.novel)}
     skipped: list[dict] = []
@@ -169,7 +180,7 @@ def predict_main() -> None:
             progress.tick(n_done + len(skipped))
             fi = decoded[k]
             img = arrays.pop(k)
-            res = po.coco_results(fi + 1, files[fi], dets, name_ids)
+            res = po.coco_results(image_ids[fi], files[fi], dets, name_ids)
             results.extend(res)
             if FLAGS.overlays:
                 oname = po.overlay_name(fi + 1, files[fi])
