@@ -36,24 +36,33 @@ def _png(img) -> bytes:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, optimized_env):
-    """(url, bundle dir, photo path, Detector.detect of the photo at the page's
-    threshold) with the server running in a subprocess."""
+    """(url, model dir, photo path, query names, Detector.detect of the photo at the
+    page's threshold) with the server running in a subprocess. EZSD_SERVE_WORKDIR=W
+    serves a trained demo workdir instead (its first val image, its 'all' names): for
+    a screenshot with real detections (make test-browser SERVE_WORKDIR=workdir/demo)."""
+    from ezsd_jax.predict.detector import Detector
     tmp = tmp_path_factory.mktemp("serve")
-    bundle = make_bundle(str(tmp / "bundle"), NAMES, mask_on=True)
-    photo = tmp / "photo.png"
-    photo.write_bytes(_png(shape_image()))
+    model_dir = trained = os.environ.get("EZSD_SERVE_WORKDIR")
+    if trained:
+        val = os.path.join(model_dir, "synthetic", "val")
+        photo = os.path.join(val, sorted(os.listdir(val))[0])
+    else:
+        model_dir = make_bundle(str(tmp / "bundle"), NAMES, mask_on=True)
+        photo = str(tmp / "photo.png")
+        with open(photo, "wb") as f:
+            f.write(_png(shape_image()))
     proc = subprocess.Popen([sys.executable, "-m", "ezsd_jax.predict", "serve",
-                             f"--workdir={bundle}", "--port=0"], cwd=ROOT,
+                             f"--workdir={model_dir}", "--port=0"], cwd=ROOT,
                             env=optimized_env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert "http://" in line, line + proc.stderr.read()
         url = line.split("open ")[1].split()[0]
-        from ezsd_jax.predict.detector import Detector
-        ref = Detector.load(bundle).detect(str(photo), [n.strip() for n in QUERY.split(",")],
-                                           score_threshold=0.0)
-        yield url, bundle, photo, ref
+        det = Detector.load(model_dir)
+        names = det.vocabulary("all") if trained else QUERY.split(", ")
+        ref = det.detect(photo, names, score_threshold=0.0)
+        yield url, det, photo, names, ref
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -82,24 +91,27 @@ def _same(dets, ref):
 
 @pytest.mark.slow            # ~40 CPU-s: a Mask R-CNN bundle compiled in two processes
 def test_api_matches_detector_and_reuses_programs(served):
-    url, _, photo, ref = served
+    url, det, photo, names, ref = served
     page = urllib.request.urlopen(url, timeout=30).read().decode()
     assert "<canvas" in page and "http://" not in page and "https://" not in page
-    b64 = base64.b64encode(photo.read_bytes()).decode()
-    code, first = _post(url, {"image": b64, "names": QUERY, "file_name": "photo.png"})
+    with open(photo, "rb") as f:
+        b64 = base64.b64encode(f.read()).decode()
+    code, first = _post(url, {"image": b64, "names": ", ".join(names),
+                              "file_name": "photo.png"})
     assert code == 200, first
     _same(first["detections"], ref)
-    assert [c["name"] for c in first["categories"]] == ["red square", "green ring"]
-    assert first["categories"][1]["novel"] and not first["categories"][0]["novel"]
-    # a new photo of the same size, and the run's base vocabulary: compiled programs reused
-    other = base64.b64encode(_png(shape_image(box=(5, 8, 20, 40), colour=(20, 20, 220),
+    assert [c["name"] for c in first["categories"]] == names
+    assert [c["novel"] for c in first["categories"]] == [n in det.novel for n in names]
+    # a new photo of the same size, other names, the run's base vocabulary: every query
+    # reuses the compiled programs
+    hw = (first["height"], first["width"])
+    other = base64.b64encode(_png(shape_image(hw, box=(5, 8, 20, 40), colour=(20, 20, 220),
                                               seed=4))).decode()
-    code, second = _post(url, {"image": other, "names": "blue circle, red square"})
+    code, second = _post(url, {"image": other, "names": ", ".join(names[::-1])})
     assert code == 200 and second["compiled"] == 0, second
     assert second["programs"] == first["programs"]
     code, base = _post(url, {"image": other, "vocabulary": "base"})
-    assert code == 200 and base["names"] == ["red square", "blue circle"]
-    assert base["compiled"] == 0
+    assert code == 200 and base["names"] == det.base and base["compiled"] == 0
     info = json.load(urllib.request.urlopen(url + "api/info", timeout=30))
     assert info["programs"] == first["programs"] and info["queries"] == 3
     # bad input: a 400 with one message, and the server keeps serving
@@ -110,7 +122,7 @@ def test_api_matches_detector_and_reuses_programs(served):
                        "cannot decode image")):
         code, out = _post(url, body)
         assert code == 400 and msg in out["error"], (body, out)
-    assert _post(url, {"image": b64, "names": QUERY})[0] == 200
+    assert _post(url, {"image": b64, "names": names[0]})[0] == 200
 
 
 @pytest.mark.slow
@@ -123,7 +135,7 @@ def test_page_in_headless_chromium(served, tmp_path):
                                     "installed (pip install .[test])")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    url, _, photo, ref = served
+    url, _, photo, names, ref = served
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -136,9 +148,9 @@ def test_page_in_headless_chromium(served, tmp_path):
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 120)
-        driver.find_element(By.ID, "file").send_keys(str(photo))
+        driver.find_element(By.ID, "file").send_keys(photo)
         wait.until(lambda d: "loaded" in d.find_element(By.ID, "status").text)
-        driver.find_element(By.ID, "names").send_keys(QUERY)
+        driver.find_element(By.ID, "names").send_keys(", ".join(names))
         driver.find_element(By.ID, "go").click()
         wait.until(lambda d: d.find_element(By.ID, "status").text.startswith(("done",
                                                                               "error")))
@@ -155,10 +167,14 @@ def test_page_in_headless_chromium(served, tmp_path):
             "const cv = document.getElementById('cv'); const s = cv.width / arguments[2];"
             "return Array.from(cv.getContext('2d').getImageData("
             "Math.round(arguments[0] * s), Math.round(arguments[1] * s), 1, 1).data);",
-            x, y, 64)
+            x, y, result["width"])
         assert tuple(px[:3]) in ((0, 255, 0), (255, 0, 255)), px
         hist = driver.find_elements(By.CSS_SELECTOR, "#hist li")
-        assert len(hist) == 1 and "red square, green ring" in hist[0].text
+        assert len(hist) == 1 and ", ".join(names) in hist[0].text
+        # back to the default threshold for the picture
+        driver.execute_script("const t = document.getElementById('thr'); "
+                              "t.value = window.serverInfo.initial_threshold; "
+                              "t.dispatchEvent(new Event('input'));")
         shot = tmp_path / "serve_page.png"
         driver.save_screenshot(str(shot))
         if os.environ.get("EZSD_SERVE_SCREENSHOT"):

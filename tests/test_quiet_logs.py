@@ -1,5 +1,6 @@
 """core/quiet_logs: a normal run prints no library notice that does not concern the user
-(orbax's 'Metadata file does not exist' when a run resumes from its checkpoint; libtpu's
+(orbax's 'Metadata file does not exist' when a run resumes from its checkpoint,
+transformers' Flax deprecation notice; libtpu's
 environment hints on a machine without accelerator), while real warnings still print."""
 import logging
 import os
@@ -27,19 +28,39 @@ def test_resumed_run_prints_no_orbax_notice(tmp_path, optimized_env):
     assert p.stderr == "", p.stderr
 
 
-def test_benign_notices_dropped_real_warnings_kept(caplog):
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.msgs = []
+
+    def emit(self, record):
+        self.msgs.append(record.getMessage())
+
+
+def test_benign_notices_dropped_real_warnings_kept():
     quiet_logs.setup()
     quiet_logs.setup()                                   # idempotent: one filter
-    assert sum(isinstance(f, quiet_logs._DropBenign)
-               for f in logging.getLogger("absl").filters) == 1
-    with caplog.at_level(logging.INFO):
+    for name, _ in quiet_logs.BENIGN:
+        assert sum(isinstance(f, quiet_logs._DropBenign)
+                   for f in logging.getLogger(name).filters) == 1
+    flax_log = logging.getLogger("transformers.modeling_flax_utils")
+    loggers = [logging.getLogger("absl"), logging.getLogger("jax"), flax_log]
+    sink = _Collect()         # on the loggers themselves (transformers does not propagate)
+    for lg in loggers:
+        lg.addHandler(sink)
+    try:
         absl_logging.warning("Metadata file does not exist: %s", "/x/_CHECKPOINT_METADATA")
         absl_logging.warning("Failed to read Metadata file: %s", "/x")
         absl_logging.error("checkpoint step 3 is corrupt")
         logging.getLogger("jax").warning("Metadata file does not exist: other library")
-    msgs = [r.getMessage() for r in caplog.records]
-    assert msgs == ["Failed to read Metadata file: /x", "checkpoint step 3 is corrupt",
-                    "Metadata file does not exist: other library"]
+        flax_log.warning("TensorFlow and JAX classes are deprecated and will be removed")
+        flax_log.warning("Some weights of the model checkpoint were not used")
+    finally:
+        for lg in loggers:
+            lg.removeHandler(sink)
+    assert sink.msgs == ["Failed to read Metadata file: /x", "checkpoint step 3 is corrupt",
+                         "Metadata file does not exist: other library",
+                         "Some weights of the model checkpoint were not used"]
 
 
 def test_cpu_only_platform_without_accelerator(monkeypatch):

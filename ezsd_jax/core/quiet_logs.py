@@ -1,6 +1,7 @@
 """Library log noise that does not concern the user, silenced in ONE place (cli.run calls
 `setup()` before an entry point's work): orbax's notice that a checkpoint has no metadata
-file (it reads the step fine without it), and libtpu's environment hints on a machine
+file (it reads the step fine without it), transformers' deprecation notice of the Flax
+classes (pinned on purpose), and libtpu's environment hints on a machine
 with no accelerator at all (there JAX is pointed at the CPU it would end up on anyway).
 Everything else, warnings and errors of the same libraries included, still prints.
 """
@@ -11,8 +12,13 @@ import logging
 import os
 import sys
 
-# (logger name, message prefix) of records that are dropped
-BENIGN = (("absl", "Metadata file does not exist"),)
+# (logger name, message prefix) of records that are dropped: orbax (through absl) on a
+# checkpoint without its optional metadata file; transformers on its Flax classes, which
+# the project uses at the pinned 4.57.6 on purpose (the notice recommends that pin)
+_FLAX_NOTICE = "TensorFlow and JAX classes are deprecated"
+BENIGN = (("absl", "Metadata file does not exist"),
+          ("transformers.modeling_flax_utils", _FLAX_NOTICE),
+          ("transformers.feature_extraction_utils", _FLAX_NOTICE))
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"          # TPU chips (jax._src.hardware_utils)
 
@@ -55,9 +61,10 @@ def _cpu_only_jax() -> None:
 
 def setup() -> None:
     """Idempotent; called by cli.run."""
-    logger = logging.getLogger("absl")
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)
+    for name in dict.fromkeys(name for name, _ in BENIGN):
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
     _cpu_only_jax()
 
 
