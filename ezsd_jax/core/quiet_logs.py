@@ -17,6 +17,7 @@ import sys
 # the project uses at the pinned 4.57.6 on purpose (the notice recommends that pin)
 _FLAX_NOTICE = "TensorFlow and JAX classes are deprecated"
 BENIGN = (("absl", "Metadata file does not exist"),
+          ("absl", "OpenCV is not installed"),          # tfds decodes masks with PIL
           ("transformers.modeling_flax_utils", _FLAX_NOTICE),
           ("transformers.feature_extraction_utils", _FLAX_NOTICE))
 
