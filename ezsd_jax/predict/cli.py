@@ -8,7 +8,8 @@
 (installed: `ezsd-predict ...`)
 
 --workdir: a trained workdir (ckpt_ezsd, clip_renorm/adapted_clip) or an exported bundle.
-Writes DIR/detections.json (COCO results + file_name, category_name), DIR/overlays/*.png,
+Writes DIR/detections.json (COCO results + file_name, category_name; --coco_gt=FILE: the
+image and category ids of that ground truth, docs/predict.md), DIR/overlays/*.png,
 DIR/index.html, DIR/summary.json (predict_outputs.py). A file that is not a readable image
 is skipped with one line naming it and counted in the summary. Bad arguments or a missing
 input: one line and exit status 2.
