@@ -63,13 +63,17 @@ def test_benign_notices_dropped_real_warnings_kept():
                          "Some weights of the model checkpoint were not used"]
 
 
-def test_cpu_only_platform_without_accelerator(monkeypatch):
+def test_cpu_only_platform_with_libtpu_but_no_accelerator(monkeypatch):
     calls = []
     fake_jax = types.SimpleNamespace(config=types.SimpleNamespace(
         update=lambda k, v: calls.append((k, v))))
     monkeypatch.setitem(sys.modules, "jax", fake_jax)
     monkeypatch.setattr(quiet_logs, "has_accelerator", lambda: False)
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(quiet_logs, "libtpu_installed", lambda: False)
+    quiet_logs.setup()                           # no libtpu: no hints to silence
+    assert "JAX_PLATFORMS" not in os.environ and calls == []
+    monkeypatch.setattr(quiet_logs, "libtpu_installed", lambda: True)
     quiet_logs.setup()
     assert os.environ["JAX_PLATFORMS"] == "cpu" and calls == [("jax_platforms", "cpu")]
     # a user's choice and a machine with an accelerator are left alone

@@ -1,9 +1,9 @@
 """Library log noise that does not concern the user, silenced in ONE place (cli.run calls
 `setup()` before an entry point's work): orbax's notice that a checkpoint has no metadata
 file (it reads the step fine without it), transformers' deprecation notice of the Flax
-classes (pinned on purpose), and libtpu's environment hints on a machine
-with no accelerator at all (there JAX is pointed at the CPU it would end up on anyway).
-Everything else, warnings and errors of the same libraries included, still prints.
+classes (pinned on purpose), tfds' OpenCV hint, and the environment hints of an installed
+libtpu on a machine with no accelerator (there JAX is pointed at the CPU it would end up
+on anyway). Everything else, warnings and errors of the same libraries included, prints.
 """
 from __future__ import annotations
 
@@ -50,10 +50,16 @@ def has_accelerator() -> bool:
     return False
 
 
+def libtpu_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def _cpu_only_jax() -> None:
-    """No accelerator and no JAX_PLATFORMS: JAX would try libtpu (which prints its
-    environment hints to stderr, then fails) and fall back to the CPU; go there directly."""
-    if os.environ.get("JAX_PLATFORMS") or has_accelerator():
+    """libtpu installed, no accelerator and no JAX_PLATFORMS: JAX would try libtpu (which
+    prints its environment hints to stderr, then fails) and fall back to the CPU; go
+    there directly."""
+    if os.environ.get("JAX_PLATFORMS") or not libtpu_installed() or has_accelerator():
         return
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:          # imported already: its config read the variable
