@@ -6,11 +6,11 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo demo-ablation test test-fast venv clean bench
+.PHONY: demo demo-ablation test test-fast test-browser venv clean bench
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=70.1"
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
 	$(VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
@@ -41,6 +41,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope -m "not slow and not multidevice" --durations=20 $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 EZSD_TEST_DEVICES=8 $(VENV)/bin/python -m pytest -q -p no:xdist -m "multidevice and not slow" $(PYTEST_ARGS)
+
+# the predict serve page in a real headless browser: Debian's chromium and chromium-driver
+# (apt-get, as root) and selenium; the page's screenshot goes to benchmarks/serve_page.png.
+# SERVE_WORKDIR=workdir/demo: the page serves that trained demo run (after `make demo`)
+SERVE_WORKDIR ?=
+test-browser: $(STAMP)
+	test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || \
+	    (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	$(VENV)/bin/python -m pip install -q "selenium>=4.30,<5"
+	HF_HUB_OFFLINE=1 EZSD_SERVE_SCREENSHOT=benchmarks/serve_page.png \
+	    EZSD_SERVE_WORKDIR=$(SERVE_WORKDIR) $(VENV)/bin/python -m pytest -q -p no:xdist \
+	    -m browser tests/test_predict_serve.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

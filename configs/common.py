@@ -71,6 +71,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         repeat_threshold=0.0,       # > 0: class-balanced repeat-factor sampling (t)
         num_threads=8, prefetch=2,
         on_error="raise",           # 'raise' | 'skip' (counted) for bad annotations/images
+        # 'coco': the *_ann JSON + *_images files; 'tfds': a prepared TensorFlow Datasets
+        # builder (coco/2017, lvis) in tfds_data_dir (data/tfds_source.py); evaluation still
+        # reads val_ann (the annotation JSON) when given
+        source="coco", tfds_name="", tfds_data_dir="", tfds_train_split="train",
+        tfds_val_split="validation",
     ))
     d.update(overrides)
     return d

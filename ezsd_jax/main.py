@@ -1,4 +1,6 @@
-"""Entry point of the EZSD package: `python -m ezsd_jax.main --config=configs/coco.py --workdir=DIR`.
+"""Entry point of the EZSD package: `python -m ezsd_jax.main --config=configs/coco.py --workdir=DIR`
+(installed: `ezsd --config=... --workdir=DIR`; the built-in configs lie in the installed
+`configs` package: `python -c "import configs; print(configs.__path__[0])"`).
 
 Runs the stages listed in `config.stages` (or --stages=a,b) in order; each stage reads what
 the previous ones wrote into the workdir and skips/resumes work already done, so the same
@@ -61,5 +63,10 @@ def main(argv):
         print(f"=== stage {name} done in {time.perf_counter() - t0:.1f} s ===", flush=True)
 
 
+def run():
+    """The `ezsd` console script."""
+    cli.run(main, doc=__doc__)
+
+
 if __name__ == "__main__":
-    cli.run(main)
+    run()

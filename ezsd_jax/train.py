@@ -33,13 +33,17 @@ log = logging.getLogger(__name__)
 
 def load_dataset(dcfg: ml_collections.ConfigDict, split: str,
                  category_names=None, with_masks: bool = False) -> CocoDataset:
-    """config.data's `split` annotations; with_masks (a Mask R-CNN's training set) also
-    validates and keeps every annotation's segmentation."""
+    """config.data's `split` annotations (COCO JSON + image files, or a tfds builder:
+    data.source='tfds', data/tfds_source.py); with_masks (a Mask R-CNN's training set)
+    also validates and keeps every annotation's segmentation."""
     ann, images = dcfg[f"{split}_ann"], dcfg[f"{split}_images"]
-    if not ann or not os.path.exists(ann):
-        raise FileNotFoundError(f"config.data.{split}_ann: annotation file {ann!r} not found")
     names = category_names if category_names is not None else (
         list(dcfg.category_names) if dcfg.get("category_names") else None)
+    if dcfg.get("source", "coco") == "tfds":
+        from ezsd_jax.data.tfds_source import load_tfds
+        return load_tfds(dcfg, split, names, with_masks=with_masks)
+    if not ann or not os.path.exists(ann):
+        raise FileNotFoundError(f"config.data.{split}_ann: annotation file {ann!r} not found")
     return load_coco(ann, images, category_names=names, on_error=dcfg.on_error,
                      num_threads=dcfg.num_threads, with_masks=with_masks)
 

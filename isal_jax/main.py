@@ -1,4 +1,4 @@
-"""Entry point of the active-learning experiment:
+"""Entry point of the active-learning experiment (installed: the `isal` command):
 
     python -m isal_jax.main --config=configs/isal_digits.py --workdir=DIR
     python -m isal_jax.main --config=configs/isal_cifar10.py --workdir=DIR \
@@ -45,7 +45,12 @@ def main(argv):
     print(path, flush=True)
 
 
-if __name__ == "__main__":
+def run():
+    """The `isal` console script."""
     from isal_jax.loop import LoopError
     from isal_jax.select import SelectError
-    cli.run(main, extra_user_errors=(LoopError, SelectError))
+    cli.run(main, extra_user_errors=(LoopError, SelectError), doc=__doc__)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,5 @@
-"""Standalone selection step: `python -m isal_jax.select --config=... --workdir=DIR`.
+"""Standalone selection step: `python -m isal_jax.select --config=... --workdir=DIR`
+(installed: `isal-select`).
 
 Place in the pipeline: (trained checkpoint, labeled ids, pool) -> THIS ->
 workdir/selection_<strategy>.json, the list the annotators (or the AL loop) read.
@@ -468,5 +469,10 @@ def main(argv):
     run_selection(cfg, workdir)   # SelectError / CheckpointError: one line via cli.run
 
 
+def run():
+    """The `isal-select` console script."""
+    cli.run(main, extra_user_errors=(SelectError,), doc=__doc__)
+
+
 if __name__ == "__main__":
-    cli.run(main, extra_user_errors=(SelectError,))
+    run()

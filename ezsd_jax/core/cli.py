@@ -290,11 +290,18 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: str, name: str = CONFIG
 
 
 def run(main: Callable[[list[str]], None],
-        extra_user_errors: tuple[type[BaseException], ...] = ()) -> None:
+        extra_user_errors: tuple[type[BaseException], ...] = (),
+        doc: str | None = None) -> None:
     """app.run, with every user error (`user_errors()` + `extra_user_errors`) reported as
     one line `error: ...` and exit status 2. Library logging (orbax is chatty) defaults to
-    WARNING; progress lines are printed. Pass --verbosity=0 for INFO logs."""
+    WARNING, minus the notices of core/quiet_logs.py; progress lines are printed. Pass
+    --verbosity=0 for INFO logs. doc: the usage that --help prints (absl prints the
+    __main__ module's docstring: a console script's is its wrapper's)."""
     from absl import logging as absl_logging
+    from ezsd_jax.core import quiet_logs
+    quiet_logs.setup()
+    if doc:
+        sys.modules["__main__"].__doc__ = doc
 
     def main_with_verbosity(argv):
         if not flags.FLAGS["verbosity"].present:

@@ -33,6 +33,7 @@ ZERO_MEANS = {"steps": "epochs", "renorm_steps": "renorm_epochs"}
 # Full path -> allowed values (the consumer named in the comment reads the field).
 ENUMS: dict[str, tuple] = {
     "data.on_error": ON_ERROR,                                  # data.coco, data.pipeline
+    "data.source": ("coco", "tfds"),                            # train.load_dataset
     "model.dtype": ("float32", "bfloat16", "float16"),          # models.detector, isal models
     "task": ("classification", "detection"),                    # isal_jax.main
     "ezsd.split": ("coco48_17", "lvis", "names"),               # ezsd.splits

@@ -14,7 +14,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class ImageRecord:
     # with_masks: each box's COCO 'segmentation' (validated), in box order; else None
     segmentations: list | None = None
     ann_ids: list | None = None   # with_masks: each box's annotation id (error messages)
+    # the image's encoded bytes where it is no file (a tfds source); None: read `path`
+    read: Callable[[], bytes] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -68,6 +70,10 @@ class CocoDataset:
         written by `write_split` to restrict the categories.
         """
         if self._coco is None:
+            if not self.ann_file:
+                raise DataError("evaluation needs the split's annotation JSON (a tfds source "
+                                "has none): set config.data.val_ann to the COCO/LVIS file "
+                                "(instances_val2017.json, lvis_v1_val.json)")
             from pycocotools.coco import COCO
             data = read_json(self.ann_file)
             coco = COCO()

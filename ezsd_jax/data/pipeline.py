@@ -311,7 +311,7 @@ class DetectionPipeline:
         if self.short_side_range is not None:
             short = int(rng.integers(self.short_side_range[0], self.short_side_range[1] + 1))
         try:
-            image = decode_image(rec.path)
+            image = decode_image(rec.path if rec.read is None else rec.read())
             if image.shape[:2] != (rec.height, rec.width):
                 raise DataError(f"{rec.path} (image id={rec.image_id}) decodes to "
                                 f"{image.shape[0]}x{image.shape[1]} (HxW, upright) but the "

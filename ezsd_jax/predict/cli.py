@@ -4,15 +4,17 @@
       --names="giraffe,red mug" | --names_file=FILE | --vocabulary=base|novel|all|coco \\
       --out=DIR [--prompts=single|ensemble] [--score_threshold=S] [--max_detections=N]
   python -m ezsd_jax.predict export --workdir=W --out=BUNDLE [--names=... (fixed vocab)]
+  python -m ezsd_jax.predict serve --workdir=W [--port=8765] (a local page: serve.py)
+(installed: `ezsd-predict ...`)
 
 --workdir: a trained workdir (ckpt_ezsd, clip_renorm/adapted_clip) or an exported bundle.
-Writes DIR/detections.json (COCO results + file_name, category_name), DIR/overlays/*.png,
-DIR/index.html, DIR/summary.json (predict_outputs.py); a re-run into DIR removes the
-overlays of the earlier run that it does not rewrite (only files predict wrote). A file
-that is not a readable image is skipped with one line naming it and counted in the
-summary. A detector whose training has not finished is served with a warning line (step
-k of n). Reading the workdir or bundle is read-only. Bad arguments or a missing input:
-one line and exit status 2.
+Writes DIR/detections.json (COCO results + file_name, category_name; --coco_gt=FILE: the
+image and category ids of that ground truth, docs/predict.md), DIR/overlays/*.png,
+DIR/index.html, DIR/summary.json (outputs.py); a re-run into DIR removes the outputs of the
+earlier run that it does not rewrite (only files predict wrote). A file that is not a
+readable image is skipped with one line naming it and counted in the summary. A detector
+whose training has not finished is served with a warning line (step k of n). Reading the
+workdir or bundle is read-only. Bad arguments or a missing input: one line, exit status 2.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import time
 from absl import flags
 
 from ezsd_jax.core import cli
+from ezsd_jax.predict import serve    # its --host, --port (standard library only)
 
 flags.DEFINE_string("workdir", None, "Trained workdir or exported bundle.")
 flags.DEFINE_string("images", None, "An image file, a directory (its files) or a glob.")
@@ -41,6 +44,10 @@ flags.DEFINE_float("overlay_threshold", 0.3, "Draw detections of at least this s
 flags.DEFINE_integer("overlay_max", 20, "Draw at most this many detections per image.")
 flags.DEFINE_boolean("overlays", True, "Write overlay PNGs and index.html.")
 flags.DEFINE_integer("batch_size", 8, "Images per forward.")
+flags.DEFINE_string("coco_gt", None, "A COCO ground-truth file: detections.json takes "
+                    "its image ids (by file name) and category ids (by name), for "
+                    "pycocotools' loadRes / COCOeval. Default: image id = file index + 1, "
+                    "category id = name index + 1.")
 FLAGS = flags.FLAGS
 
 
@@ -214,6 +221,13 @@ def predict_main() -> None:
         raise cli.UsageError(f"--{e}") from None
     names, origin = user_names or parse_names(det)
     name_ids = {n: i + 1 for i, n in enumerate(names)}
+    image_ids = list(range(1, len(files) + 1))
+    if FLAGS.coco_gt:
+        try:
+            image_ids, name_ids = po.coco_gt_ids(FLAGS.coco_gt, files, names)
+        except (OSError, ValueError) as e:
+            raise cli.UsageError(f"--coco_gt={FLAGS.coco_gt}: "
+                                 f"{getattr(e, 'strerror', None) or e}") from None
     id_to_name = {i: n for n, i in name_ids.items()}
     novel_ids = {name_ids[n] for n in names if n in set(det.novel)}
     skipped: list[dict] = []
@@ -251,7 +265,7 @@ def predict_main() -> None:
             progress.tick(n_done + len(skipped))
             fi = decoded[k]
             img = arrays.pop(k)
-            res = po.coco_results(fi + 1, files[fi], dets, name_ids)
+            res = po.coco_results(image_ids[fi], files[fi], dets, name_ids)
             results.extend(res)
             if FLAGS.overlays:
                 oname = po.overlay_name(fi + 1, files[fi])
@@ -296,8 +310,15 @@ def main(argv):
     args = argv[1:]
     if args == ["export"]:
         return export_main()
+    if args == ["serve"]:
+        return serve.serve_main(_load(FLAGS.workdir))
     if args:
-        raise cli.UsageError(f"unexpected arguments: {' '.join(args)} (the only command "
-                             "is 'export')")
+        raise cli.UsageError(f"unexpected arguments: {' '.join(args)} (the commands are "
+                             "'export' and 'serve')")
     return predict_main()
+
+
+def run():
+    """`python -m ezsd_jax.predict` and the `ezsd-predict` console script."""
+    return cli.run(main, doc=__doc__)
 

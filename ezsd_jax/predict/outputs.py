@@ -36,6 +36,35 @@ def coco_results(image_id: int, file_name: str, dets: Sequence[Mapping],
             for d in dets]
 
 
+def coco_gt_ids(gt_file: str, files: Sequence[str], names: Sequence[str]
+                ) -> tuple[list[int], dict[str, int]]:
+    """(image id per file, category id per name) of a COCO ground-truth file, matched by
+    file_name (its base name) and category name, so that detections.json loads with
+    pycocotools' COCO(gt_file).loadRes. ValueError naming what does not match."""
+    import json
+    with open(gt_file, encoding="utf-8") as f:
+        gt = json.load(f)
+    if not isinstance(gt, dict) or not {"images", "categories"} <= set(gt):
+        raise ValueError(f"{gt_file}: not a COCO annotation file (no 'images' and "
+                         "'categories')")
+    by_file: dict[str, int] = {}
+    for im in gt["images"]:
+        base = os.path.basename(str(im.get("file_name", "")))
+        if base in by_file and by_file[base] != im["id"]:
+            raise ValueError(f"{gt_file}: two images named {base!r}")
+        by_file[base] = int(im["id"])
+    cats = {str(c["name"]): int(c["id"]) for c in gt["categories"]}
+    unknown = [n for n in names if n not in cats]
+    if unknown:
+        raise ValueError(f"{gt_file}: no category named {unknown[:5]} (its names: "
+                         f"{sorted(cats)[:10]}{' ...' if len(cats) > 10 else ''})")
+    missing = [p for p in files if os.path.basename(p) not in by_file]
+    if missing:
+        raise ValueError(f"{gt_file}: {len(missing)} image file(s) not in its images, "
+                         f"e.g. {os.path.basename(missing[0])!r}")
+    return [by_file[os.path.basename(p)] for p in files], {n: cats[n] for n in names}
+
+
 def overlay_name(index: int, path: str) -> str:
     stem = os.path.splitext(os.path.basename(path))[0] or "image"
     return f"{index:05d}_{stem}.png"
@@ -120,5 +149,5 @@ def write_results(out_dir: str, results: list[dict], summary: dict) -> None:
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
 
 
-__all__ = ["coco_results", "overlay_name", "write_overlay", "write_index", "write_results",
-           "begin_outputs", "end_outputs", "OVERLAY_DIR", "FILES_MANIFEST"]
+__all__ = ["coco_results", "coco_gt_ids", "overlay_name", "write_overlay", "write_index",
+           "write_results", "begin_outputs", "end_outputs", "OVERLAY_DIR", "FILES_MANIFEST"]
