@@ -279,7 +279,8 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: str, name: str = CONFIG
             msg = (f"config: {'ALLOWED (--allow_config_change) ' if guarded else ''}changes "
                    f"from the stored {name}: " +
                    "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in change.items()))
-            logging.warning("%s", msg)
+            # an allowed model/data change is a warning; a benign one (e.g. more steps) a note
+            (logging.warning if guarded else logging.info)("%s", msg)
             print(msg, flush=True)
             if guarded:
                 import time
