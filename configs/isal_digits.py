@@ -2,18 +2,18 @@
 
     python -m isal_jax.main --config=configs/isal_digits.py --workdir=DIR
 
-Same code path as configs/isal_cifar10.py (which this config starts from): a small CNN
+Same code path as configs/isal_cifar10.py (both start from configs/isal_base.py): a small CNN
 (BatchNorm) on the 8x8 digits, pool = the 1437-image train split, accuracy on the 360-image
 test split; initial 30 random labels, +30 per cycle, 6 cycles (30..180 labels),
 6 strategies x 3 seeds, retrained from scratch every cycle. Offline.
 """
 import ml_collections
 
-from configs import isal_cifar10
+from configs import isal_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = isal_cifar10.get_config()
+    c = isal_base.classification_experiment()
     c.al.initial = 30
     c.al.budget = 30
     c.al.cycles = 6

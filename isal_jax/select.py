@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 
 import numpy as np
@@ -32,6 +31,7 @@ from absl import flags
 from ezsd_jax.core import cli
 from ezsd_jax.core.io_utils import atomic_savez, atomic_write_json
 from ezsd_jax.core.metrics import report
+from isal_jax import faults
 from isal_jax.degenerate import check_lissa, check_model_outputs
 from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, load_cached,
                                    read_id_list, reference_source, score_dir)
@@ -89,8 +89,11 @@ def validate_influence(cfg) -> None:
         raise SelectError(f"config.influence.scale must be > 0, got {inf.scale}")
     reference_source(cfg.reference)
     from isal_jax.influence import DAMP_MODES, SOLVERS
+    from isal_jax.influence import HVP_ORDERS, NAN_RESETS
     for field, allowed in (("solver", SOLVERS), ("damp_mode", DAMP_MODES),
-                           ("diversity", ("none", "class_balanced"))):
+                           ("diversity", ("none", "class_balanced")),
+                           ("hvp_order", HVP_ORDERS), ("nan_reset", NAN_RESETS),
+                           ("on_unconverged", ("stop", "select"))):
         if field in inf and inf[field] not in allowed:
             raise SelectError(f"config.influence.{field}={inf[field]!r} is not one of "
                               f"{allowed}")
@@ -185,9 +188,15 @@ def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
 
 # ----------------------------------------------------------------------------- isal
 
-def _stacked_hvp_batches(data, ids, batch_size, seed):
+def _stacked_hvp_batches(data, ids, batch_size, seed, icfg=None):
+    """The LiSSA/CG minibatches of the labeled ids: a seeded permutation; with
+    hvp_order='sequential' (the reference's) the first depth*repeats*batch_size labeled ids
+    in the order given (the reference: one sample per step, the first 1,000 in order)."""
     from isal_jax.influence import stack_batches
-    ids = np.random.default_rng([seed, 1]).permutation(ids)
+    if icfg is not None and str(icfg.get("hvp_order", "shuffled")) == "sequential":
+        ids = np.asarray(ids)[:int(icfg.depth) * int(icfg.repeats) * int(batch_size)]
+    else:
+        ids = np.random.default_rng([seed, 1]).permutation(ids)
     return stack_batches(list(_no_ids(data.batches(ids, batch_size))))
 
 
@@ -203,7 +212,9 @@ def s_test_settings(icfg) -> dict:
     if kw["solver"] == "lissa":
         kw.update(depth=int(icfg.depth), repeats=int(icfg.repeats),
                   residual_batches=int(icfg.residual_batches),
-                  stop_residual=float(icfg.get("stop_residual", 0.0)))
+                  stop_residual=float(icfg.get("stop_residual", 0.0)),
+                  hvp_order=str(icfg.get("hvp_order", "shuffled")),
+                  nan_reset=str(icfg.get("nan_reset", "chain")))
         if kw["stop_residual"] > 0:
             kw["loop"] = "python"
     else:
@@ -276,7 +287,8 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
         t0 = time.perf_counter()
         v = infl.reference_gradient(loss_fn, params, subset,
                                     _no_ids(ref_data.batches(ref_ids, icfg.ref_batch_size)))
-        hvp_batches = _stacked_hvp_batches(data, labeled, icfg.hvp_batch_size, cfg.seed)
+        hvp_batches = _stacked_hvp_batches(data, labeled, icfg.hvp_batch_size, cfg.seed,
+                                           icfg)
         try:
             s_test, info = infl.solve_s_test(loss_fn, params, subset, v, hvp_batches,
                                              seed=cfg.seed, **s_test_settings(icfg))
@@ -286,7 +298,8 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
         s_test = {k: np.asarray(x) for k, x in s_test.items()}
         report(s_test_line(info, time.perf_counter() - t0))
         check_lissa(info, s_test, max_residual=float(icfg.max_residual),
-                    allow=bool(cfg.get("allow_degenerate", False)))
+                    allow=bool(cfg.get("allow_degenerate", False)),
+                    on_unconverged=str(icfg.get("on_unconverged", "stop")))
         atomic_savez(s_path, fingerprint=np.asarray(fingerprint), info=np.asarray(
             json.dumps(info)), **{f"s/{k}": x for k, x in s_test.items()})
 
@@ -343,9 +356,8 @@ def run_isal(cfg, workdir, task, state, data, labeled, pool,
             n_done += 1
             if progress.tick(n_done, force=n_done == len(starts)):
                 writer.write(n_done, progress.rates())
-            if int(cfg.debug.kill_after_shard) == i:
-                report(f"debug.kill_after_shard={i}: SIGKILL")
-                os.kill(os.getpid(), signal.SIGKILL)
+            if faults.setting("kill_after_shard", -1) == i:
+                faults.kill(f"after score shard {i}")
         out.append(done[i])
     return np.concatenate(out), info
 
