@@ -94,6 +94,11 @@ class ClassificationData:
                              f"{self.ids[:3].tolist()}..{self.ids[-1:].tolist()})")
         return pos
 
+    def check(self, ids: Sequence[int], what: str = "ids") -> np.ndarray:
+        """The ids as int64, after checking that every one is in this split."""
+        self.positions(ids, what)
+        return np.asarray(ids, np.int64).reshape(-1)
+
     def get(self, ids: Sequence[int], what: str = "ids") -> dict:
         pos = self.positions(ids, what)
         images, labels = self._fetch(pos)

@@ -19,7 +19,7 @@ model_state is {'batch_stats': ...} ({} for models without BatchNorm); checkpoin
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
@@ -124,6 +124,59 @@ class ClassificationTask:
             probs.append(np.asarray(p)[m])
             feats.append(np.asarray(q)[m])
         return np.concatenate(probs), np.concatenate(feats)
+
+
+# ----------------------------------------------------------------------------- ISAL scoring
+
+@dataclasses.dataclass(eq=False)
+class ClassificationInfluence:
+    """The classifier's side of the one ISAL scoring path (isal_jax.scoring.InfluenceTask):
+    state {'params', 'batch_stats'}, the pool's ClassificationData, `split_loader(name)`
+    for reference.source='split:NAME'. fused: pseudo label + loss in one forward pass;
+    need_groups: also predict the pool's argmax classes (diversity='class_balanced')."""
+    task: ClassificationTask
+    state: dict
+    data: object
+    split_loader: Callable
+    fused: bool = True
+    need_groups: bool = False
+    mesh: object = None
+
+    @property
+    def params(self):
+        return self.state["params"]
+
+    @property
+    def model_state(self) -> dict:
+        return self.task.model_state(self.state)
+
+    def loss_fn(self):
+        return self.task.loss_fn(self.model_state)
+
+    def labeled_batches(self, data, ids, batch_size: int, what: str) -> Iterator[dict]:
+        for b in data.batches(ids, batch_size, what):
+            yield {k: v for k, v in b.items() if k != "id"}
+
+    def split_data(self, name: str):
+        return self.split_loader(name)
+
+    def score_pool(self, subset, s_test, ids, batch_size: int):
+        from isal_jax import influence as infl
+        ms = self.model_state
+        if self.fused:
+            loss, plabel = self.task.self_labeled_loss_fn(ms), None
+        else:
+            loss, plabel = self.task.loss_fn(ms), self.task.pseudo_label_fn(ms)
+        score_fn = infl.make_score_fn(loss, subset, plabel, mesh=self.mesh)
+        sc = infl.pool_scores(loss, self.params, subset, s_test,
+                              self.labeled_batches(self.data, ids, batch_size, "pool"),
+                              plabel, mesh=self.mesh, score_fn=score_fn)
+        groups = np.zeros(len(ids), np.int64)
+        if self.need_groups:
+            probs, _ = self.task.predict(self.params, ms,
+                                         self.data.batches(ids, batch_size, "pool"))
+            groups = np.argmax(probs, 1).astype(np.int64)
+        return sc, np.ones(len(ids), bool), groups
 
 
 # ----------------------------------------------------------------------------- training
