@@ -5,6 +5,8 @@ isal_fashion, isal_demo) start from these blocks, never from another experiment.
 """
 import ml_collections
 
+import isal_jax.config_schema  # noqa: F401  (registers the ISAL config rules)
+
 
 def loader_settings() -> ml_collections.ConfigDict:
     """Options of the generic loaders (isal_jax.data.load_dataset): dataset 'tfds:<name>'
@@ -131,3 +133,8 @@ def classification_experiment() -> ml_collections.ConfigDict:
     c.mesh.model = 1
 
     return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The base block as a config (what configs/isal_cifar10.py runs)."""
+    return classification_experiment()

@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from isal_jax.config_schema import DAMP_MODES, HVP_ORDERS, NAN_RESETS, SOLVERS
 from jax.flatten_util import ravel_pytree
 
 from ezsd_jax.core.tree_paths import path_str
@@ -292,8 +294,6 @@ def reference_gradient(loss_fn: LossFn, params, subset: ParamSubset,
 
 # ----------------------------------------------------------------------------- LiSSA
 
-HVP_ORDERS = ("shuffled", "sequential")
-NAN_RESETS = ("chain", "block")
 
 
 def _chain_orders(num_steps: int, depth: int, repeats: int, seed: int,
@@ -549,8 +549,6 @@ def top_eigenvalue(loss_fn: LossFn, params, subset: ParamSubset, batches, *,
     return lam, {"iters": len(lams), "rel_change": float(rel)}
 
 
-SOLVERS = ("lissa", "cg")
-DAMP_MODES = ("fixed", "top_eig")
 
 
 def solve_s_test(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,

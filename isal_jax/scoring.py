@@ -19,6 +19,7 @@ import numpy as np
 from ezsd_jax.core.io_utils import atomic_savez
 from ezsd_jax.core.metrics import report
 from isal_jax import faults
+from isal_jax.config_schema import DIVERSITY
 from isal_jax.degenerate import check_lissa, check_model_outputs
 from isal_jax.selection_io import (SelectError, load_cached, read_id_list, reference_source,
                                    score_dir)
@@ -221,9 +222,6 @@ def select_scored(pool, budget: int, scores, scored, groups, *, seed: int,
     rest = st.select_random(pool[~scored], int(budget) - k1, seed=seed)
     return st.Selection(np.concatenate([first.ids, rest.ids]),
                         np.concatenate([first.scores, np.full(len(rest.ids), np.nan)]))
-
-
-DIVERSITY = ("none", "class_balanced")
 
 
 def isal_select(cfg, workdir: str, task: InfluenceTask, labeled, pool, fingerprint: str,

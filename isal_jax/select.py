@@ -30,6 +30,7 @@ from absl import flags
 from ezsd_jax.core import cli
 from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.core.metrics import report
+from isal_jax import config_schema
 from isal_jax.degenerate import check_model_outputs
 from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, read_id_list,
                                    reference_source)
@@ -86,13 +87,9 @@ def validate_influence(cfg) -> None:
     if not inf.scale > 0:
         raise SelectError(f"config.influence.scale must be > 0, got {inf.scale}")
     reference_source(cfg.reference)
-    from isal_jax.influence import DAMP_MODES, SOLVERS
-    from isal_jax.influence import HVP_ORDERS, NAN_RESETS
-    for field, allowed in (("solver", SOLVERS), ("damp_mode", DAMP_MODES),
-                           ("diversity", ("none", "class_balanced")),
-                           ("hvp_order", HVP_ORDERS), ("nan_reset", NAN_RESETS),
-                           ("on_unconverged", ("stop", "select"))):
-        if field in inf and inf[field] not in allowed:
+    for path, allowed in config_schema.ENUMS.items():
+        field = path.split(".", 1)[1] if path.startswith("influence.") else None
+        if field and field in inf and inf[field] not in allowed:
             raise SelectError(f"config.influence.{field}={inf[field]!r} is not one of "
                               f"{allowed}")
     if not float(inf.get("max_residual", 1.0)) > 0:
