@@ -71,6 +71,31 @@ def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
     c.influence.shard_size = shard_size  # pool samples per resumable score shard
 
 
+def model_settings(name: str) -> ml_collections.ConfigDict:
+    """config.model of the ISAL classifiers (isal_jax.models.get_model)."""
+    return ml_collections.ConfigDict({
+        "name": name,                           # mlp | cnn | resnet18
+        "num_classes": 10,
+        "features": (64,),                      # mlp
+        "channels": (16, 32),                   # cnn
+        "widths": (64, 128, 256, 512),          # resnet18
+        "dtype": "float32"})
+
+
+def small_cnn_training(c: ml_collections.ConfigDict, *, eval_batch_size: int) -> None:
+    """The CPU-sized recipe of the small-image experiments (digits, Fashion-MNIST): the
+    small CNN, 300 SGD steps of batch 32 at lr 0.05 per cycle, no augmentation, only the
+    final checkpoint."""
+    c.model.name = "cnn"
+    c.model.channels = (16, 32)
+    t = c.train
+    t.batch_size, t.epochs, t.steps, t.lr, t.weight_decay = 32, 0.0, 300, 0.05, 5e-4
+    t.augment = "none"
+    t.ckpt_every = 100000             # only the final checkpoint (the runs take seconds)
+    t.eval_batch_size = eval_batch_size
+    c.reference.source = "labeled"    # not the test split the paper config leaks
+
+
 def classification_experiment() -> ml_collections.ConfigDict:
     """The AL experiment of `python -m isal_jax.main` for classification, with the
     reference's CIFAR-10 protocol values (configs/isal_cifar10.py documents them)."""
@@ -93,13 +118,7 @@ def classification_experiment() -> ml_collections.ConfigDict:
     c.data.pool_ids_file = ""       # optional JSON id list restricting the pool
     c.data.loader = loader_settings()   # tfds:<name> / folder only
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "resnet18"       # mlp | cnn | resnet18
-    c.model.num_classes = 10
-    c.model.features = (64,)        # mlp
-    c.model.channels = (16, 32)     # cnn
-    c.model.widths = (64, 128, 256, 512)  # resnet18
-    c.model.dtype = "float32"
+    c.model = model_settings("resnet18")
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128

@@ -10,7 +10,7 @@ Output: workdir/selection_<strategy>.json; ISAL per-shard scores in workdir/isal
 """
 import ml_collections
 
-from configs.isal_base import add_isal_settings, loader_settings
+from configs.isal_base import add_isal_settings, loader_settings, model_settings
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,13 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.strategy = "isal"           # random | entropy | margin | least_confidence | coreset | isal
     c.budget = 50
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "cnn"          # mlp | cnn | resnet18
-    c.model.num_classes = 10
-    c.model.features = (64,)      # mlp
-    c.model.channels = (16, 32)   # cnn
-    c.model.widths = (64, 128, 256, 512)  # resnet18
-    c.model.dtype = "float32"
+    c.model = model_settings("cnn")
 
     # Orbax checkpoint written by ezsd_jax.core.checkpoint.Checkpointer with the dict state
     # {'params', 'batch_stats'}. '' -> <workdir>/model. step -1 -> latest.

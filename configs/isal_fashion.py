@@ -25,21 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.loader.mean = (0.286,)     # Fashion-MNIST train statistics
     c.data.loader.std = (0.353,)
 
-    c.model.name = "cnn"
-    c.model.channels = (16, 32)
-
-    c.train.batch_size = 32
-    c.train.epochs = 0.0
-    c.train.steps = 300
-    c.train.lr = 0.05
-    c.train.decay_fractions = ()
-    c.train.augment = "none"
+    isal_base.small_cnn_training(c, eval_batch_size=1000)
     c.train.crop_pad = 2
-    c.train.ckpt_every = 100000
     c.train.log_every = 1000
-    c.train.eval_batch_size = 1000
-
-    c.reference.source = "labeled"
     c.influence.ref_batch_size = 256
     c.influence.hvp_batch_size = 32
     c.influence.pool_batch_size = 500

@@ -9,6 +9,7 @@ docs/isal-method.md describes the method and the options.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -49,6 +50,31 @@ class InfluenceTask(Protocol):
 
     def score_pool(self, subset, s_test, ids, batch_size: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclasses.dataclass(eq=False)
+class TrainedModel:
+    """The fields and methods both InfluenceTask adapters share: a task adapter (with
+    `model_state(state)` and `loss_fn(model_state)`), its trained state {'params',
+    'batch_stats'}, the pool's data set and `split_loader(name)` for 'split:NAME'."""
+    task: Any
+    state: dict
+    data: Any
+    split_loader: Callable
+
+    @property
+    def params(self):
+        return self.state["params"]
+
+    @property
+    def model_state(self) -> dict:
+        return self.task.model_state(self.state)
+
+    def loss_fn(self):
+        return self.task.loss_fn(self.model_state)
+
+    def split_data(self, name: str):
+        return self.split_loader(name)
 
 
 def s_test_settings(icfg, scale=None) -> dict:

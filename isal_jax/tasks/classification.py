@@ -19,13 +19,15 @@ model_state is {'batch_stats': ...} ({} for models without BatchNorm); checkpoin
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from isal_jax.scoring import TrainedModel
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,36 +131,18 @@ class ClassificationTask:
 # ----------------------------------------------------------------------------- ISAL scoring
 
 @dataclasses.dataclass(eq=False)
-class ClassificationInfluence:
-    """The classifier's side of the one ISAL scoring path (isal_jax.scoring.InfluenceTask):
-    state {'params', 'batch_stats'}, the pool's ClassificationData, `split_loader(name)`
-    for reference.source='split:NAME'. fused: pseudo label + loss in one forward pass;
-    need_groups: also predict the pool's argmax classes (diversity='class_balanced')."""
-    task: ClassificationTask
-    state: dict
-    data: object
-    split_loader: Callable
+class ClassificationInfluence(TrainedModel):
+    """The classifier's side of the one ISAL scoring path (isal_jax.scoring.InfluenceTask)
+    over a ClassificationTask, its state and the pool's ClassificationData. fused: pseudo
+    label + loss in one forward pass; need_groups: also predict the pool's argmax classes
+    (diversity='class_balanced')."""
     fused: bool = True
     need_groups: bool = False
     mesh: object = None
 
-    @property
-    def params(self):
-        return self.state["params"]
-
-    @property
-    def model_state(self) -> dict:
-        return self.task.model_state(self.state)
-
-    def loss_fn(self):
-        return self.task.loss_fn(self.model_state)
-
     def labeled_batches(self, data, ids, batch_size: int, what: str) -> Iterator[dict]:
         for b in data.batches(ids, batch_size, what):
             yield {k: v for k, v in b.items() if k != "id"}
-
-    def split_data(self, name: str):
-        return self.split_loader(name)
 
     def score_pool(self, subset, s_test, ids, batch_size: int):
         from isal_jax import influence as infl

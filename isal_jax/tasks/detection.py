@@ -72,6 +72,7 @@ from ezsd_jax.ops import boxes as box_ops
 from ezsd_jax.ops.matching import match_boxes, sample_balanced
 from isal_jax import influence as infl
 from isal_jax import strategies
+from isal_jax.scoring import TrainedModel
 
 DEFAULT_SUBSET = (r"regex:^(rpn/(objectness|deltas)|"
                   r"roi_head/(classifier/cls_score|regressor/bbox_pred))/")
@@ -502,15 +503,10 @@ def isal_pool_scores(task: DetectionTask, params, model_state, subset: infl.Para
 
 
 @dataclasses.dataclass(eq=False)
-class DetectionInfluence:
-    """The detector's side of the one ISAL scoring path (isal_jax.scoring.InfluenceTask):
-    state {'params', 'batch_stats'}, the pool's DetectionData, `split_loader(name)` for
-    reference.source='split:NAME'. Labeled batches carry their fixed assignment; pool
-    images without a kept pseudo box are not scored."""
-    task: DetectionTask
-    state: dict
-    data: object
-    split_loader: object
+class DetectionInfluence(TrainedModel):
+    """The detector's side of the one ISAL scoring path (isal_jax.scoring.InfluenceTask)
+    over a DetectionTask, its state and the pool's DetectionData. Labeled batches carry
+    their fixed assignment; pool images without a kept pseudo box are not scored."""
     mesh: object = None
     scale: object = None              # per-block LiSSA scales (block_scale), None: scalar
 
@@ -519,23 +515,9 @@ class DetectionInfluence:
         self._assign_fn = make_assign_fn(self.task, ms)
         self._label_fn = make_label_fn(self.task, ms)
 
-    @property
-    def params(self):
-        return self.state["params"]
-
-    @property
-    def model_state(self) -> dict:
-        return self.task.model_state(self.state)
-
-    def loss_fn(self):
-        return self.task.loss_fn(self.model_state)
-
     def labeled_batches(self, data, ids, batch_size: int, what: str) -> Iterator[dict]:
         return assigned_batches(self.task, self.params, self.model_state,
                                 data.batches(ids, batch_size, what), assign_fn=self._assign_fn)
-
-    def split_data(self, name: str):
-        return self.split_loader(name)
 
     def score_pool(self, subset, s_test, ids, batch_size: int):
         score_fn = infl.make_score_fn(self.loss_fn(), subset, None, mesh=self.mesh)
