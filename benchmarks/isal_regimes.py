@@ -22,7 +22,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "benchmarks", "isal_regimes")
+# Result files; ISAL_REGIMES_OUT lets a frozen copy of the code (e.g. `git archive HEAD`
+# unpacked elsewhere, so that editing the tree does not change running jobs) write here.
+OUT = os.environ.get("ISAL_REGIMES_OUT", os.path.join(ROOT, "benchmarks", "isal_regimes"))
 FASHION = "/usr/share/datasets/fashion-mnist"    # Debian package dataset-fashion-mnist
 MEAN, STD = (0.286,), (0.353,)                   # Fashion-MNIST train statistics
 
@@ -117,6 +119,8 @@ def result_path(regime: str, variant: str, seed: int) -> str:
 
 def run_job(regime: str, variant: str, seed: int, workdir: str) -> None:
     """In-process: one AL experiment, then its result file."""
+    import isal_jax.scoring  # noqa: F401  (every module the job uses, imported up front)
+    import isal_jax.select  # noqa: F401
     from isal_jax.classification_al import build_task
     from isal_jax.loop import cycle_dir, run_experiment
     wd = os.path.join(workdir, regime, variant, f"seed_{seed}")
