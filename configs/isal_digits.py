@@ -2,18 +2,18 @@
 
     python -m isal_jax.main --config=configs/isal_digits.py --workdir=DIR
 
-Same code path as configs/isal_cifar10.py (which this config starts from): a small CNN
+Same code path as configs/isal_cifar10.py (both start from configs/isal_base.py): a small CNN
 (BatchNorm) on the 8x8 digits, pool = the 1437-image train split, accuracy on the 360-image
 test split; initial 30 random labels, +30 per cycle, 6 cycles (30..180 labels),
 6 strategies x 3 seeds, retrained from scratch every cycle. Offline.
 """
 import ml_collections
 
-from configs import isal_cifar10
+from configs import isal_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = isal_cifar10.get_config()
+    c = isal_base.classification_experiment()
     c.al.initial = 30
     c.al.budget = 30
     c.al.cycles = 6
@@ -23,21 +23,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.pool_split = "train"
     c.data.eval_split = "test"
 
-    c.model.name = "cnn"
-    c.model.channels = (16, 32)
-
-    c.train.batch_size = 32
-    c.train.epochs = 0.0
-    c.train.steps = 300
-    c.train.lr = 0.05
-    c.train.weight_decay = 5e-4
-    c.train.augment = "none"          # measured: pad-1 crops of 8x8 digits cost 2-7 points
+    isal_base.small_cnn_training(c, eval_batch_size=360)
+    # augment 'none': measured, pad-1 crops of 8x8 digits cost 2-7 points
     c.train.crop_pad = 1
-    c.train.ckpt_every = 100000       # only the final checkpoint (the runs take ~1 s)
     c.train.log_every = 100
-    c.train.eval_batch_size = 360
-
-    c.reference.source = "labeled"    # not the test split the paper config leaks
     c.influence.ref_batch_size = 64
     c.influence.hvp_batch_size = 32
     c.influence.pool_batch_size = 256

@@ -32,6 +32,8 @@ strategies under one metric.
 """
 import ml_collections
 
+import isal_jax.config_schema  # noqa: F401  (registers the ISAL config rules)
+
 from configs import common
 
 
@@ -47,14 +49,15 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.al.budget = 500
     c.al.cycles = 10
     c.al.plot = True
-    c.al.debug_kill_after = ""      # '<strategy>/<seed>/<cycle>[/train|eval|select]'
 
     c.data.pool_ids_file = ""       # optional JSON id list restricting the pool (train split)
 
     # Reference set R of v = sum grad L(R) (isal_jax.selection_io.reference_source):
-    # 'labeled' | 'ids_file' (train-split ids) | 'split:val' (the reference code's choice,
-    # which LEAKS the evaluation split's labels; the paper configs use it).
-    c.reference = ml_collections.ConfigDict(dict(source="labeled", ids_file=""))
+    # 'labeled' | 'heldout' (AL loop) | 'ids_file' (train-split ids) | 'split:val' (the
+    # reference code's choice, which LEAKS the evaluation split's labels; the paper
+    # configs use it).
+    c.reference = ml_collections.ConfigDict(dict(source="labeled", ids_file="",
+                                                 heldout_fraction=0.2, heldout_size=0))
 
     i = c.influence = ml_collections.ConfigDict()
     # Pseudo GT: detections with score >= score_threshold (the reference README: 0.1), at
@@ -70,7 +73,8 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # sign on the RoIs a pseudo box was decoded from; see isal_jax/tasks/detection.py).
     i.reg_beta = 0.01
     i.feature_level = 3             # FPN level pooled for core-set features (3 = P5)
-    # Parameter subset: the heads' last layers (rpn_cls, rpn_reg, fc_cls, fc_reg).
+    # Parameter subset: the heads' last layers (rpn_cls, rpn_reg, fc_cls, fc_reg), kernels
+    # and biases; isal_jax.tasks.detection.REFERENCE_SUBSET = kernels only (the reference).
     i.subset = (r"regex:^(rpn/(objectness|deltas)|"
                 r"roi_head/(classifier/cls_score|regressor/bbox_pred))/")
     i.damp = 0.01
@@ -85,6 +89,16 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     i.repeats = 4
     i.residual_batches = 8
     i.max_residual = 1.0            # LiSSA must converge by its own residual (degenerate.py)
+    i.on_unconverged = "stop"       # stop | select (the reference selects anyway)
+    # The options of the one scoring path (isal_jax/scoring.py), as for classification:
+    i.solver = "lissa"              # lissa | cg
+    i.cg_tol = 1e-3
+    i.damp_mode = "fixed"           # fixed | top_eig (damp*scale = damp_fraction * top)
+    i.damp_fraction = 0.1
+    i.eig_iters = 0
+    i.diversity = "none"            # none | class_balanced (top class of the pseudo boxes)
+    i.hvp_order = "shuffled"        # shuffled | sequential (the reference: images in order)
+    i.nan_reset = "chain"           # chain | block (the reference: per parameter block)
     i.ref_batch_size = 8
     i.hvp_batch_size = 8
     i.hvp_num_batches = 32          # LiSSA draws its minibatches from this many
@@ -104,7 +118,6 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.allow_degenerate = False      # True: select even from degenerate outputs / LiSSA
     c.init = ml_collections.ConfigDict(dict(num_labeled=500))
 
-    c.debug.kill_after_shard = -1   # SIGKILL after writing this ISAL score shard
     return c
 
 

@@ -71,7 +71,7 @@ def augment(images: np.ndarray, rng: np.random.Generator, mode: str, pad: int) -
 
 class ClassificationALTask:
     """ActiveLearningTask for image classification. `cfg`: the whole experiment config
-    (configs/isal_cifar10.py): data, model, train, influence, reference, mesh, debug."""
+    (configs/isal_cifar10.py): data, model, train, influence, reference, mesh."""
 
     primary_metric = "accuracy"
 
@@ -201,12 +201,13 @@ class ClassificationALTask:
         return gen
 
     def train(self, labeled_ids: np.ndarray, seed: int, workdir: str) -> Any:
-        t, dbg = self.cfg.train, self.cfg.debug
+        from isal_jax import faults
+        t = self.cfg.train
         b = self.data.get(np.asarray(labeled_ids, np.int64), what="labeled ids")
         total, decays = self.num_steps(len(labeled_ids))
         step_fn, tx = self._step_fn(total, decays)
-        kill = int(dbg.kill_at_step) if int(dbg.kill_at_train_run) in (-1, self.train_runs) \
-            else -1
+        kill = faults.setting("kill_at_step", -1) if faults.setting(
+            "kill_at_train_run", 0) in (-1, self.train_runs) else -1
         self.train_runs += 1
         state, _ = train_loop.fit(
             state=self._init_state(seed, tx), step_fn=step_fn,
@@ -214,7 +215,7 @@ class ClassificationALTask:
             workdir=workdir, name="train", mesh=self.mesh, ckpt_every=int(t.ckpt_every),
             keep=int(t.keep_checkpoints), log_every=int(t.log_every),
             items_per_step=int(t.batch_size), unit="img", debug_kill_at_step=kill,
-            debug_kill_during_save=bool(dbg.kill_during_save))
+            debug_kill_during_save=faults.setting("kill_during_save", False))
         host = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
         host["checkpoint"] = (os.path.join(os.path.abspath(workdir), "ckpt_train"), total)
         return host
@@ -255,8 +256,7 @@ class ClassificationALTask:
             "pool": {"dataset": c.data.dataset, "data_dir": c.data.data_dir,
                      "loader": c.data.get("loader", {})},
             "model": c.model.to_dict(), "influence": c.influence.to_dict(),
-            "reference": c.reference.to_dict(), "mesh": c.mesh.to_dict(),
-            "debug": {"kill_after_shard": int(c.debug.kill_after_shard)}})
+            "reference": c.reference.to_dict(), "mesh": c.mesh.to_dict()})
         labeled_ids = np.asarray(labeled_ids, np.int64)
         held = None
         if strategy == "isal" and sio.reference_source(c.reference)[0] == "heldout":

@@ -13,6 +13,8 @@ is checked against them.
   under data_dir (`load_tfds`: configurable image/label keys, mean/std, image size); never
   downloads. cifar10 is this with the CIFAR mean/std (see `CIFAR10_HOWTO`).
 * folder: an image folder, <data_dir>/<split>/<class>/<image> (`load_image_folder`).
+* idx: MNIST-format idx files (raw or .gz) under data_dir (`load_idx`): Fashion-MNIST,
+  MNIST, EMNIST, KMNIST or a user's own.
 * a user's own: `ClassificationData.from_arrays(images, labels, ids)`, made loadable by
   name with `register_dataset(name, loader)`.
 """
@@ -91,6 +93,11 @@ class ClassificationData:
                              f"{self.split} (e.g. {ids[bad][:5].tolist()}; valid ids are "
                              f"{self.ids[:3].tolist()}..{self.ids[-1:].tolist()})")
         return pos
+
+    def check(self, ids: Sequence[int], what: str = "ids") -> np.ndarray:
+        """The ids as int64, after checking that every one is in this split."""
+        self.positions(ids, what)
+        return np.asarray(ids, np.int64).reshape(-1)
 
     def get(self, ids: Sequence[int], what: str = "ids") -> dict:
         pos = self.positions(ids, what)
@@ -296,6 +303,80 @@ def load_image_folder(split: str, data_dir: str | None = None, *,
                               len(classes), (*hw, 3), fetch)
 
 
+# ----------------------------------------------------------------------------- idx (MNIST format)
+
+IDX_SPLIT_ALIASES = {"test": ("test", "t10k"), "t10k": ("t10k", "test")}
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """One idx file (raw or gzip): magic 0x0000 08 <ndim> (unsigned bytes), ndim big-endian
+    uint32 sizes, then the data. Any other magic, a wrong ndim or a size that does not match
+    the file is a ValueError naming the file."""
+    import gzip
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f"idx file {path!r}: cannot read ({e})") from e
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or raw[3] != ndim:
+        raise ValueError(f"idx file {path!r}: bad magic {raw[:4].hex() or '(empty)'} (expected "
+                         f"000008{ndim:02x}: unsigned bytes, {ndim} dimension(s))")
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise ValueError(f"idx file {path!r}: truncated header")
+    shape = tuple(int(v) for v in np.frombuffer(raw[4:head], ">u4"))
+    if len(raw) - head != int(np.prod(shape)):
+        raise ValueError(f"idx file {path!r}: header says {shape} = {int(np.prod(shape))} "
+                         f"bytes of data, file has {len(raw) - head}")
+    return np.frombuffer(raw[head:], np.uint8).reshape(shape)
+
+
+def _idx_file(root: str, split: str, kind: str) -> str:
+    names = IDX_SPLIT_ALIASES.get(split, (split,))
+    for name in names:
+        hits = sorted(glob.glob(os.path.join(root, f"*{name}-{kind}")) +
+                      glob.glob(os.path.join(root, f"*{name}-{kind}.gz")))
+        if len(hits) > 1:
+            raise ValueError(f"idx: several files match split {split!r} in {root!r}: "
+                             f"{[os.path.basename(h) for h in hits]}")
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(f"idx: no '<prefix>{names[0]}-{kind}[.gz]' in data_dir {root!r} "
+                            "(MNIST-format files: train-images-idx3-ubyte.gz, ...)")
+
+
+def load_idx(split: str, data_dir: str | None = None, *, mean=(0.5,), std=(0.5,),
+             image_size: Sequence[int] = ()) -> ClassificationData:
+    """MNIST-format data under data_dir: '<prefix><split>-images-idx3-ubyte[.gz]' (uint8
+    [N, H, W]) and '<prefix><split>-labels-idx1-ubyte[.gz]' (uint8 [N]); split 'test' also
+    finds 't10k'. Serves MNIST, Fashion-MNIST (Debian: dataset-fashion-mnist,
+    /usr/share/datasets/fashion-mnist), KMNIST, EMNIST (prefix 'emnist-<set>-') and a
+    user's idx files. Images -> to_model_input(image_size, mean, std), [N, H, W, 1]; classes
+    = 0..max label of the split; ids = the index in the file."""
+    if not data_dir:
+        raise ValueError("idx: set data_dir to the folder that holds the idx files")
+    root = os.path.expanduser(data_dir)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"idx: data_dir {root!r} does not exist")
+    images = read_idx(_idx_file(root, split, "images-idx3-ubyte"), 3)
+    labels_path = _idx_file(root, split, "labels-idx1-ubyte")
+    labels = read_idx(labels_path, 1).astype(np.int32)
+    if len(labels) != len(images):
+        raise ValueError(f"idx file {labels_path!r}: {len(labels)} labels for {len(images)} "
+                         "images")
+    if not len(labels):
+        raise ValueError(f"idx file {labels_path!r}: no samples")
+    _check_norm(f"idx:{data_dir}", 1, mean, std)
+    hw = tuple(int(v) for v in image_size) if len(image_size) else tuple(images.shape[1:3])
+
+    def fetch(pos):
+        return (to_model_input(images[np.asarray(pos, np.int64)][..., None], hw, mean, std),
+                labels[np.asarray(pos, np.int64)])
+    return ClassificationData(f"idx:{data_dir}", split, np.arange(len(labels), dtype=np.int64),
+                              int(labels.max()) + 1, (*hw, 1), fetch)
+
+
 # ----------------------------------------------------------------------------- registry
 
 DATASETS: dict[str, Callable[..., ClassificationData]] = {
@@ -329,15 +410,17 @@ def loader_options(node) -> dict:
 def load_dataset(name: str, split: str, data_dir: str | None = None,
                  options: dict | None = None) -> ClassificationData:
     """name: 'tfds:<tfds name>' (load_tfds, any prepared image-classification set),
-    'folder' (load_image_folder), or one of DATASETS. `options` (loader_options): image
-    key/label key, mean/std, image size; used by tfds:<name> (all) and folder (mean, std,
-    image_size); the named sets (digits, cifar10, registered ones) have their own."""
+    'folder' (load_image_folder), 'idx' (load_idx, MNIST-format files), or one of
+    DATASETS. `options` (loader_options): image key/label key, mean/std, image size; used
+    by tfds:<name> (all), folder and idx (mean, std, image_size); the named sets (digits,
+    cifar10, registered ones) have their own."""
     options = dict(options or {})
     if name.startswith("tfds:") and len(name) > 5:
         return load_tfds(name[5:], split, data_dir, **options)
-    if name == "folder":
-        return load_image_folder(split, data_dir, **{k: v for k, v in options.items()
-                                                     if k in ("mean", "std", "image_size")})
+    if name in ("folder", "idx"):
+        load = load_image_folder if name == "folder" else load_idx
+        return load(split, data_dir, **{k: v for k, v in options.items()
+                                         if k in ("mean", "std", "image_size")})
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}, "
                          "tfds:<name> (or isal_jax.data.register_dataset)")

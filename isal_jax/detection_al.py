@@ -27,7 +27,6 @@ Per cycle:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -38,11 +37,10 @@ import ml_collections
 import numpy as np
 
 from ezsd_jax.core import sharding
-from ezsd_jax.core.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.core.metrics import report
-from isal_jax.degenerate import check_lissa
-from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, load_cached,
-                                   read_id_list, reference_source, score_dir)
+from isal_jax.selection_io import (SelectError, fingerprint, heldout_split, ids_hash,
+                                   read_id_list, reference_source)
 
 STRATEGIES = ("random", "least_confidence", "entropy", "coreset", "isal")
 
@@ -129,112 +127,13 @@ def _host_state(state) -> dict:
                              "batch_stats": state.get("batch_stats", {})})
 
 
-# ----------------------------------------------------------------------------- ISAL
-
-def detection_isal(cfg, workdir: str, dtask, state: dict, data: DetectionData,
-                   labeled: np.ndarray, pool: np.ndarray, fingerprint: str, mesh=None,
-                   split_data=None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """ISAL scores of `pool` (in its order): (scores float64 with NaN where unscored,
-    scored bool, LiSSA info). s_test and score shards are cached in workdir/isal_scores.
-    split_data(name) -> DetectionData of split `name` ('val'), for reference 'split:NAME'."""
-    from isal_jax import influence as infl
-    from isal_jax.tasks import detection as dt
-    icfg = cfg.influence
-    params, ms = state["params"], dtask.model_state(state)
-    subset = infl.make_subset(params, icfg.subset)
-    sdir = score_dir(workdir)
-
-    s_path = os.path.join(sdir, "s_test.npz")
-    z = load_cached(s_path, fingerprint)
-    if z is not None:
-        s_test = {k: z[f"s/{k}"] for k in subset.keys}
-        info = json.loads(str(z["info"]))
-        report(f"resume: loaded s_test from {s_path}")
-    else:
-        kind, arg = reference_source(cfg.reference)
-        ref_data = data
-        if kind == "labeled":
-            ref_ids = labeled
-        elif kind == "ids_file":
-            ref_ids = data.check(read_id_list(arg, "config.reference.ids_file"),
-                                 "config.reference.ids_file")
-        elif kind == "heldout":
-            raise SelectError("config.reference.source='heldout' is implemented for "
-                              "classification only; for detection use labeled, ids_file or "
-                              "split:<name>")
-        else:
-            if split_data is None:
-                raise SelectError(f"config.reference.source={cfg.reference.source!r}: this "
-                                  "entry point has no other split to read")
-            ref_data = split_data(arg)
-            ref_ids = ref_data.ids
-        t0 = time.perf_counter()
-        order = np.random.default_rng([int(cfg.seed), 1]).permutation(labeled)
-        n_hvp = int(icfg.hvp_batch_size) * int(icfg.hvp_num_batches)
-        hvp_batches = list(data.batches(order[:n_hvp], icfg.hvp_batch_size, "labeled ids"))
-        s_test, info = dt.isal_s_test(
-            dtask, params, ms, subset,
-            ref_data.batches(ref_ids, icfg.ref_batch_size, "reference"),
-            hvp_batches, damp=float(icfg.damp),
-            scale=dt.block_scale(icfg.scale, icfg.block_scales), depth=int(icfg.depth),
-            block_mode=str(icfg.get("block_mode", "preconditioner")),
-            repeats=int(icfg.repeats), seed=int(cfg.seed),
-            residual_batches=int(icfg.residual_batches))
-        s_test = {k: np.asarray(x) for k, x in s_test.items()}
-        info["num_reference"] = int(len(ref_ids))
-        info["num_hvp_images"] = int(min(n_hvp, len(labeled)))
-        report(f"lissa: {time.perf_counter() - t0:.1f}s  |v|={info['v_norm']:.4g} "
-               f"|s|={info['s_norm']:.4g} residual={info['residual']:.3g} "
-               f"nan_resets={info['nan_resets_total']}")
-        check_lissa(info, s_test, max_residual=float(icfg.get("max_residual", 1.0)),
-                    allow=bool(cfg.get("allow_degenerate", False)))
-        atomic_savez(s_path, fingerprint=np.asarray(fingerprint),
-                     info=np.asarray(json.dumps(info)),
-                     **{f"s/{k}": x for k, x in s_test.items()})
-
-    bs = int(icfg.pool_batch_size)
-    if mesh is not None:
-        sharding.check_batch_divisible(bs, mesh)
-    shard = max(int(icfg.shard_size) // bs, 1) * bs
-    label_fn = dt.make_label_fn(dtask, ms)
-    score_fn = infl.make_score_fn(dtask.loss_fn(ms), subset, None, mesh=mesh)
-    scores, scored = [], []
-    kill = int(cfg.debug.get("kill_after_shard", -1))
-    for i, st in enumerate(range(0, len(pool), shard)):
-        ids = pool[st:st + shard]
-        path = os.path.join(sdir, f"shard_{i:05d}.npz")
-        z = load_cached(path, fingerprint, ids)
-        if z is None:
-            got, sc, ok = dt.isal_pool_scores(dtask, params, ms, subset, s_test,
-                                              data.batches(ids, bs, "pool"), mesh=mesh,
-                                              label_fn=label_fn, score_fn=score_fn)
-            if not np.array_equal(got, ids):
-                raise RuntimeError(f"isal: shard {i} returned other ids than it was given")
-            bad = ok & ~np.isfinite(sc)
-            if bad.any():
-                raise FloatingPointError(f"influence scores are NaN/inf for {int(bad.sum())} "
-                                         f"pool images (e.g. ids {ids[bad][:5].tolist()}); "
-                                         f"LiSSA residual={info['residual']:.3g}")
-            atomic_savez(path, fingerprint=np.asarray(fingerprint), ids=ids, scores=sc,
-                         scored=ok)
-            z = {"scores": sc, "scored": ok}
-            report(f"isal scores: shard {i} ({len(ids)} images, {int(ok.sum())} scored)")
-            if kill == i:
-                import signal
-                os.kill(os.getpid(), signal.SIGKILL)
-        scores.append(np.asarray(z["scores"], np.float64))
-        scored.append(np.asarray(z["scored"], bool))
-    scores = np.concatenate(scores) if scores else np.zeros(0)
-    scored = np.concatenate(scored) if scored else np.zeros(0, bool)
-    info = {**info, "num_pool": int(len(pool)), "num_unscored": int((~scored).sum())}
-    return scores, scored, info
-
-
 def run_detection_strategy(cfg, workdir: str, dtask, state: dict, data: DetectionData,
                            labeled: np.ndarray, pool: np.ndarray, *, strategy: str,
                            budget: int, seed: int, checkpoint: tuple[str, int], mesh=None,
-                           split_data=None):
-    """Selects `budget` ids of `pool` with `strategy`. Returns (Selection, info dict)."""
+                           split_data=None, heldout=None):
+    """Selects `budget` ids of `pool` with `strategy`. Returns (Selection, info dict).
+    heldout: the held-out ids of reference.source='heldout' (`state` trained without
+    them)."""
     from isal_jax import strategies as st
     from isal_jax.tasks import detection as dt
     if strategy not in STRATEGIES:
@@ -260,20 +159,21 @@ def run_detection_strategy(cfg, workdir: str, dtask, state: dict, data: Detectio
                          mesh=mesh, infer_fn=infer_fn)
         return st.select_coreset(pool, budget, features=pred.features,
                                  labeled_features=lab.features, seed=seed), info
+    from isal_jax.scoring import isal_select
     fp = fingerprint({"influence": cfg.influence.to_dict(), "seed": int(seed),
-                       "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
-                       "checkpoint": list(checkpoint), "data": data.dataset.ann_file,
-                       "pool": ids_hash(pool), "labeled": ids_hash(labeled)})
-    scfg = ml_collections.ConfigDict({"influence": cfg.influence.to_dict(),
+                      "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
+                      "checkpoint": list(checkpoint), "data": data.dataset.ann_file,
+                      "pool": ids_hash(pool), "labeled": ids_hash(labeled),
+                      "heldout": ids_hash(heldout) if heldout is not None else None})
+    icfg = cfg.influence
+    scale = dt.block_scale(icfg.scale, icfg.get("block_scales", ()))
+    scfg = ml_collections.ConfigDict({"influence": icfg.to_dict(), "budget": int(budget),
                                       "reference": cfg.reference.to_dict(), "seed": int(seed),
                                       "allow_degenerate": bool(cfg.get("allow_degenerate",
-                                                                       False)),
-                                      "debug": {"kill_after_shard": int(
-                                          cfg.debug.get("kill_after_shard", -1))}})
-    scores, scored, info = detection_isal(scfg, workdir, dtask, state, data, labeled, pool,
-                                          fp, mesh, split_data=split_data)
-    info["fingerprint"] = fp
-    return dt.select_isal_detection(pool, scores, scored, budget, seed=seed), info
+                                                                       False))})
+    src = dt.DetectionInfluence(dtask, state, data, split_data, mesh=mesh,
+                                scale=scale if isinstance(scale, dict) else None)
+    return isal_select(scfg, workdir, src, labeled, pool, fp, heldout=heldout)
 
 
 # ----------------------------------------------------------------------------- AL task
@@ -337,11 +237,17 @@ class DetectionALTask:
     def select(self, strategy: str, state: Any, labeled_ids: np.ndarray,
                unlabeled_ids: np.ndarray, budget: int, seed: int,
                workdir: str) -> tuple[np.ndarray, np.ndarray]:
+        held = None
+        if strategy == "isal" and reference_source(self.cfg.reference)[0] == "heldout":
+            # As for classification: the pool is scored by a detector trained without a
+            # seeded held-out part of the labeled set, whose gradient is v.
+            labeled_ids, held = heldout_split(labeled_ids, seed, self.cfg.reference)
+            state = self.train(labeled_ids, seed, os.path.join(workdir, "selection_model"))
         sel, info = run_detection_strategy(
             self.cfg, workdir, self.task, state, self.data, labeled_ids, unlabeled_ids,
             strategy=strategy, budget=int(budget), seed=int(seed),
             checkpoint=state.get("checkpoint", ("", -1)), mesh=self.mesh,
-            split_data=self._split_data)
+            split_data=self._split_data, heldout=held)
         if info:
             atomic_write_json(os.path.join(workdir, f"select_{strategy}_info.json"),
                               {k: v for k, v in info.items() if k != "norm_trace"})

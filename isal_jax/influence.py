@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from isal_jax.config_schema import DAMP_MODES, HVP_ORDERS, NAN_RESETS, SOLVERS
 from jax.flatten_util import ravel_pytree
 
 from ezsd_jax.core.tree_paths import path_str
@@ -292,9 +294,19 @@ def reference_gradient(loss_fn: LossFn, params, subset: ParamSubset,
 
 # ----------------------------------------------------------------------------- LiSSA
 
-def _chain_orders(num_steps: int, depth: int, repeats: int, seed: int) -> np.ndarray:
-    """[repeats, depth] minibatch indices: per chain, reshuffled passes over the minibatches."""
+
+
+def _chain_orders(num_steps: int, depth: int, repeats: int, seed: int,
+                  order: str = "shuffled") -> np.ndarray:
+    """[repeats, depth] minibatch indices. 'shuffled': per chain, seeded reshuffled passes
+    over the minibatches; 'sequential' (the reference's): chain r visits minibatches
+    r*depth, r*depth+1, ... in the given order (wrapping around when there are fewer)."""
+    if order not in HVP_ORDERS:
+        raise ValueError(f"lissa: hvp_order must be one of {HVP_ORDERS}, got {order!r}")
     out = np.zeros((repeats, depth), np.int32)
+    if order == "sequential":
+        return ((np.arange(repeats)[:, None] * depth + np.arange(depth)[None]) % num_steps
+                ).astype(np.int32)
     for r in range(repeats):
         rng = np.random.default_rng([seed, r])
         passes = -(-depth // num_steps)
@@ -357,7 +369,10 @@ def _lissa_step(loss_fn, subset, sampler, params, v, h, data, x, coef, norm):
     new = {k: (1.0 - coef["d"][k]) * h[k] + coef["a"][k] * v[k]
            - coef["inv_s"][k] * w * hs[k] for k in h}
     ok = tree_all_finite(new)
-    new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, v)
+    # nan_reset 'chain': any non-finite block resets every block to v; 'block' (the
+    # reference's): only the non-finite blocks are reset.
+    keep = {k: jnp.where(coef["block_reset"], jnp.all(jnp.isfinite(new[k])), ok) for k in new}
+    new = {k: jnp.where(keep[k], new[k], v[k]) for k in new}
     diff = tree_norm(jax.tree_util.tree_map(jnp.subtract, new, h))
     return new, (tree_norm(new), ~ok, diff)
 
@@ -376,7 +391,8 @@ def lissa(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
           damp: float = 0.01, scale: float | Mapping[str, float] = 1e4, depth: int = 250,
           repeats: int = 4, seed: int = 0, residual_batches: int = 8,
           loop: str = "auto", block_mode: str = "preconditioner",
-          stop_residual: float = 0.0, check_every: int = 0) -> tuple[Vec, dict]:
+          stop_residual: float = 0.0, check_every: int = 0, hvp_order: str = "shuffled",
+          nan_reset: str = "chain") -> tuple[Vec, dict]:
     """LiSSA estimate of s_test = c0 * (H + damp*c0*I)^-1 v (module docstring;
     `lissa_coefficients` for per-block scales).
 
@@ -387,8 +403,11 @@ def lissa(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
       the stacked minibatches (a step's HVP of the summed minibatch loss is weighted by
       S/N, N the valid rows of all S minibatches, so padded rows and short batches do not
       tilt it); for a callable, the mean over each drawn minibatch's valid rows.
+      hvp_order 'sequential' (the reference's): chain r takes minibatches r*depth.. in
+      order instead of a seeded shuffle (`_chain_orders`).
     Each of the `repeats` chains runs `depth` steps; a step whose result is not finite
-      resets that chain to v (counted). The chains are averaged.
+      resets that chain to v (nan_reset 'chain'; 'block': only the non-finite parameter
+      blocks, as the reference does); resets are counted. The chains are averaged.
     stop_residual > 0 (python loop only): every `check_every` steps (default 25) the
       running average of the chains' current iterates is checked against the residual
       below; the chains stop once it is <= stop_residual ('steps_run' in info).
@@ -415,8 +434,11 @@ def lissa(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
     v = {k: jnp.asarray(x) for k, x in v.items()}
     if set(v) != set(subset.keys):
         raise ValueError("lissa: v is not a vector on this parameter subset")
+    if nan_reset not in NAN_RESETS:
+        raise ValueError(f"lissa: nan_reset must be one of {NAN_RESETS}, got {nan_reset!r}")
     c0, coef = lissa_coefficients(scale, v, damp, block_mode)
     coef = jax.tree_util.tree_map(lambda c: jnp.asarray(c, jnp.float32), coef)
+    coef["block_reset"] = jnp.asarray(nan_reset == "block")
     loss_fn = as_pytree_fn(loss_fn)
     sampler = as_pytree_fn(hvp_batches) if callable(hvp_batches) else None
     if sampler is None:
@@ -424,7 +446,7 @@ def lissa(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
             hvp_batches = stack_batches(hvp_batches)
         num = _num_steps(hvp_batches)
         norm = jnp.float32(num / _total_valid(_as_list(hvp_batches)))
-        selectors = list(_chain_orders(num, depth, repeats, seed))
+        selectors = list(_chain_orders(num, depth, repeats, seed, hvp_order))
         data = jax.device_put(hvp_batches)        # minibatches go to the device once
     else:
         norm = jnp.float32(-1.0)
@@ -479,6 +501,7 @@ def lissa(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,
         "block_mode": block_mode if isinstance(scale, Mapping) else "scalar",
         "depth": int(depth), "steps_run": int(steps_run),
         "repeats": int(repeats), "seed": int(seed), "loop": loop,
+        "hvp_order": hvp_order, "nan_reset": nan_reset,
         "nan_resets": resets, "nan_resets_total": int(sum(resets)),
         "v_norm": float(tree_norm(v)), "s_norm": float(tree_norm(s)),
         "residual": residual(s), "residual_batches": len(res_batches),
@@ -526,8 +549,6 @@ def top_eigenvalue(loss_fn: LossFn, params, subset: ParamSubset, batches, *,
     return lam, {"iters": len(lams), "rel_change": float(rel)}
 
 
-SOLVERS = ("lissa", "cg")
-DAMP_MODES = ("fixed", "top_eig")
 
 
 def solve_s_test(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, hvp_batches, *,

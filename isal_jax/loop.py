@@ -40,7 +40,6 @@ import csv
 import io
 import json
 import os
-import signal
 import time
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -224,16 +223,14 @@ def _timing_rows(al_dir: str, rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- one cycle
 
 def _maybe_kill(al_cfg, strategy: str, seed: int, cycle: int, phase: str) -> None:
-    """Fault injection for resume tests: al.debug_kill_after = '<strategy>/<seed>/<cycle>'
+    """Test-only fault injection (isal_jax.faults): kill_after='<strategy>/<seed>/<cycle>'
     (after the done marker) or '<strategy>/<seed>/<cycle>/<phase>' with phase train | eval
     | select -> SIGKILL this process right after that phase."""
-    spec = str(_get(al_cfg, "debug_kill_after", "") or "")
-    if not spec:
-        return
+    from isal_jax import faults
+    spec = faults.setting("kill_after", "")
     want = f"{strategy}/{seed}/{cycle}" + ("" if phase == "done" else f"/{phase}")
-    if spec == want:
-        report(f"al.debug_kill_after={spec}: SIGKILL")
-        os.kill(os.getpid(), signal.SIGKILL)
+    if spec and spec == want:
+        faults.kill(f"kill_after={spec}")
 
 
 def run_cycle(task: ActiveLearningTask, al_cfg, al_dir: str, strategy: str, seed: int,
@@ -303,8 +300,7 @@ def run_cycle(task: ActiveLearningTask, al_cfg, al_dir: str, strategy: str, seed
 
 def run_experiment(task: ActiveLearningTask, al_cfg, workdir: str) -> str:
     """Runs (or resumes) every seed x strategy x cycle; returns workdir/al/results.csv.
-    al_cfg fields: strategies, seeds, initial, budget, cycles; optional: plot (True),
-    debug_kill_after ('' = off, see _maybe_kill)."""
+    al_cfg fields: strategies, seeds, initial, budget, cycles; optional: plot (True)."""
     from ezsd_jax.core.metrics import Progress
 
     al_dir = os.path.join(os.path.abspath(workdir), "al")

@@ -16,6 +16,7 @@ import importlib
 from absl import flags
 
 from ezsd_jax.core import cli
+from isal_jax import config_schema  # noqa: F401  (registers the ISAL config rules)
 
 FLAGS = flags.FLAGS
 if "config" not in FLAGS:      # isal_jax.select defines the same two flags

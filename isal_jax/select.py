@@ -20,10 +20,8 @@ influence engine itself takes any mesh, but this script feeds every process the 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
 import time
 
 import numpy as np
@@ -31,11 +29,12 @@ import numpy as np
 from absl import flags
 
 from ezsd_jax.core import cli
-from ezsd_jax.core.io_utils import atomic_savez, atomic_write_json
+from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.core.metrics import report
-from isal_jax.degenerate import check_lissa, check_model_outputs
-from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, load_cached,
-                                   read_id_list, reference_source, score_dir)
+from isal_jax import config_schema
+from isal_jax.degenerate import check_model_outputs
+from isal_jax.selection_io import (SelectError, fingerprint, ids_hash, read_id_list,
+                                   reference_source)
 
 FLAGS = flags.FLAGS
 if "config" not in FLAGS:   # another entry point (isal_jax.main) may have defined them
@@ -89,10 +88,9 @@ def validate_influence(cfg) -> None:
     if not inf.scale > 0:
         raise SelectError(f"config.influence.scale must be > 0, got {inf.scale}")
     reference_source(cfg.reference)
-    from isal_jax.influence import DAMP_MODES, SOLVERS
-    for field, allowed in (("solver", SOLVERS), ("damp_mode", DAMP_MODES),
-                           ("diversity", ("none", "class_balanced"))):
-        if field in inf and inf[field] not in allowed:
+    for path, allowed in config_schema.ENUMS.items():
+        field = path.split(".", 1)[1] if path.startswith("influence.") else None
+        if field and field in inf and inf[field] not in allowed:
             raise SelectError(f"config.influence.{field}={inf[field]!r} is not one of "
                               f"{allowed}")
     if not float(inf.get("max_residual", 1.0)) > 0:
@@ -184,173 +182,6 @@ def _restore_state(cfg, workdir, task, data, labeled) -> tuple[dict, int, str]:
     return state, step, ckdir
 
 
-# ----------------------------------------------------------------------------- isal
-
-def _stacked_hvp_batches(data, ids, batch_size, seed):
-    from isal_jax.influence import stack_batches
-    ids = np.random.default_rng([seed, 1]).permutation(ids)
-    return stack_batches(list(_no_ids(data.batches(ids, batch_size))))
-
-
-def s_test_settings(icfg) -> dict:
-    """config.influence -> influence.solve_s_test's keyword arguments (fields that older
-    configs lack take the reference's behaviour)."""
-    kw = {"solver": str(icfg.get("solver", "lissa")), "damp": float(icfg.damp),
-          "scale": float(icfg.scale),
-          "damp_mode": str(icfg.get("damp_mode", "fixed")),
-          "damp_fraction": float(icfg.get("damp_fraction", 0.1)),
-          "eig_iters": int(icfg.get("eig_iters", 0)),
-          "eig_batches": int(icfg.residual_batches)}
-    if kw["solver"] == "lissa":
-        kw.update(depth=int(icfg.depth), repeats=int(icfg.repeats),
-                  residual_batches=int(icfg.residual_batches),
-                  stop_residual=float(icfg.get("stop_residual", 0.0)))
-        if kw["stop_residual"] > 0:
-            kw["loop"] = "python"
-    else:
-        kw.update(cg_tol=float(icfg.get("cg_tol", 1e-3)), residual_batches=int(
-            icfg.residual_batches))
-    return kw
-
-
-def s_test_line(info: dict, seconds: float) -> str:
-    """One log line on the s_test solve: norms, residual, resets, damping vs spectrum."""
-    ratio = info.get("damping_ratio")
-    spec = (f" top_eig={info['top_eigenvalue']:.4g} damping/top_eig={ratio:.3g}"
-            if ratio is not None else "")
-    return (f"s_test ({info.get('solver', 'lissa')}): {seconds:.1f}s  |v|={info['v_norm']:.4g}"
-            f" |s|={info['s_norm']:.4g} residual={info['residual']:.3g} "
-            f"nan_resets={info['nan_resets_total']} damp={info['damp']:.3g}{spec}")
-
-
-def run_isal(cfg, workdir, task, state, data, labeled, pool,
-             fingerprint, reference_ids=None) -> tuple[np.ndarray, dict]:
-    from ezsd_jax.core.metrics import MetricWriter, Progress
-    from ezsd_jax.core.sharding import check_batch_divisible, make_mesh
-    from isal_jax import influence as infl
-
-    icfg = cfg.influence
-    params = state["params"]
-    ms = task.model_state(state)
-    subset = infl.make_subset(params, icfg.subset)
-    loss_fn = task.loss_fn(ms)
-    sdir = score_dir(workdir)
-
-    # ---- s_test (once; reused on resume)
-    s_path = os.path.join(sdir, "s_test.npz")
-    s_test, info = None, None
-    z = load_cached(s_path, fingerprint)
-    if z is not None:
-        s_test = {k: z[f"s/{k}"] for k in subset.keys if f"s/{k}" in z}
-        info = json.loads(str(z["info"]))
-        if len(s_test) == len(subset.keys):
-            report(f"resume: loaded s_test from {s_path}")
-        else:
-            s_test = None
-    if s_test is None:
-        kind, arg = reference_source(cfg.reference)
-        ref_data = data
-        if kind == "labeled":
-            ref_ids = labeled
-        elif kind == "heldout":
-            if reference_ids is None:
-                raise SelectError("config.reference.source='heldout': no held-out ids given "
-                                  "(only the AL loop holds ids out of training)")
-            ref_ids = np.asarray(reference_ids, np.int64)
-        elif kind == "ids_file":
-            ref_ids = read_id_list(arg, "config.reference.ids_file")
-            try:
-                data.positions(ref_ids, what="config.reference.ids_file")
-            except ValueError as e:
-                raise SelectError(str(e)) from e
-        else:
-            from isal_jax.data import load_dataset, loader_options
-            try:
-                pool_cfg = cfg.get("pool") or {}
-                ref_data = load_dataset(pool_cfg.get("dataset", data.name), arg,
-                                        pool_cfg.get("data_dir", "") or None,
-                                        loader_options(pool_cfg))
-            except (ValueError, FileNotFoundError) as e:
-                raise SelectError(f"config.reference.source={cfg.reference.source!r}: {e}"
-                                  ) from e
-            ref_ids = ref_data.ids
-        t0 = time.perf_counter()
-        v = infl.reference_gradient(loss_fn, params, subset,
-                                    _no_ids(ref_data.batches(ref_ids, icfg.ref_batch_size)))
-        hvp_batches = _stacked_hvp_batches(data, labeled, icfg.hvp_batch_size, cfg.seed)
-        try:
-            s_test, info = infl.solve_s_test(loss_fn, params, subset, v, hvp_batches,
-                                             seed=cfg.seed, **s_test_settings(icfg))
-        except ValueError as e:
-            raise SelectError(f"config.influence: {e}") from e
-        info["num_reference"] = int(len(ref_ids))
-        s_test = {k: np.asarray(x) for k, x in s_test.items()}
-        report(s_test_line(info, time.perf_counter() - t0))
-        check_lissa(info, s_test, max_residual=float(icfg.max_residual),
-                    allow=bool(cfg.get("allow_degenerate", False)))
-        atomic_savez(s_path, fingerprint=np.asarray(fingerprint), info=np.asarray(
-            json.dumps(info)), **{f"s/{k}": x for k, x in s_test.items()})
-
-    # ---- pool scores, shard by shard
-    mesh = make_mesh(cfg.mesh)
-    bs = int(icfg.pool_batch_size)
-    try:
-        check_batch_divisible(bs, mesh)
-    except ValueError as e:
-        raise SelectError(f"config.influence.pool_batch_size: {e}") from e
-    shard = max(int(icfg.shard_size) // bs, 1) * bs
-    starts = list(range(0, len(pool), shard))
-    if icfg.fused:
-        score_loss, plabel = task.self_labeled_loss_fn(ms), None
-    else:
-        score_loss, plabel = loss_fn, task.pseudo_label_fn(ms)
-    score_fn = infl.make_score_fn(score_loss, subset, plabel, mesh=mesh)
-
-    def shard_path(i):
-        return os.path.join(sdir, f"shard_{i:05d}.npz")
-
-    def load_shard(i, ids):
-        z = load_cached(shard_path(i), fingerprint, ids)
-        return None if z is None else np.asarray(z["scores"], np.float64)
-
-    done = {}
-    for i, st in enumerate(starts):
-        sc = load_shard(i, pool[st:st + shard])
-        if sc is not None:
-            done[i] = sc
-    if done:
-        report(f"resume: {len(done)} of {len(starts)} score shards already done "
-               f"(skipping {sorted(done)})")
-    progress = Progress(total=len(starts), start=len(done), per_step=shard, unit="sample",
-                        every_s=5.0, name="isal scores")
-    writer = MetricWriter(workdir, "select", tensorboard=False)
-    out = []
-    n_done = len(done)
-    for i, st in enumerate(starts):
-        ids = pool[st:st + shard]
-        if i not in done:
-            sc = infl.pool_scores(score_loss, params, subset, s_test,
-                                  _no_ids(data.batches(ids, bs)),
-                                  plabel, mesh=mesh, score_fn=score_fn)
-            bad = ~np.isfinite(sc)
-            if bad.any():
-                raise SelectError(f"influence scores are NaN/inf for {int(bad.sum())} pool "
-                                  f"samples of shard {i} (e.g. ids {ids[bad][:5].tolist()}); "
-                                  f"LiSSA info: residual={info['residual']:.3g}, "
-                                  f"nan_resets={info['nan_resets']}")
-            atomic_savez(shard_path(i), fingerprint=np.asarray(fingerprint), ids=ids,
-                            scores=sc)
-            done[i] = sc
-            n_done += 1
-            if progress.tick(n_done, force=n_done == len(starts)):
-                writer.write(n_done, progress.rates())
-            if int(cfg.debug.kill_after_shard) == i:
-                report(f"debug.kill_after_shard={i}: SIGKILL")
-                os.kill(os.getpid(), signal.SIGKILL)
-        out.append(done[i])
-    return np.concatenate(out), info
-
-
 def run_strategy(cfg, workdir: str, task, state, data, labeled: np.ndarray, pool: np.ndarray,
                  checkpoint: tuple[str, int], reference_ids=None):
     """Runs `cfg.strategy` (budget `cfg.budget`, seed `cfg.seed`) on `pool` for a restored
@@ -377,6 +208,9 @@ def run_strategy(cfg, workdir: str, task, state, data, labeled: np.ndarray, pool
         check_model_outputs(feats, "penultimate features (pool)", allow=allow)
         check_model_outputs(lab_feats, "penultimate features (labeled set)", allow=allow)
         return _strategy(fn, pool, cfg, features=feats, labeled_features=lab_feats), {}, None
+    from ezsd_jax.core.sharding import check_batch_divisible, make_mesh
+    from isal_jax.scoring import isal_select
+    from isal_jax.tasks.classification import ClassificationInfluence
     ckdir, step = checkpoint
     settings = {"influence": cfg.influence.to_dict(), "seed": cfg.seed,
                 "model": cfg.model.to_dict(), "reference": cfg.reference.to_dict(),
@@ -385,18 +219,26 @@ def run_strategy(cfg, workdir: str, task, state, data, labeled: np.ndarray, pool
     if reference_ids is not None:
         settings["reference_ids"] = ids_hash(reference_ids)
     fp = fingerprint(settings)
-    scores, lissa_info = run_isal(cfg, workdir, task, state, data, labeled, pool, fp,
-                                  reference_ids)
-    check_model_outputs(scores, "influence scores", allow=allow)
-    diversity = str(cfg.influence.get("diversity", "none"))
-    if diversity == "class_balanced":     # our addition: top-k per pseudo class
-        probs, _ = task.predict(state["params"], ms, data.batches(pool, bs))
-        return (_strategy(fn, pool, cfg, scores=scores, groups=np.argmax(probs, 1)),
-                lissa_info, fp)
-    if diversity != "none":
-        raise SelectError(f"config.influence.diversity={diversity!r} is not one of "
-                          "('none', 'class_balanced')")
-    return _strategy(fn, pool, cfg, scores=scores), lissa_info, fp
+    mesh = make_mesh(cfg.mesh)
+    try:
+        check_batch_divisible(bs, mesh)
+    except ValueError as e:
+        raise SelectError(f"config.influence.pool_batch_size: {e}") from e
+    src = ClassificationInfluence(
+        task, state, data, lambda name: _split_loader(cfg, data, name),
+        fused=bool(cfg.influence.get("fused", True)),
+        need_groups=str(cfg.influence.get("diversity", "none")) == "class_balanced",
+        mesh=mesh)
+    sel, info = isal_select(cfg, workdir, src, labeled, pool, fp, heldout=reference_ids)
+    return sel, info, fp
+
+
+def _split_loader(cfg, data, name: str):
+    """The split `name` of the pool's data set (reference.source='split:NAME')."""
+    from isal_jax.data import load_dataset, loader_options
+    pool_cfg = cfg.get("pool") or {}
+    return load_dataset(pool_cfg.get("dataset", data.name), name,
+                        pool_cfg.get("data_dir", "") or None, loader_options(pool_cfg))
 
 
 def _strategy(fn, pool, cfg, **inputs):

@@ -103,7 +103,8 @@ def reference_source(ref) -> tuple[str, str]:
     split:NAME  every sample of the data set's split NAME: the reference's choice (the
                 CIFAR-10 test set, VOC/COCO val) -- it LEAKS the evaluation split's labels
                 into the selection when NAME is the split that is evaluated."""
-    from ezsd_jax.core.config_check import ConfigError, check_reference
+    from ezsd_jax.core.config_check import ConfigError
+    from isal_jax.config_schema import check_reference
     try:
         check_reference(ref)
     except ConfigError as e:
@@ -123,7 +124,7 @@ def heldout_split(labeled, seed: int, ref) -> tuple[np.ndarray, np.ndarray]:
     """(kept for training, held out) of the labeled ids, both sorted: a seeded draw of
     `heldout_count(len(labeled), ...)` ids; the same (labeled ids, seed) -> the same split,
     so a resumed cycle holds out the same ids. seed: the AL cycle's seed."""
-    from ezsd_jax.core.config_check import heldout_count
+    from isal_jax.config_schema import heldout_count
     labeled = np.sort(np.asarray(labeled, np.int64))
     k = heldout_count(len(labeled), float(ref.get("heldout_fraction", 0.2)),
                       int(ref.get("heldout_size", 0)))

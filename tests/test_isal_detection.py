@@ -13,6 +13,7 @@ import pytest
 from configs import isal_det_synthetic
 from ezsd_jax.models import detector as det
 from isal_jax import influence as infl
+from isal_jax.scoring import select_scored
 from isal_jax.tasks import detection as dt
 
 pytestmark = pytest.mark.slow  # JVP/grad compiles of the detector
@@ -83,6 +84,9 @@ def test_subset_is_the_heads_last_layers(setup):
     assert dt.block_scale(3.0) == 3.0
     t = infl._scale_tree(scale, setup["subset"].take(setup["params"]))
     assert t["rpn/deltas/kernel"] == 50.0 and t["roi_head/classifier/cls_score/bias"] == 1e4
+    # the reference's subset: the same layers' kernels, no biases
+    ref = infl.make_subset(setup["params"], dt.REFERENCE_SUBSET)
+    assert ref.keys == tuple(k for k in setup["subset"].keys if k.endswith("/kernel"))
 
 
 def test_pseudo_targets_and_predictions(setup):
@@ -149,10 +153,11 @@ def test_jvp_scores_equal_explicit_gradient_dots(setup):
     assert np.abs(explicit).max() > 1e-3
     np.testing.assert_allclose(jvp, explicit, rtol=2e-4, atol=1e-5 * np.abs(explicit).max())
     # the adapter's pool path (label_pool: pseudo GT + assignment, then the engine)
-    ids, sc, scored = dt.isal_pool_scores(task, params, ms, setup["subset"], setup["s_test"],
-                                          [setup["batch"]], label_fn=setup["label_fn"],
-                                          score_fn=setup["score_fn"])
+    ids, sc, scored, groups = dt.isal_pool_scores(
+        task, params, ms, setup["subset"], setup["s_test"], [setup["batch"]],
+        label_fn=setup["label_fn"], score_fn=setup["score_fn"])
     np.testing.assert_array_equal(ids, [11, 12, 13, 14])
+    np.testing.assert_array_equal(groups, setup["pb"]["classes"][:, 0])
     assert scored.all()
     np.testing.assert_allclose(sc, jvp, rtol=1e-6)
 
@@ -163,9 +168,9 @@ def test_images_without_pseudo_boxes_are_unscored_and_ranked_last(setup):
     assert len(np.unique(best)) == B
     thr = float(np.sort(best)[1] + np.sort(best)[2]) / 2       # two images keep no box
     task = dt.DetectionTask(setup["model"], score_threshold=thr, max_pseudo_boxes=8)
-    ids, sc, scored = dt.isal_pool_scores(task, params, ms, setup["subset"], setup["s_test"],
-                                          [setup["batch"]], label_fn=setup["label_fn"],
-                                          score_fn=setup["score_fn"])
+    ids, sc, scored, groups = dt.isal_pool_scores(
+        task, params, ms, setup["subset"], setup["s_test"], [setup["batch"]],
+        label_fn=setup["label_fn"], score_fn=setup["score_fn"])
     np.testing.assert_array_equal(scored, best >= thr)
     assert np.isnan(sc[~scored]).all() and np.isfinite(sc[scored]).all()
     ref = infl.pool_scores(task.loss_fn(ms), params, setup["subset"], setup["s_test"],
@@ -175,18 +180,18 @@ def test_images_without_pseudo_boxes_are_unscored_and_ranked_last(setup):
     for i in np.flatnonzero(full):
         if (out["scores"][i][out["valid"][i]] >= thr).all():
             np.testing.assert_allclose(sc[i], ref[i], rtol=1e-6)
-    sel = dt.select_isal_detection(ids, sc, scored, B, seed=0)
+    sel = select_scored(ids, B, sc, scored, groups, seed=0)
     assert set(sel.ids[:2]) == set(ids[scored]) and set(sel.ids[2:]) == set(ids[~scored])
     assert np.all(np.diff(sel.scores[:2]) >= 0) and np.isnan(sel.scores[2:]).all()
-    sel1 = dt.select_isal_detection(ids, sc, scored, 1)
+    sel1 = select_scored(ids, 1, sc, scored, groups, seed=0)
     assert sel1.ids[0] == ids[scored][np.argmin(sc[scored])]
     # nothing kept at all: every image unscored, selection falls back to the seeded order
     none = dt.DetectionTask(setup["model"], score_threshold=1.0, max_pseudo_boxes=8)
-    _, sc0, scored0 = dt.isal_pool_scores(none, params, ms, setup["subset"], setup["s_test"],
-                                          [setup["batch"]], label_fn=setup["label_fn"],
-                                          score_fn=setup["score_fn"])
+    _, sc0, scored0, g0 = dt.isal_pool_scores(
+        none, params, ms, setup["subset"], setup["s_test"], [setup["batch"]],
+        label_fn=setup["label_fn"], score_fn=setup["score_fn"])
     assert not scored0.any() and np.isnan(sc0).all()
-    assert len(dt.select_isal_detection(ids, sc0, scored0, 3).ids) == 3
+    assert len(select_scored(ids, 3, sc0, scored0, g0, seed=0).ids) == 3
 
 
 def test_sampling_all_is_deterministic_and_per_image(setup):

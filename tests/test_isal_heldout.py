@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ezsd_jax.core.config_check import ConfigError, heldout_count, validate
+from ezsd_jax.core.config_check import ConfigError, validate
+from isal_jax.config_schema import heldout_count
 from isal_jax.selection_io import SelectError, heldout_split, reference_source
 
 

@@ -37,9 +37,9 @@ def _argv(workdir, flat):
     return args
 
 
-def _run(args, timeout=120):
+def _run(args, timeout=120, fault=""):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "ISAL_FAULT": fault})
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_isal_kill_and_resume_equals_uninterrupted(setup):
     assert n_shards >= 3
 
     wd = d / "B"
-    killed = _run(_argv(wd, {**flat, "debug.kill_after_shard": 1}))
+    killed = _run(_argv(wd, flat), fault="kill_after_shard=1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     sdir = wd / "isal_scores"
     assert (sdir / "shard_00000.npz").exists() and (sdir / "shard_00001.npz").exists()

@@ -1,6 +1,7 @@
 """The one config validator: the whole resolved config, checked before any work is done.
 
-`cli.get_config()` runs `validate(cfg)` for every entry point; a bad value is one line
+`cli.get_config()` runs `validate(cfg)` for every entry point, plus the rules other
+packages register with `register_schema` (isal_jax.config_schema); a bad value is one line
 naming the field (exit status 2). It imports nothing of the project's, so a rejected value
 costs no jax import. How rules match fields: docs/code-notes.md.
 """
@@ -16,11 +17,9 @@ ON_ERROR = ("raise", "skip")
 # Leaf names that are counts, sizes or schedule periods: integers >= 1.
 POSITIVE_INT = frozenset({
     "steps", "train_steps", "batch_size", "eval_batch_size", "renorm_batch_size",
-    "proposal_batch_size", "ref_batch_size", "hvp_batch_size", "pool_batch_size",
-    "log_every", "ckpt_every", "keep", "keep_checkpoints", "max_boxes", "num_threads",
-    "short_side", "max_side", "crops_per_step", "chunk", "proposal_images_per_chunk",
-    "shard_size", "depth", "repeats", "hvp_num_batches", "residual_batches", "budget",
-    "initial", "cycles", "num_labeled",
+    "proposal_batch_size", "log_every", "ckpt_every", "keep", "keep_checkpoints",
+    "max_boxes", "num_threads", "short_side", "max_side", "crops_per_step", "chunk",
+    "proposal_images_per_chunk", "repeats",
 })
 # Leaf names that may be 0 (0 = off / derived from another field): integers >= 0.
 NON_NEGATIVE_INT = frozenset({"prefetch", "warmup_steps", "min_steps", "renorm_steps",
@@ -35,7 +34,6 @@ ENUMS: dict[str, tuple] = {
     "data.on_error": ON_ERROR,                                  # data.coco, data.pipeline
     "data.source": ("coco", "tfds"),                            # train.load_dataset
     "model.dtype": ("float32", "bfloat16", "float16"),          # models.detector, isal models
-    "task": ("classification", "detection"),                    # isal_jax.main
     "ezsd.split": ("coco48_17", "lvis", "names"),               # ezsd.splits
     "ezsd.eval.protocol": ("coco", "lvis"),                     # ezsd.stages
     "ezsd.distill.on_missing": ("raise", "empty"),              # ezsd.distill
@@ -44,7 +42,6 @@ ENUMS: dict[str, tuple] = {
     "clip.renorm_epoch_unit": ("boxes", "images"),              # clip.stages.renorm_steps
     "ezsd.distill.sample": ("random", "first"),                 # ezsd.distill
     "model.box_cls_loss": ("softmax", "seesaw"),                # models.losses
-    "influence.pseudo_label": ("argmax", "expected"),           # isal_jax.tasks.classification
 }
 
 
@@ -92,48 +89,20 @@ def _get(cfg: Any, path: str) -> tuple[bool, Any]:
     return True, node
 
 
-def heldout_count(n: int, fraction: float, size: int = 0) -> int:
-    """Labeled ids held out as ISAL's reference set (reference.source='heldout'): `size`
-    when > 0, else round(fraction * n), at least 1."""
-    return int(size) if int(size) > 0 else max(1, int(round(float(fraction) * int(n))))
+# Schemas that other packages add (isal_jax.config_schema registers ISAL's on import; the
+# ISAL configs import it): leaf names that are counts, full-path enums, whole-config checks.
+_EXTRA_POSITIVE_INT: set = set()
+_EXTRA_ENUMS: dict = {}
+_EXTRA_CHECKS: list = []
 
 
-def check_reference(ref: Any) -> None:
-    """config.reference: source labeled | heldout | ids_file | split:<name>; the held-out
-    part's fraction in (0, 1) and size >= 0 (0: use the fraction)."""
-    source = ref.get("source")
-    if not (source in ("labeled", "heldout", "ids_file") or (
-            isinstance(source, str) and source.startswith("split:") and len(source) > 6)):
-        raise ConfigError(f"config.reference.source={source!r}: must be 'labeled', "
-                          "'heldout', 'ids_file' or 'split:<name>'")
-    fraction = ref.get("heldout_fraction", 0.2)
-    if not (_is_num(fraction) and 0.0 < fraction < 1.0):
-        raise ConfigError(f"config.reference.heldout_fraction={fraction!r}: must be a "
-                          "number in (0, 1)")
-    size = ref.get("heldout_size", 0)
-    if not _is_int(size) or size < 0:
-        raise ConfigError(f"config.reference.heldout_size={size!r}: must be an integer "
-                          ">= 0 (0: use heldout_fraction)")
-
-
-def check_loader(loader: Any, path: str) -> None:
-    """config.<data|pool>.loader (isal_jax.data.load_dataset): keys are non-empty strings,
-    mean/std 1+ numbers (std > 0), image_size () or (h, w) >= 1."""
-    for key in ("image_key", "label_key"):
-        if key in loader and not (isinstance(loader[key], str) and loader[key]):
-            raise ConfigError(f"config.{path}.{key}={loader[key]!r}: must be a feature name")
-    for key in ("mean", "std"):
-        v = loader.get(key, (0.5,))
-        if not (isinstance(v, (tuple, list)) and v and all(_is_num(x) for x in v)) or (
-                key == "std" and min(v) <= 0):
-            raise ConfigError(f"config.{path}.{key}={v!r}: must be a tuple of "
-                              f"{'positive ' if key == 'std' else ''}numbers (one per "
-                              "channel, or one for all)")
-    size = loader.get("image_size", ())
-    if not (isinstance(size, (tuple, list)) and len(size) in (0, 2) and all(
-            _is_int(x) and x >= 1 for x in size)):
-        raise ConfigError(f"config.{path}.image_size={size!r}: must be () (as stored) or "
-                          "(height, width) >= 1")
+def register_schema(*, positive_int=(), enums=None, check=None) -> None:
+    """Adds a package's rules to `validate` (idempotent): `positive_int` leaf names
+    (integers >= 1), `enums` {full path: allowed values}, `check(cfg)` raising ConfigError."""
+    _EXTRA_POSITIVE_INT.update(positive_int)
+    _EXTRA_ENUMS.update(enums or {})
+    if check is not None and check not in _EXTRA_CHECKS:
+        _EXTRA_CHECKS.append(check)
 
 
 def validate(cfg: Any) -> None:
@@ -142,7 +111,7 @@ def validate(cfg: Any) -> None:
     for path, value, parent in _leaves(cfg):
         leaf = path.rsplit(".", 1)[-1]
         where = f"config.{path}={value!r}"
-        if leaf in POSITIVE_INT:
+        if leaf in POSITIVE_INT or leaf in _EXTRA_POSITIVE_INT:
             other = ZERO_MEANS.get(leaf)
             if other and other in parent and _is_int(value) and value == 0:
                 if not (_is_num(parent[other]) and parent[other] > 0):
@@ -168,22 +137,10 @@ def validate(cfg: Any) -> None:
     present, shard = _get(cfg, "clip.proposal_shard")
     if present and shard:
         parse_shard(shard)
-    for path in ("data.loader", "pool.loader"):             # isal_jax.data
-        present, loader = _get(cfg, path)
-        if present and hasattr(loader, "keys"):
-            check_loader(loader, path)
-    present, ref = _get(cfg, "reference")                     # isal_jax.selection_io
-    if present:
-        check_reference(ref)
-        _, initial = _get(cfg, "al.initial")
-        if ref.get("source") == "heldout" and _is_int(initial) and initial >= 1:
-            k = heldout_count(initial, ref.get("heldout_fraction", 0.2),
-                              ref.get("heldout_size", 0))
-            if not 0 < k < initial:
-                raise ConfigError(f"config.reference: holding out {k} of al.initial="
-                                  f"{initial} labels leaves nothing to train on")
-    for path, allowed in ENUMS.items():
+    for path, allowed in {**ENUMS, **_EXTRA_ENUMS}.items():
         present, value = _get(cfg, path)
         if present and value not in allowed:
             raise ConfigError(f"config.{path}={value!r}: must be one of "
                               f"{', '.join(repr(a) for a in allowed)}")
+    for check in _EXTRA_CHECKS:
+        check(cfg)

@@ -19,13 +19,15 @@ model_state is {'batch_stats': ...} ({} for models without BatchNorm); checkpoin
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from isal_jax.scoring import TrainedModel
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -124,6 +126,41 @@ class ClassificationTask:
             probs.append(np.asarray(p)[m])
             feats.append(np.asarray(q)[m])
         return np.concatenate(probs), np.concatenate(feats)
+
+
+# ----------------------------------------------------------------------------- ISAL scoring
+
+@dataclasses.dataclass(eq=False)
+class ClassificationInfluence(TrainedModel):
+    """The classifier's side of the one ISAL scoring path (isal_jax.scoring.InfluenceTask)
+    over a ClassificationTask, its state and the pool's ClassificationData. fused: pseudo
+    label + loss in one forward pass; need_groups: also predict the pool's argmax classes
+    (diversity='class_balanced')."""
+    fused: bool = True
+    need_groups: bool = False
+    mesh: object = None
+
+    def labeled_batches(self, data, ids, batch_size: int, what: str) -> Iterator[dict]:
+        for b in data.batches(ids, batch_size, what):
+            yield {k: v for k, v in b.items() if k != "id"}
+
+    def score_pool(self, subset, s_test, ids, batch_size: int):
+        from isal_jax import influence as infl
+        ms = self.model_state
+        if self.fused:
+            loss, plabel = self.task.self_labeled_loss_fn(ms), None
+        else:
+            loss, plabel = self.task.loss_fn(ms), self.task.pseudo_label_fn(ms)
+        score_fn = infl.make_score_fn(loss, subset, plabel, mesh=self.mesh)
+        sc = infl.pool_scores(loss, self.params, subset, s_test,
+                              self.labeled_batches(self.data, ids, batch_size, "pool"),
+                              plabel, mesh=self.mesh, score_fn=score_fn)
+        groups = np.zeros(len(ids), np.int64)
+        if self.need_groups:
+            probs, _ = self.task.predict(self.params, ms,
+                                         self.data.batches(ids, batch_size, "pool"))
+            groups = np.argmax(probs, 1).astype(np.int64)
+        return sc, np.ones(len(ids), bool), groups
 
 
 # ----------------------------------------------------------------------------- training

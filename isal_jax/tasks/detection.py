@@ -11,8 +11,7 @@ strategies -> isal_jax/detection_al.py (AL loop task, select CLI).
   losses = task.loss_fn(ms)(params, b)              # [B], smooth in params
   out = task.infer(params, ms, batch)               # detections, per-detection entropy,
                                                     # pooled features (baselines)
-  s_test, info = isal_s_test(task, params, ms, subset, ref_batches, hvp_batches, ...)
-  ids, scores, scored = isal_pool_scores(task, params, ms, subset, s_test, pool_batches)
+  src = DetectionInfluence(task, state, data, split_loader)   # isal_jax.scoring's view
 
 Batches are the detection pipeline's dicts (image, boxes, classes, box_mask, image_id,
 image_hw, valid, ...); the engine's 'mask' [B] marks the rows that count.
@@ -49,11 +48,12 @@ under no gradient (`assign`; `label_pool` for the pool), and travels in the batc
 Pseudo GT: detections of the current model (post-processed as at test time) with score >=
 `score_threshold` become hard boxes of their predicted class, the `max_pseudo_boxes`
 highest-scoring ones, padded with a mask. Images with no kept box get NO influence score
-(`scored` False); `select_isal_detection` ranks them after every scored image.
+(`scored` False); isal_jax.scoring.select_scored ranks them after every scored image.
 
 Default parameter subset (`DEFAULT_SUBSET`): the heads' last layers, rpn/objectness,
 rpn/deltas, roi_head/classifier/cls_score, roi_head/regressor/bbox_pred (kernels and
-biases) -- the reference's rpn_cls, rpn_reg, fc_cls, fc_reg.
+biases) -- the reference's rpn_cls, rpn_reg, fc_cls, fc_reg; `REFERENCE_SUBSET` = their
+kernels only, as the reference (which drops every 1-D parameter).
 """
 from __future__ import annotations
 
@@ -72,9 +72,14 @@ from ezsd_jax.ops import boxes as box_ops
 from ezsd_jax.ops.matching import match_boxes, sample_balanced
 from isal_jax import influence as infl
 from isal_jax import strategies
+from isal_jax.scoring import TrainedModel
 
 DEFAULT_SUBSET = (r"regex:^(rpn/(objectness|deltas)|"
                   r"roi_head/(classifier/cls_score|regressor/bbox_pred))/")
+# The reference's subset: the same layers' weights WITHOUT their biases (it keeps only
+# parameters with ndim > 1; detection/src/test_calc_s_test.py:117 in dragonlzm/ISAL).
+REFERENCE_SUBSET = (r"regex:^(rpn/(objectness|deltas)|"
+                    r"roi_head/(classifier/cls_score|regressor/bbox_pred))/kernel$")
 SAMPLING = ("sampled", "all")
 # The fixed assignment a batch carries into the loss (DetectionTask.assign / label_pool).
 ASSIGN_KEYS = ("rpn_idx", "rpn_gt", "rpn_pos", "rpn_valid", "rois", "roi_valid",
@@ -454,43 +459,23 @@ def assigned_batches(task: DetectionTask, params, model_state, batches: Iterable
         yield b
 
 
-def isal_s_test(task: DetectionTask, params, model_state, subset: infl.ParamSubset,
-                ref_batches: Iterable[dict], hvp_batches: list[dict], *, damp: float = 0.01,
-                scale: float | Mapping = 1e4, depth: int = 250, repeats: int = 4,
-                seed: int = 0, residual_batches: int = 8,
-                block_mode: str = "preconditioner") -> tuple[dict, dict]:
-    """v = sum of per-image gradients (true GT) over `ref_batches`, then the engine's LiSSA
-    over the labeled `hvp_batches` (a list of equally shaped host batches; each gets its
-    fixed assignment once, before the chains). Params should be host/single-device
-    arrays."""
-    loss_fn = task.loss_fn(model_state)
-    assign_fn = make_assign_fn(task, model_state)
-    v = infl.reference_gradient(loss_fn, params, subset, assigned_batches(
-        task, params, model_state, ref_batches, assign_fn=assign_fn))
-    hb = list(assigned_batches(task, params, model_state, hvp_batches, assign_fn=assign_fn))
-    if not hb:
-        raise ValueError("isal_s_test: no HVP batches (empty labeled set?)")
-    return infl.lissa(loss_fn, params, subset, v, hb, damp=damp, scale=scale, depth=depth,
-                      repeats=repeats, seed=seed, residual_batches=residual_batches,
-                      block_mode=block_mode)
-
-
 def isal_pool_scores(task: DetectionTask, params, model_state, subset: infl.ParamSubset,
                      s_test: Mapping, batches: Iterable[dict], *, mesh=None,
                      label_fn=None, score_fn=None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Influence I(z) = -<G_z, s_test> of every valid pool image of `batches` (host
     pipeline batches), through the engine's JVP scores. Per batch, one jitted
     `label_pool` pass gives the pseudo GT and its fixed assignment; images without a kept
     box are not scored. `label_fn` (make_label_fn) / `score_fn` (infl.make_score_fn on
     task.loss_fn) reuse compiled functions.
-    Returns (ids [N], scores [N] float64, NaN where unscored, scored [N] bool)."""
+    Returns (ids [N], scores [N] float64, NaN where unscored, scored [N] bool, groups [N]:
+    the class of each image's highest-scoring pseudo box)."""
     f = label_fn or make_label_fn(task, model_state)
     if score_fn is None:
         score_fn = infl.make_score_fn(task.loss_fn(model_state), subset, None, mesh=mesh)
     rep_params = _replicate(params, mesh)
     thr = np.float32(task.score_threshold)
-    ids, scored = [], []
+    ids, scored, groups = [], [], []
 
     def labeled_batches() -> Iterator[dict]:
         for batch in batches:
@@ -501,6 +486,7 @@ def isal_pool_scores(task: DetectionTask, params, model_state, subset: infl.Para
             v = np.asarray(b["valid"], bool)
             ids.append(np.asarray(b["image_id"], np.int64)[v])
             scored.append(np.asarray(b["mask"], bool)[v])
+            groups.append(np.asarray(b["classes"], np.int64)[v, 0])
             yield b
 
     sc = infl.pool_scores(task.loss_fn(model_state), params, subset, s_test,
@@ -512,28 +498,39 @@ def isal_pool_scores(task: DetectionTask, params, model_state, subset: infl.Para
         raise RuntimeError(f"isal_pool_scores: {len(sc)} scores for {int(scored.sum())} "
                            "scored images")
     full[scored] = sc
-    return ids, full, scored
+    groups = np.concatenate(groups) if groups else np.zeros((0,), np.int64)
+    return ids, full, scored, groups
+
+
+@dataclasses.dataclass(eq=False)
+class DetectionInfluence(TrainedModel):
+    """The detector's side of the one ISAL scoring path (isal_jax.scoring.InfluenceTask)
+    over a DetectionTask, its state and the pool's DetectionData. Labeled batches carry
+    their fixed assignment; pool images without a kept pseudo box are not scored."""
+    mesh: object = None
+    scale: object = None              # per-block LiSSA scales (block_scale), None: scalar
+
+    def __post_init__(self):
+        ms = self.model_state
+        self._assign_fn = make_assign_fn(self.task, ms)
+        self._label_fn = make_label_fn(self.task, ms)
+
+    def labeled_batches(self, data, ids, batch_size: int, what: str) -> Iterator[dict]:
+        return assigned_batches(self.task, self.params, self.model_state,
+                                data.batches(ids, batch_size, what), assign_fn=self._assign_fn)
+
+    def score_pool(self, subset, s_test, ids, batch_size: int):
+        score_fn = infl.make_score_fn(self.loss_fn(), subset, None, mesh=self.mesh)
+        got, sc, ok, groups = isal_pool_scores(
+            self.task, self.params, self.model_state, subset, s_test,
+            self.data.batches(ids, batch_size, "pool"), mesh=self.mesh,
+            label_fn=self._label_fn, score_fn=score_fn)
+        if not np.array_equal(got, ids):
+            raise RuntimeError("isal: the pool scores came back for other ids")
+        return sc, ok, groups
 
 
 # ----------------------------------------------------------------------------- selection
-
-def select_isal_detection(ids, scores, scored, budget: int, *,
-                          seed: int = 0) -> strategies.Selection:
-    """ISAL for detection: the scored images by influence, most negative first; if the
-    budget is larger than the number of scored images, the unscored ones (no pseudo box)
-    follow in a seeded random order (their score NaN)."""
-    ids = np.asarray(ids)
-    scores = np.asarray(scores, np.float64)
-    scored = np.asarray(scored, bool)
-    strategies._check(ids, budget, len(scores), "influence scores")
-    if scored.shape != ids.shape:
-        raise ValueError(f"scored {scored.shape} does not match ids {ids.shape}")
-    k1 = min(int(budget), int(scored.sum()))
-    first = strategies.select_isal(ids[scored], k1, scores=scores[scored], seed=seed)
-    rest = strategies.select_random(ids[~scored], int(budget) - k1, seed=seed)
-    return strategies.Selection(np.concatenate([first.ids, rest.ids]),
-                                np.concatenate([first.scores, np.full(len(rest.ids), np.nan)]))
-
 
 def select_by_uncertainty(ids, values, budget: int) -> strategies.Selection:
     """Largest per-image uncertainty first (least confidence, mean entropy); ties -> id."""

@@ -1,0 +1,82 @@
+"""Selection time on a 10k pool with the small CNN: ISAL settings vs margin (same process,
+same trained model, Fashion-MNIST idx files).
+
+    python benchmarks/isal_select_speed.py [--repeats 2] [--out benchmarks/isal_select_speed.json]
+
+Trains the small CNN of configs/isal_fashion.py on 200 random labels, then times one
+selection of 20 ids from a fixed 10k pool per setting through the AL task's select (the
+code path of `python -m isal_jax.main`), `repeats` times each in a fresh score directory;
+the first call of each setting includes its compiles, the table reports the median of
+the later ones and the first separately.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = {
+    "margin": ("margin", {}),
+    "isal lissa (4x250, batch 32)": ("isal", {"solver": "lissa"}),
+    "isal reference mode (4x250, batch 1, in order)": (
+        "isal", {"solver": "lissa", "hvp_order": "sequential", "hvp_batch_size": 1,
+                 "nan_reset": "block", "on_unconverged": "select"}),
+    "isal cg": ("isal", {"solver": "cg"}),
+    "isal cg + top_eig + class_balanced": (
+        "isal", {"solver": "cg", "damp_mode": "top_eig", "diversity": "class_balanced"}),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "isal_select_speed.json"))
+    args = p.parse_args()
+    sys.path.insert(0, ROOT)
+    from configs import isal_fashion
+    from isal_jax.classification_al import build_task
+    cfg = isal_fashion.get_config()
+    cfg.influence.solver, cfg.influence.damp_mode, cfg.influence.diversity = \
+        "lissa", "fixed", "none"
+    tmp = tempfile.mkdtemp(prefix="isal_speed_")
+    pool = np.sort(np.random.default_rng(0).permutation(60000)[:10000])
+    with open(os.path.join(tmp, "pool.json"), "w") as f:
+        json.dump(pool.tolist(), f)
+    cfg.data.pool_ids_file = os.path.join(tmp, "pool.json")
+    task = build_task(cfg, tmp)
+    labeled = np.sort(np.random.default_rng(1).choice(pool, 200, replace=False))
+    unlabeled = np.setdiff1d(pool, labeled)
+    state = task.train(labeled, 0, os.path.join(tmp, "train"))
+    rows = {}
+    base_influence = cfg.influence.to_dict()
+    for name, (strategy, over) in SETTINGS.items():
+        cfg.influence.update({**base_influence, **over})
+        times = []
+        for r in range(args.repeats):
+            wd = os.path.join(tmp, f"{len(rows)}_{r}")
+            os.makedirs(wd)
+            t0 = time.perf_counter()
+            task.select(strategy, state, labeled, unlabeled, 20, 0, wd)
+            times.append(time.perf_counter() - t0)
+        rows[name] = {"first_s": times[0], "warm_s": statistics.median(times[1:] or times)}
+        print(f"{name}: first {times[0]:.1f}s, warm {rows[name]['warm_s']:.1f}s", flush=True)
+    m = rows["margin"]["warm_s"]
+    for r in rows.values():
+        r["x_margin"] = r["warm_s"] / m
+    with open(args.out, "w") as f:
+        json.dump({"pool": 10000, "labeled": 200, "budget": 20, "model": "cnn (16, 32)",
+                   "repeats": args.repeats, "rows": rows}, f, indent=1)
+    print("| setting | first call s | warm s | x margin |\n|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['first_s']:.1f} | {r['warm_s']:.1f} | {r['x_margin']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
