@@ -6,6 +6,8 @@ at the top-left to the static input size. Boxes follow the same path, so they ar
 pixels of the padded input. `prepare_example` does all of it for the pipeline
 (pipeline.py); `boxes_to_input` maps any other original-coordinate boxes (stored CLIP
 proposals, say) with an example's `info`, and `boxes_to_original` maps predictions back.
+The uint8 padding is 0; the detector sets the padded canvas to 0 AFTER normalization
+(model.input_padding='mean', models/detector.FasterRCNN.features), as mmdet pads.
 """
 from __future__ import annotations
 

@@ -15,14 +15,16 @@ instead: models/box_head.parse_box_head_spec.) With model.box_cls_loss='seesaw' 
 background is a 2-way objectness Linear(D -> 2) without temperature, as the reference's
 ConvFCEmbeddingBBoxHead with SeesawLoss: 'seesaw_logits' [B,R,K+2] = [temp * cos, obj]
 for the loss, and 'logits' = losses.seesaw_scores of them (log-probabilities [K+1]).
-bg is a learned Linear(D -> 1) without bias, temperature = exp(log_temperature), learned,
-initialized to 100. t_cls is the (normalized) text embedding of the class: the assigned GT
+bg is a learned Linear(D -> 1) without bias (init: Xavier normal, gain 1, as mmcv's
+Xavier(layer='Linear') of the reference's head; 'normal' = N(0, 0.01), earlier),
+temperature = exp(log_temperature), learned, initialized to 100 (the reference's
+log-parameter 4.6052). t_cls is the (normalized) text embedding of the class: the assigned GT
 class in training (`reg_classes`, zeros for background = K), the argmax foreground class
 of the logits at test. `embed` runs the classification branch alone (distillation boxes).
 
 Options (EZSDHeadConfig) come from DetectorConfig.ezsd, the (key, value) pairs of
 config.model.ezsd: embed_dim, semantic_regression (off: plain class-agnostic regressor),
-learned_background (off: background logit fixed at 0), temperature_init,
+learned_background (off: background logit fixed at 0), background_init, temperature_init,
 learn_temperature.
 """
 from __future__ import annotations
@@ -42,6 +44,13 @@ from ezsd_jax.models.losses import seesaw_scores
 from ezsd_jax.ops.vectors import l2_normalize
 
 
+BACKGROUND_INITS = {
+    # mmcv XavierInit defaults (gain 1, distribution 'normal'): N(0, 2 / (fan_in + fan_out))
+    "xavier": nn.initializers.variance_scaling(1.0, "fan_avg", "normal"),
+    "normal": nn.initializers.normal(0.01),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EZSDHeadConfig:
     embed_dim: int = 512              # CLIP joint-space dim (ViT-B/32: 512)
@@ -49,6 +58,7 @@ class EZSDHeadConfig:
     learned_background: bool = True   # bg logit = temp * w.r (else a fixed 0 logit)
     temperature_init: float = 100.0
     learn_temperature: bool = True
+    background_init: str = "xavier"   # 'xavier' (normal, gain 1: the reference) | 'normal'
 
     @classmethod
     def from_detector(cls, cfg) -> "EZSDHeadConfig":
@@ -60,6 +70,9 @@ class EZSDHeadConfig:
             raise ValueError(f"config.model.ezsd: unknown options {unknown}; known: "
                              f"{sorted(known)}")
         out = cls(**opts)
+        if out.background_init not in BACKGROUND_INITS:
+            raise ValueError(f"config.model.ezsd.background_init: {out.background_init!r} "
+                             f"is not one of {tuple(BACKGROUND_INITS)}")
         if out.embed_dim < 1 or out.temperature_init <= 0:
             raise ValueError(f"config.model.ezsd: need embed_dim >= 1 and temperature_init "
                              f"> 0, got {out}")
@@ -94,7 +107,7 @@ class EZSDRoIHead(nn.Module):
         if h.learned_background:
             self.background = nn.Dense(2 if self.seesaw else 1, use_bias=False, dtype=jnp.float32,
                                        param_dtype=jnp.float32,
-                                       kernel_init=nn.initializers.normal(0.01))
+                                       kernel_init=BACKGROUND_INITS[h.background_init])
         self.log_temperature = self.param(
             "log_temperature", nn.initializers.constant(math.log(h.temperature_init)), (),
             jnp.float32)
