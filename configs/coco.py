@@ -26,7 +26,8 @@ def ezsd_head_config(**overrides) -> ml_collections.ConfigDict:
         embed_dim=512,              # CLIP ViT-B/32 joint space
         semantic_regression=True,   # ablation: False -> plain class-agnostic regressor
         learned_background=True,    # ablation: False -> background logit fixed at 0
-        temperature_init=100.0, learn_temperature=True))
+        temperature_init=100.0, learn_temperature=True,
+        background_init="xavier"))  # 'xavier' (the reference's mmcv init) | 'normal' (0.01)
     h.update(overrides)
     return h
 
@@ -43,13 +44,19 @@ def ezsd_config(**overrides) -> ml_collections.ConfigDict:
             factor=1.0,             # loss = mean |r - t| x 512 x factor
             proposal_slots=300,     # stored proposals read per image (all of them)
             num_proposals=200,      # sampled per image and step from the slots
-            sample="random",        # 'random' (per step) | 'first' (top by CLIP score)
+            sample="replacement",   # the reference: draws with replacement from the first
+                                    # num_proposals, every step | 'random' | 'first'
+            norm_images=2,          # loss mean per group of 2 images (one reference GPU),
+                                    # averaged over the groups | 0: one mean over the batch
             max_gt=100,             # base GT slots per image
             gt_only=False,          # ablation: distill base GT boxes only
             min_size=1.0,           # boxes smaller than this (input px) are dropped
             on_missing="raise")),   # image without stored proposals: 'raise' | 'empty'
         eval=ml_collections.ConfigDict(dict(
             protocol="coco", force=False,
+            # LVIS: evaluate only images with an annotation (the reference's
+            # eval_filter_empty_gt=True; ezsd/lvis_eval.nonempty_image_ids)
+            filter_empty_gt=False,
             reference_max_dets=())),  # e.g. (100, 300, 1000): COCO AP also at these
     ))
     e.update(overrides)
@@ -113,7 +120,6 @@ def get_config():
         test_score_threshold=0.0, test_nms_threshold=0.5, test_max_detections=300)
     cfg.model.ezsd = ezsd_head_config()
     cfg.ezsd = ezsd_config()
-    cfg.ezsd.distill.sample = "first"
     cfg.ezsd.eval.reference_max_dets = (100, 300, 1000)
     cfg.clip = clip_config(score_names="dataset")
     cfg.clip.renorm.templates = ("a photo of a {}",)

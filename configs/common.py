@@ -29,6 +29,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000, rpn_nms_threshold=0.7,
         rpn_batch_per_image=256, rpn_positive_fraction=0.5, rpn_fg_iou=0.7, rpn_bg_iou=0.3,
         rpn_loss_weight=1.0,
+        # low-quality matches from this IoU (mmdet min_pos_iou; < 0: none)
+        rpn_low_quality_min_iou=0.3, roi_low_quality_min_iou=0.5,
+        input_padding="mean",       # padded canvas = 0 after normalization | 'black'
         roi_head="standard", roi_batch_per_image=512, roi_positive_fraction=0.25,
         roi_fg_iou=0.5, roi_output_size=7, roi_sampling_ratio=2,
         box_num_convs=0, box_conv_dim=256, box_num_fcs=2, box_fc_dim=1024,
@@ -40,7 +43,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         mask_num_classes=1, mask_loss_weight=1.0, mask_max_positives=128,
         mask_crop_size=56, mask_sampling_ratio=2,
         test_score_threshold=0.05, test_nms_threshold=0.5, test_max_detections=100,
-        test_topk_candidates=4096,
+        test_topk_candidates=0,     # 0 = every (box, class) pair (exact) | K = a cap
     ))
     m.update(overrides)
     return m
@@ -56,8 +59,7 @@ def tiny_model_config(image_size=(128, 128), **overrides) -> ml_collections.Conf
         rpn_pre_nms_topk_test=256, rpn_post_nms_topk_test=100,
         rpn_batch_per_image=64, roi_batch_per_image=64, box_conv_dim=32, box_fc_dim=128,
         mask_roi_size=7, mask_num_convs=2, mask_conv_dim=32, mask_max_positives=16,
-        mask_crop_size=28,
-        test_topk_candidates=512, test_score_threshold=0.0)
+        mask_crop_size=28, test_score_threshold=0.0)
     m.update(overrides)
     return m
 

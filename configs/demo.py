@@ -76,7 +76,7 @@ def get_config():
     # under load ~11): 419 ms -> 668 ms per step, compile 43 s -> 48 s.
     cfg.model = common.tiny_model_config(
         image_size=(128, 128), roi_head="ezsd", box_num_convs=0,
-        test_topk_candidates=1024, test_max_detections=100, mask_on=True)
+        test_max_detections=100, mask_on=True)
     cfg.model.ezsd = ezsd_head_config(embed_dim=EMBED_DIM)
     cfg.ezsd = ezsd_config(split="names", base_names=BASE, novel_names=NOVEL)
     # distillation loss factor 0.25 (reference: 1 for COCO). Measured on this demo (novel /

@@ -42,15 +42,14 @@ def get_config():
         rpn_reg_loss_weight=2.0, box_reg_loss_weight=2.0,
         rpn_pre_nms_topk_train=2000, rpn_post_nms_topk_train=1000,
         rpn_pre_nms_topk_test=1000, rpn_post_nms_topk_test=1000,
-        test_score_threshold=0.0, test_nms_threshold=0.5, test_max_detections=300,
-        test_topk_candidates=8192)
+        test_score_threshold=0.0, test_nms_threshold=0.5, test_max_detections=300)
     cfg.model.ezsd = ezsd_head_config()
     cfg.ezsd = ezsd_config(split="lvis")
     cfg.ezsd.distill.factor = 0.5
     cfg.ezsd.distill.proposal_slots = 500
     cfg.ezsd.distill.num_proposals = 200
-    cfg.ezsd.distill.sample = "first"
     cfg.ezsd.eval.protocol = "lvis"
+    cfg.ezsd.eval.filter_empty_gt = True    # the reference's test set: eval_filter_empty_gt
     cfg.clip = clip_config(renorm_epochs=18, score_names="dataset")
     cfg.clip.renorm.text_layernorms = False
     cfg.clip.renorm.templates = ("a photo of a {}",)

@@ -97,6 +97,23 @@ def _rle(segm, where: str) -> dict:
             "size": [int(v) for v in segm["size"]]}
 
 
+def nonempty_image_ids(gt: dict | str, img_ids: Sequence[int],
+                       cat_ids: Sequence[int] | None = None, min_size: int = 32) -> list[int]:
+    """The images of `img_ids` that the reference evaluates on LVIS: its test set sets
+    eval_filter_empty_gt=True, so mmdet's CocoDataset._filter_imgs drops images without an
+    annotation of the evaluated categories (`cat_ids`, default all) and images whose
+    shorter side is below min_size; LVISEval then runs on the remaining ids only
+    (params.imgIds), so detections on the dropped images never count as false positives
+    of their neg_category_ids. Order of `img_ids` kept."""
+    if isinstance(gt, str):
+        gt = read_json(gt)
+    cats = None if cat_ids is None else set(cat_ids)
+    with_ann = {a["image_id"] for a in gt["annotations"]
+                if cats is None or a["category_id"] in cats}
+    size = {im["id"]: min(im["width"], im["height"]) for im in gt["images"]}
+    return [i for i in img_ids if i in with_ann and size.get(i, 0) >= min_size]
+
+
 def lvis_evaluate(gt: dict | str, results: Sequence[dict], max_dets: int = 300,
                   img_ids: Sequence[int] | None = None,
                   cat_ids: Sequence[int] | None = None, iou_type: str = "bbox") -> dict:
@@ -232,4 +249,4 @@ def lvis_evaluate(gt: dict | str, results: Sequence[dict], max_dets: int = 300,
     return out
 
 
-__all__ = ["lvis_evaluate", "limit_per_image", "IOU_THRS", "REC_THRS", "AREA_RNGS"]
+__all__ = ["lvis_evaluate", "nonempty_image_ids", "limit_per_image", "IOU_THRS", "REC_THRS", "AREA_RNGS"]

@@ -28,6 +28,9 @@ def test_detector_rows(cfg):
     assert (m.rpn_batch_per_image, m.rpn_positive_fraction, m.rpn_fg_iou, m.rpn_bg_iou) == \
         (256, 0.5, 0.7, 0.3)
     assert m.rpn_nms_threshold == 0.7
+    # MaxIoUAssigner min_pos_iou with match_low_quality: RPN 0.3, RoI 0.5
+    assert (m.rpn_low_quality_min_iou, m.roi_low_quality_min_iou) == (0.3, 0.5)
+    assert m.input_padding == "mean"          # Normalize, then Pad with 0 (= the mean)
     # RPN proposals kept: train 2000 -> 1000, test 1000 -> 1000
     assert (m.rpn_pre_nms_topk_train, m.rpn_post_nms_topk_train) == (2000, 1000)
     assert (m.rpn_pre_nms_topk_test, m.rpn_post_nms_topk_test) == (1000, 1000)
@@ -40,10 +43,12 @@ def test_detector_rows(cfg):
     assert m.frozen_stages == 1 and m.roi_head == "ezsd"
     assert (m.test_score_threshold, m.test_nms_threshold, m.test_max_detections) == \
         (0.0, 0.5, 300)
+    assert m.test_topk_candidates == 0        # every (box, class) pair reaches the NMS
     assert tuple(m.image_size) == (1344, 1344)                    # deviates: static canvas
     h = m.ezsd
     assert h.temperature_init == 100.0 and h.learn_temperature
     assert h.semantic_regression and h.learned_background and h.embed_dim == 512
+    assert h.background_init == "xavier"      # mmcv Xavier(layer='Linear'), normal, gain 1
 
 
 def test_schedule_and_data_rows(cfg):
@@ -57,7 +62,9 @@ def test_schedule_and_data_rows(cfg):
 def test_distillation_and_clip_rows(cfg):
     e, c = cfg.ezsd.distill, cfg.clip
     assert e.enabled and not e.gt_only
-    assert (e.num_proposals, e.sample) == (200, "first")        # the first 200, weighted
+    # the first 200 stored, then 200 draws with replacement at every load, weighted
+    assert (e.num_proposals, e.sample) == (200, "replacement")
+    assert e.norm_images == 2                 # L1 mean per GPU (2 images), then averaged
     assert c.score_names == "dataset"                           # softmax over 80 / 1203
     r = c.renorm
     assert (r.lr, r.weight_decay, r.grad_clip, r.loss) == (1e-4, 1e-4, 0.1, "sigmoid")
@@ -78,6 +85,7 @@ def test_coco_rows():
     assert (c.clip.proposals.keep, c.clip.proposals.selection, c.clip.proposals.drop_base) \
         == (300, "top", True)
     assert c.ezsd.eval.protocol == "coco" and c.ezsd.split == "coco48_17"
+    assert not c.ezsd.eval.filter_empty_gt    # test script: eval_filter_empty_gt=False
     assert tuple(c.ezsd.eval.reference_max_dets) == REFERENCE_MAX_DETS == (100, 300, 1000)
     assert c.clip.renorm_epochs == 12 and c.clip.renorm.text_layernorms
     assert c.clip.renorm_repeat_threshold == 0.0 and not c.clip.renorm.size_weight
@@ -100,11 +108,12 @@ def test_lvis_rows():
     assert m.rpn_loss_weight == 1.0 and m.box_loss_weight == 1.0   # classification: 1
     assert (lv.ezsd.distill.factor, lv.ezsd.distill.proposal_slots) == (0.5, 500)
     assert lv.ezsd.eval.protocol == "lvis" and lv.ezsd.split == "lvis"
+    assert lv.ezsd.eval.filter_empty_gt       # lvis_bn*.py: eval_filter_empty_gt=True
     assert (lv.clip.proposals.keep, lv.clip.proposals.selection, lv.clip.proposals.drop_base) \
         == (500, "random", False)
     assert lv.clip.renorm_epochs == 18 and not lv.clip.renorm.text_layernorms
     assert lv.clip.renorm_repeat_threshold == 1e-3 and lv.clip.renorm.size_weight
-    assert lv.data.max_boxes == 300 and m.test_topk_candidates == 8192
+    assert lv.data.max_boxes == 300 and m.test_topk_candidates == 0
 
 
 def test_table_names_the_sources():
@@ -112,5 +121,7 @@ def test_table_names_the_sources():
     for needle in ("mask_rcnn_distillation_coco.sh", "mask_rcnn_distillation_lvis.sh",
                    "new_rpn", "class_agnostic=True", "select_fixed_subset=200",
                    "maxDets = [100, 300, 1000]", "cls_finetuner_clip_full_coco.py",
-                   "SeesawLoss(p=0.8, q=2.0", "oversample_thr=1e-3", "301212"):
+                   "SeesawLoss(p=0.8, q=2.0", "oversample_thr=1e-3", "301212",
+                   "replace=True", "min_pos_iou=0.3", "eval_filter_empty_gt=True",
+                   "_12e_range_scale", "4.6052", "pad_val"):
         assert needle in text, needle

@@ -23,7 +23,9 @@ POSITIVE_INT = frozenset({
 })
 # Leaf names that may be 0 (0 = off / derived from another field): integers >= 0.
 NON_NEGATIVE_INT = frozenset({"prefetch", "warmup_steps", "min_steps", "renorm_steps",
-                              "accuracy_images"})
+                              "accuracy_images", "test_topk_candidates", "norm_images"})
+# Leaf names that are IoU thresholds where a negative value means "off": numbers <= 1.
+IOU_OR_OFF = frozenset({"rpn_low_quality_min_iou", "roi_low_quality_min_iou"})
 NON_NEGATIVE_NUM = frozenset({"epochs", "renorm_epochs"})
 PROBABILITY = frozenset({"flip_prob"})
 # "<leaf> = 0 means: use <sibling>": the leaf may be 0 only when the sibling is > 0.
@@ -40,7 +42,9 @@ ENUMS: dict[str, tuple] = {
     "clip.proposals.selection": ("top", "random"),              # clip.proposals
     "clip.score_names": ("split", "dataset"),                   # clip.stages.scoring_names
     "clip.renorm_epoch_unit": ("boxes", "images"),              # clip.stages.renorm_steps
-    "ezsd.distill.sample": ("random", "first"),                 # ezsd.distill
+    "ezsd.distill.sample": ("replacement", "random", "first"),  # ezsd.distill
+    "model.input_padding": ("mean", "black"),                   # models.detector
+    "model.ezsd.background_init": ("xavier", "normal"),         # models.ezsd_head
     "model.box_cls_loss": ("softmax", "seesaw"),                # models.losses
 }
 
@@ -131,9 +135,17 @@ def validate(cfg: Any) -> None:
         elif leaf in NON_NEGATIVE_NUM:
             if not _is_num(value) or value < 0:
                 raise ConfigError(f"{where}: must be a finite number >= 0")
+        elif leaf in IOU_OR_OFF:
+            if not _is_num(value) or value > 1.0:
+                raise ConfigError(f"{where}: must be a number <= 1 (an IoU; < 0: off)")
         elif leaf in PROBABILITY:
             if not _is_num(value) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{where}: must be a probability in [0, 1]")
+    present, group = _get(cfg, "ezsd.distill.norm_images")     # ezsd.distill
+    _, batch = _get(cfg, "train.batch_size")
+    if present and _is_int(group) and group > 0 and _is_int(batch) and batch % group:
+        raise ConfigError(f"config.ezsd.distill.norm_images={group!r}: must divide "
+                          f"train.batch_size={batch} (0: one mean over the batch)")
     present, shard = _get(cfg, "clip.proposal_shard")
     if present and shard:
         parse_shard(shard)

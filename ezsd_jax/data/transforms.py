@@ -2,7 +2,8 @@
 
 `prepare_example` takes one example from the original image to the static padded input
 (boxes follow, so they are in padded-input pixels); `boxes_to_input` / `boxes_to_original`
-map other boxes in and predictions back. The steps: docs/code-notes.md.
+map other boxes in and predictions back. The uint8 padding is 0; the detector zeroes the
+padded canvas after normalization (model.input_padding='mean'). Steps: docs/code-notes.md.
 """
 from __future__ import annotations
 

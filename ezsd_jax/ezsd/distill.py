@@ -12,12 +12,14 @@ base GT boxes with their embeddings (ezsd_jax.clip.store). Here:
           Layout: `proposal_slots` proposal slots (stored score order) then `max_gt` GT
           slots (0 proposal slots for GT-only distillation).
   device: make_distill_loss(...) -> forward_train's extra_loss_fn(module, feats, batch,
-          key): samples `num_proposals` of the valid proposal slots per image (random with
-          the step key, or the first ones), keeps every GT slot, renormalizes the weights
-          to mean 1 per image over the kept entries, runs the head's classification
-          branch on RoIAlign of those boxes and returns
+          key): samples `num_proposals` proposal slots per image ('replacement': draws
+          with replacement from the first num_proposals, the reference; 'random': a
+          subset of all; 'first'), keeps every GT slot, renormalizes the weights
+          to mean 1 per image over the kept entries (duplicates count), runs the head's
+          classification branch on RoIAlign of those boxes and returns
             loss_distill = mean over valid (box, dim) of w * |r - t|, x D x factor
-          (= sum(w * |r - t|_1) / num_valid * factor) and distill_* metrics.
+          (= sum(w * |r - t|_1) / num_valid * factor; with norm_images = g that mean per
+          group of g images, averaged over the groups) and distill_* metrics.
 
 `ProposalReader` gives thread-safe per-image reads of the store's uncompressed .npz shards
 (only the requested rows are read from disk), so random-order training does not re-read
@@ -229,19 +231,36 @@ def normalize_weights(w: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(s > 0, w * n / jnp.where(s > 0, s, 1.0), m)
 
 
+SAMPLE_MODES = ("replacement", "random", "first")
+
+
 def sample_slots(key, mask: jax.Array, num: int, mode: str = "random") -> jax.Array:
-    """Indices [B, num] of `num` valid entries of mask [B, S] per image (valid first:
-    a random subset for 'random', the first valid ones in order for 'first'); when an
-    image has fewer valid entries the rest point at invalid ones (mask them)."""
+    """Indices [B, num] of valid entries of mask [B, S] per image.
+
+    'replacement' (the reference's LoadCLIPFeat: the first `num` stored, then `num` draws
+    from them with replacement, new at every load): `num` uniform draws with replacement
+    from the valid entries among the first `num` slots; 'random': a subset without
+    replacement of all valid slots; 'first': the first valid ones in order. Valid picks
+    come first; when an image has fewer valid entries ('random' / 'first') or none, the
+    rest point at invalid ones (mask them)."""
     b, s = mask.shape
     if mode == "random":
         prio = jax.random.uniform(key, (b, s))
         prio = jnp.where(mask, prio, 2.0)
-    elif mode == "first":
+    elif mode in ("first", "replacement"):
         prio = jnp.where(mask, 0.0, 1.0)
     else:
-        raise ValueError(f"distill sample mode must be 'random' or 'first', got {mode!r}")
-    return jnp.argsort(prio, axis=-1, stable=True)[:, :num].astype(jnp.int32)
+        raise ValueError(f"distill sample mode must be one of {SAMPLE_MODES}, got {mode!r}")
+    if mode != "replacement":
+        return jnp.argsort(prio, axis=-1, stable=True)[:, :num].astype(jnp.int32)
+    k = min(int(num), s)
+    pool = jnp.argsort(prio[:, :k], axis=-1, stable=True).astype(jnp.int32)   # valid first
+    n_valid = jnp.sum(mask[:, :k], axis=-1, keepdims=True)                      # [B,1]
+    draw = jnp.floor(jax.random.uniform(key, (b, int(num))) * n_valid).astype(jnp.int32)
+    draw = jnp.minimum(draw, jnp.maximum(n_valid - 1, 0))
+    # no valid entry: point at slot k-1's sorted position (invalid, masked by the caller)
+    draw = jnp.where(n_valid > 0, draw, k - 1)
+    return jnp.take_along_axis(pool, draw, axis=1)
 
 
 def select_entries(key, batch: dict, proposal_slots: int, num_proposals: int,
@@ -257,7 +276,7 @@ def select_entries(key, batch: dict, proposal_slots: int, num_proposals: int,
         raise ValueError(f"distillation: proposal_slots={proposal_slots} but the batch has "
                          f"{total} distill slots")
     out = {"boxes": boxes, "emb": emb, "weight": w, "mask": mask}
-    if proposal_slots == 0 or num_proposals >= proposal_slots:
+    if proposal_slots == 0 or (num_proposals >= proposal_slots and mode != "replacement"):
         return out
     idx = sample_slots(key, mask[:, :proposal_slots], num_proposals, mode)
 
@@ -269,15 +288,27 @@ def select_entries(key, batch: dict, proposal_slots: int, num_proposals: int,
 
 
 def distill_loss_terms(r: jax.Array, target: jax.Array, weight: jax.Array,
-                       mask: jax.Array, factor: float = 1.0) -> dict:
+                       mask: jax.Array, factor: float = 1.0, norm_images: int = 0) -> dict:
     """r, target [B,P,D]; weight, mask [B,P] (weights already normalized).
-    loss = sum(w * mask * |r - t|) / (num_valid * D) * D * factor."""
-    d = r.shape[-1]
+    norm_images = 0: loss = sum(w * mask * |r - t|) / (num_valid * D) * D * factor over
+    the batch; g > 0: that mean within each group of g consecutive images, averaged over
+    the groups (the reference: mmdet's L1Loss mean on each GPU's 2 images, then the
+    gradient average over GPUs; a group without entries contributes 0)."""
+    b, _, d = r.shape
     t = target.astype(jnp.float32)
     m = mask.astype(jnp.float32)
     l1 = jnp.where(mask[..., None], jnp.abs(r.astype(jnp.float32) - t), 0.0).sum(-1)
     n = jnp.maximum(m.sum(), 1.0)
-    loss = jnp.sum(weight * m * l1) / (n * d) * d * factor
+    if norm_images:
+        g = int(norm_images)
+        if b % g:
+            raise ValueError(f"distillation: norm_images={g} does not divide the batch of "
+                             f"{b} images (per device)")
+        num = jnp.sum((weight * m * l1).reshape(b // g, -1), axis=1)
+        cnt = jnp.sum(m.reshape(b // g, -1), axis=1)
+        loss = jnp.mean(num / jnp.maximum(cnt, 1.0)) * factor
+    else:
+        loss = jnp.sum(weight * m * l1) / (n * d) * d * factor
     cos = jnp.sum(jnp.where(mask, (r * t).sum(-1), 0.0)) / n
     return {"loss_distill": loss, "distill_l1": jnp.sum(l1 * m) / (n * d),
             "distill_cos": cos, "distill_num": m.sum() / mask.shape[0]}
@@ -285,13 +316,16 @@ def distill_loss_terms(r: jax.Array, target: jax.Array, weight: jax.Array,
 
 def make_distill_loss(*, factor: float = 1.0, num_proposals: int = 200,
                       proposal_slots: int = 300, sample: str = "random",
-                      gt_only: bool = False) -> Callable:
+                      gt_only: bool = False, norm_images: int = 0) -> Callable:
     """forward_train's extra_loss_fn(module, feats, batch, key) -> {'loss_distill', ...}.
 
-    proposal_slots / gt_only must match make_extra_fn's (the batch layout)."""
+    proposal_slots / gt_only must match make_extra_fn's (the batch layout); norm_images:
+    distill_loss_terms' (0 = one mean over the batch)."""
     slots = 0 if gt_only else int(proposal_slots)
-    if sample not in ("random", "first"):
-        raise ValueError(f"distill sample mode must be 'random' or 'first', got {sample!r}")
+    if sample not in SAMPLE_MODES:
+        raise ValueError(f"distill sample mode must be one of {SAMPLE_MODES}, got {sample!r}")
+    if int(norm_images) < 0:
+        raise ValueError(f"distillation: norm_images must be >= 0, got {norm_images}")
 
     def extra_loss_fn(module, feats, batch, key) -> dict:
         for k in KEYS:
@@ -306,10 +340,10 @@ def make_distill_loss(*, factor: float = 1.0, num_proposals: int = 200,
                           jnp.asarray(_DUMMY_BOX, jnp.float32))
         w = normalize_weights(sel["weight"], sel["mask"])
         r = head.embed(module.roi_features(feats, boxes))
-        return distill_loss_terms(r, sel["emb"], w, sel["mask"], factor)
+        return distill_loss_terms(r, sel["emb"], w, sel["mask"], factor, int(norm_images))
 
     return extra_loss_fn
 
 
-__all__ = ["ProposalReader", "make_extra_fn", "normalize_weights", "sample_slots",
+__all__ = ["ProposalReader", "make_extra_fn", "normalize_weights", "sample_slots", "SAMPLE_MODES",
            "select_entries", "distill_loss_terms", "make_distill_loss", "KEYS"]

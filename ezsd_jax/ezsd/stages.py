@@ -21,6 +21,8 @@ eval (protocol, force, reference_max_dets: COCO maxDets reported alongside the s
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ from ezsd_jax.clip.store import ProposalStore, StoreError
 from ezsd_jax.clip.text import load_text_embeddings, text_embeddings_path
 from ezsd_jax.ezsd import distill
 from ezsd_jax.data import splits
-from ezsd_jax.lvis_eval import lvis_evaluate
+from ezsd_jax.lvis_eval import lvis_evaluate, nonempty_image_ids
 from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.models import detector as det
 from ezsd_jax.models.ezsd_head import EZSDHeadConfig
@@ -107,7 +109,7 @@ def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
         gt_only=dc.gt_only, min_size=dc.min_size, on_missing=dc.on_missing)
     loss_fn = distill.make_distill_loss(
         factor=dc.factor, num_proposals=dc.num_proposals, proposal_slots=dc.proposal_slots,
-        sample=dc.sample, gt_only=dc.gt_only)
+        sample=dc.sample, gt_only=dc.gt_only, norm_images=dc.get("norm_images", 0))
     return extra_fn, loss_fn
 
 
@@ -176,6 +178,13 @@ def ezsd_eval(cfg, workdir: str) -> dict:
             summary[g].update(mask_AP50=metrics["segm"][g]["AP50"],
                               mask_AP=metrics["segm"][g]["AP"])
     elif ec.protocol == "lvis":
+        if ec.get("filter_empty_gt", False):   # the reference's eval_filter_empty_gt=True
+            keep = set(nonempty_image_ids(val_ann, [r.image_id for r in dataset.records],
+                                          groups["all"]))
+            log.info(f"[ezsd_eval] filter_empty_gt: {len(keep)} of {len(dataset.records)} "
+                     "images have an annotation (and a side >= 32 px)")
+            dataset = dataclasses.replace(
+                dataset, records=[r for r in dataset.records if r.image_id in keep])
         results = evaluate.infer_dataset(cfg, model, variables, dataset, consts, EVAL_NAME)
         img_ids = [r.image_id for r in dataset.records]
         metrics = lvis_evaluate(val_ann, results, max_dets=cfg.model.test_max_detections,

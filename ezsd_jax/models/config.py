@@ -37,6 +37,13 @@ class DetectorConfig:
     rpn_fg_iou: float = 0.7
     rpn_bg_iou: float = 0.3
     rpn_loss_weight: float = 1.0
+    # low-quality matches: a GT's best anchors / RoI candidates become positive when that
+    # IoU is >= this (mmdet min_pos_iou: RPN 0.3, RoI 0.5); < 0 = none (ops/matching.py)
+    rpn_low_quality_min_iou: float = 0.3
+    roi_low_quality_min_iou: float = 0.5
+    # the padded canvas after normalization: 'mean' = 0 (mmdet: Normalize, then Pad with 0,
+    # i.e. the mean pixel) | 'black' = normalized uint8 0 (earlier; a dark border)
+    input_padding: str = "mean"
     # RoI head
     roi_head: str = "standard"                   # 'standard' | 'ezsd'
     roi_batch_per_image: int = 512
@@ -76,7 +83,10 @@ class DetectorConfig:
     test_score_threshold: float = 0.05
     test_nms_threshold: float = 0.5
     test_max_detections: int = 100
-    test_topk_candidates: int = 4096
+    # (box, class) pairs kept for class-wise NMS: 0 = every pair over the score threshold
+    # (the reference; exact, on the shared R x R IoU of the class-agnostic boxes,
+    # models/postprocess.py); K > 0 = the K highest-scoring pairs (earlier; a cap)
+    test_topk_candidates: int = 0
     # RoI-head-specific options as hashable (key, value) pairs (config.model.ezsd for the
     # EZSD head; read by ezsd_jax.models.ezsd_head.EZSDHeadConfig). () = head defaults.
     ezsd: tuple = ()
@@ -102,6 +112,12 @@ class DetectorConfig:
         if self.box_cls_loss == "seesaw" and self.roi_head != "ezsd":
             raise ValueError("model.box_cls_loss='seesaw' needs model.roi_head='ezsd' (the "
                              "plain linear classifier has no objectness output)")
+        if self.input_padding not in ("mean", "black"):
+            raise ValueError(f"model.input_padding: {self.input_padding!r} is not 'mean' or "
+                             "'black'")
+        if self.test_topk_candidates < 0:
+            raise ValueError(f"model.test_topk_candidates must be >= 0 (0 = no cap), got "
+                             f"{self.test_topk_candidates}")
         h, w = self.image_size
         if h % 64 or w % 64:
             raise ValueError(f"model.image_size {self.image_size} must be multiples of 64 "

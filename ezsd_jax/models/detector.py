@@ -82,9 +82,12 @@ class FasterRCNN(nn.Module):
             self.mask_head = MaskHead(c.mask_num_classes, c.mask_num_convs, c.mask_conv_dim,
                                       dtype=c.jnp_dtype)
 
-    def features(self, images: jax.Array) -> list[jax.Array]:
-        x = (images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD
-        return self.fpn(self.backbone(x))
+    def features(self, images: jax.Array, image_hw: jax.Array | None = None) -> list[jax.Array]:
+        """FPN levels of images [B,H,W,3] (uint8 or float pixels). With image_hw [B,2] and
+        model.input_padding='mean', the padded canvas outside each image is 0 after
+        normalization (mmdet normalizes, then pads with 0: the mean pixel)."""
+        return self.fpn(self.backbone(normalize_images(images, image_hw,
+                                                       self.cfg.input_padding)))
 
     def rpn_outputs(self, feats):
         return self.rpn(feats)
@@ -135,6 +138,24 @@ def _concat_levels(obj, dlt):
     return jnp.concatenate(obj, axis=1), jnp.concatenate(dlt, axis=1)
 
 
+def normalize_images(images: jax.Array, image_hw: jax.Array | None = None,
+                     padding: str = "mean") -> jax.Array:
+    """(pixels - PIXEL_MEAN) / PIXEL_STD; with image_hw and padding='mean' the canvas
+    outside each image is exactly 0 (mmdet: Normalize, then Pad with 0)."""
+    x = (images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD
+    if image_hw is not None and padding == "mean":
+        x = x * padding_mask(image_hw, x.shape[1], x.shape[2])[..., None]
+    return x
+
+
+def padding_mask(image_hw: jax.Array, h: int, w: int) -> jax.Array:
+    """[B,H,W] float32: 1 inside each image's valid (top-left) region, 0 on the padding."""
+    hw = jnp.asarray(image_hw)
+    rows = jnp.arange(h)[None, :, None] < hw[:, 0, None, None]
+    cols = jnp.arange(w)[None, None, :] < hw[:, 1, None, None]
+    return (rows & cols).astype(jnp.float32)
+
+
 def valid_hw(batch: dict) -> jax.Array:
     """Valid (unpadded) region of each image in padded-input pixels (pipeline's image_hw)."""
     return batch["image_hw"].astype(jnp.float32)
@@ -160,14 +181,14 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
     k_rpn, k_roi, k_extra = jax.random.split(key, 3)
 
     def fn(m: FasterRCNN):
-        feats = m.features(batch["image"])
+        feats = m.features(batch["image"], batch["image_hw"])
         obj, dlt = m.rpn_outputs(feats)
         out = {}
         out.update(losses.rpn_losses(
             k_rpn, *_concat_levels(obj, dlt), anchors, batch["boxes"], batch["box_mask"],
             batch["valid"], batch_per_image=c.rpn_batch_per_image,
             positive_fraction=c.rpn_positive_fraction, fg_iou=c.rpn_fg_iou,
-            bg_iou=c.rpn_bg_iou))
+            bg_iou=c.rpn_bg_iou, low_quality_min_iou=c.rpn_low_quality_min_iou))
         props, _, pvalid = proposal_generator.rpn_proposals(
             [jax.lax.stop_gradient(o) for o in obj], [jax.lax.stop_gradient(d) for d in dlt],
             c.anchors(), hw, c.rpn_pre_nms_topk_train, c.rpn_post_nms_topk_train,
@@ -176,7 +197,7 @@ def forward_train(model: FasterRCNN, variables: dict, batch: dict, key,
             k_roi, props, pvalid, batch["boxes"], batch["classes"], batch["box_mask"],
             c.num_classes, batch_per_image=c.roi_batch_per_image,
             positive_fraction=c.roi_positive_fraction, fg_iou=c.roi_fg_iou,
-            bbox_reg_weights=c.bbox_reg_weights)
+            bbox_reg_weights=c.bbox_reg_weights, low_quality_min_iou=c.roi_low_quality_min_iou)
         reg_classes = tgt["cls_target"]
         head_out = m.head(m.roi_features(feats, tgt["rois"]), reg_classes, class_embeddings)
         if c.box_cls_loss == "seesaw":
@@ -246,7 +267,7 @@ def infer_parts(model: FasterRCNN, variables: dict, batch: dict,
     hw = valid_hw(batch)
 
     def fn(m: FasterRCNN):
-        feats = m.features(batch["image"])
+        feats = m.features(batch["image"], batch["image_hw"])
         obj, dlt = m.rpn_outputs(feats)
         props, _, pvalid = proposal_generator.rpn_proposals(
             obj, dlt, c.anchors(), hw, c.rpn_pre_nms_topk_test, c.rpn_post_nms_topk_test,

@@ -3,7 +3,8 @@ similarity with frozen text embeddings, plus semantic box regression (docs/ezsd-
 
 Place in the pipeline: RoIAlign -> EZSDRoIHead (detector.make_roi_head, model.roi_head='ezsd').
 Class names enter only as `class_embeddings` [K, D] at call time, so the same parameters
-serve any vocabulary. Layers, the seesaw background and options: docs/code-notes.md.
+serve any vocabulary. Layers, the seesaw background, initialisation and options:
+docs/code-notes.md.
 """
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ from ezsd_jax.models.losses import seesaw_scores
 from ezsd_jax.ops.vectors import l2_normalize
 
 
+BACKGROUND_INITS = {
+    # mmcv XavierInit defaults (gain 1, distribution 'normal'): N(0, 2 / (fan_in + fan_out))
+    "xavier": nn.initializers.variance_scaling(1.0, "fan_avg", "normal"),
+    "normal": nn.initializers.normal(0.01),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EZSDHeadConfig:
     embed_dim: int = 512              # CLIP joint-space dim (ViT-B/32: 512)
@@ -29,6 +37,7 @@ class EZSDHeadConfig:
     learned_background: bool = True   # bg logit = temp * w.r (else a fixed 0 logit)
     temperature_init: float = 100.0
     learn_temperature: bool = True
+    background_init: str = "xavier"   # 'xavier' (normal, gain 1: the reference) | 'normal'
 
     @classmethod
     def from_detector(cls, cfg) -> "EZSDHeadConfig":
@@ -40,6 +49,9 @@ class EZSDHeadConfig:
             raise ValueError(f"config.model.ezsd: unknown options {unknown}; known: "
                              f"{sorted(known)}")
         out = cls(**opts)
+        if out.background_init not in BACKGROUND_INITS:
+            raise ValueError(f"config.model.ezsd.background_init: {out.background_init!r} "
+                             f"is not one of {tuple(BACKGROUND_INITS)}")
         if out.embed_dim < 1 or out.temperature_init <= 0:
             raise ValueError(f"config.model.ezsd: need embed_dim >= 1 and temperature_init "
                              f"> 0, got {out}")
@@ -74,7 +86,7 @@ class EZSDRoIHead(nn.Module):
         if h.learned_background:
             self.background = nn.Dense(2 if self.seesaw else 1, use_bias=False, dtype=jnp.float32,
                                        param_dtype=jnp.float32,
-                                       kernel_init=nn.initializers.normal(0.01))
+                                       kernel_init=BACKGROUND_INITS[h.background_init])
         self.log_temperature = self.param(
             "log_temperature", nn.initializers.constant(math.log(h.temperature_init)), (),
             jnp.float32)

@@ -37,14 +37,20 @@ def smooth_l1(x, beta: float):
 def rpn_losses(key, objectness: jax.Array, deltas: jax.Array, anchors: jax.Array,
                gt_boxes: jax.Array, gt_mask: jax.Array, image_valid: jax.Array, *,
                batch_per_image: int = 256, positive_fraction: float = 0.5,
-               fg_iou: float = 0.7, bg_iou: float = 0.3, beta: float = 0.0) -> dict:
-    """objectness [B,A], deltas [B,A,4] (all levels concatenated, anchors [A,4])."""
+               fg_iou: float = 0.7, bg_iou: float = 0.3, beta: float = 0.0,
+               low_quality_min_iou: float = 0.3) -> dict:
+    """objectness [B,A], deltas [B,A,4] (all levels concatenated, anchors [A,4]).
+    low_quality_min_iou: a GT's best anchors become positive (matched to that GT) when
+    their IoU is >= this (mmdet's min_pos_iou; < 0: no low-quality matches)."""
     bsz = objectness.shape[0]
     keys = jax.random.split(key, bsz)
 
     def one(k, obj, dlt, gt, gm):
         iou = box_ops.iou_matrix(anchors, gt)                                 # [A,M]
-        matched, labels = match_boxes(iou, gm, fg_iou, bg_iou, allow_low_quality=True)
+        matched, labels = match_boxes(iou, gm, fg_iou, bg_iou,
+                                      allow_low_quality=low_quality_min_iou >= 0,
+                                      low_quality_min_iou=low_quality_min_iou,
+                                      reassign_low_quality=True)
         idx, slab, sval = sample_balanced(k, labels, batch_per_image, positive_fraction)
         pos = (slab == 1) & sval
         obj_s = obj[idx]
@@ -63,9 +69,12 @@ def rpn_losses(key, objectness: jax.Array, deltas: jax.Array, anchors: jax.Array
 def sample_rois(key, proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: jax.Array,
                 gt_classes: jax.Array, gt_mask: jax.Array, num_classes: int, *,
                 batch_per_image: int = 512, positive_fraction: float = 0.25,
-                fg_iou: float = 0.5, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0)) -> dict:
+                fg_iou: float = 0.5, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+                low_quality_min_iou: float = 0.5) -> dict:
     """Returns rois [B,R,4], roi_valid [B,R], cls_target [B,R] (bg = num_classes),
-    box_target [B,R,4], fg [B,R], matched_gt [B,R] (index into the image's GT list)."""
+    box_target [B,R,4], fg [B,R], matched_gt [B,R] (index into the image's GT list).
+    low_quality_min_iou: as rpn_losses' (the candidates include the GT boxes themselves,
+    so at 0.5 it only re-matches a GT's best candidates to that GT; < 0: off)."""
     bsz = proposals.shape[0]
     keys = jax.random.split(key, bsz)
     proposals = jax.lax.stop_gradient(proposals)
@@ -74,7 +83,10 @@ def sample_rois(key, proposals: jax.Array, proposal_valid: jax.Array, gt_boxes: 
         cand = jnp.concatenate([prop, gt], axis=0)
         cv = jnp.concatenate([pv, gm], axis=0)
         iou = box_ops.iou_matrix(cand, gt)
-        matched, labels = match_boxes(iou, gm, fg_iou, fg_iou, allow_low_quality=False)
+        matched, labels = match_boxes(iou, gm, fg_iou, fg_iou,
+                                      allow_low_quality=low_quality_min_iou >= 0,
+                                      low_quality_min_iou=low_quality_min_iou,
+                                      reassign_low_quality=True, pred_valid=cv)
         labels = jnp.where(cv, labels, -1)
         idx, slab, sval = sample_balanced(k, labels, batch_per_image, positive_fraction, cv)
         rois = cand[idx]

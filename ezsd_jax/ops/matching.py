@@ -3,7 +3,8 @@
 ``match_boxes`` is detectron2's ``Matcher`` on an [N anchors, M gt] IoU matrix with
 padded GT columns; ``sample_balanced`` is detectron2's ``subsample_labels`` with a static
 output size (random priorities + ``lax.top_k``). RPN: (256, 0.5) with IoU 0.7 / 0.3 and
-low-quality matches; RoI head: (512, 0.25) with IoU 0.5 / 0.5, no low-quality matches.
+low-quality matches from IoU 0.3; RoI head: (512, 0.25) with IoU 0.5 / 0.5, low-quality
+matches from IoU 0.5 (mmdet's MaxIoUAssigner ``min_pos_iou``; docs/protocol.md).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from jax import lax
 
 
 def match_boxes(iou: jnp.ndarray, gt_valid: jnp.ndarray, fg_threshold: float,
-                bg_threshold: float, allow_low_quality: bool = True):
+                bg_threshold: float, allow_low_quality: bool = True,
+                low_quality_min_iou: float = 0.0, reassign_low_quality: bool = False,
+                pred_valid: jnp.ndarray | None = None):
     """Match each of N predictions to its best GT.
 
     Args:
@@ -21,9 +24,15 @@ def match_boxes(iou: jnp.ndarray, gt_valid: jnp.ndarray, fg_threshold: float,
       gt_valid: [M] bool; invalid (padded) columns never match.
       fg_threshold / bg_threshold: IoU >= fg -> 1, IoU < bg -> 0, in between -> -1.
       allow_low_quality: each valid GT's highest-IoU predictions (all ties) become
-        foreground, as in detectron2 (``matched_gt`` stays the row argmax). Unlike
-        detectron2, a GT whose best IoU is 0 does not promote anything (detectron2 would
-        mark every zero-IoU prediction foreground).
+        foreground when that IoU is >= low_quality_min_iou (mmdet's MaxIoUAssigner
+        ``match_low_quality`` / ``min_pos_iou`` / ``gt_max_assign_all``). A GT whose best
+        IoU is 0 never promotes anything (detectron2 would mark every zero-IoU prediction
+        foreground).
+      reassign_low_quality: a promoted prediction is matched to the promoting GT (the
+        highest-index one when several promote it: mmdet overwrites in GT order); False
+        keeps ``matched_gt`` at the row argmax (detectron2).
+      pred_valid: optional [N] bool; invalid (padded) rows take no part in a GT's best IoU
+        and are never promoted.
     Returns:
       matched_gt [N] int32 (argmax over valid GT, lowest index on ties; 0 when no valid
       GT) and labels [N] int32 in {1, 0, -1}. With no valid GT everything is 0.
@@ -40,9 +49,17 @@ def match_boxes(iou: jnp.ndarray, gt_valid: jnp.ndarray, fg_threshold: float,
     best = jnp.max(q, axis=1)
     labels = jnp.where(best >= fg_threshold, 1, jnp.where(best < bg_threshold, 0, -1))
     if allow_low_quality:
-        per_gt = jnp.max(q, axis=0)                                     # [M]
-        hit = (q == per_gt[None, :]) & gt_valid[None, :] & (per_gt[None, :] > 0)
-        labels = jnp.where(jnp.any(hit, axis=1), 1, labels)
+        rows = (jnp.ones((n,), bool) if pred_valid is None
+                else jnp.asarray(pred_valid, bool))
+        qv = jnp.where(rows[:, None], q, -1.0)
+        per_gt = jnp.max(qv, axis=0)                                    # [M]
+        promotes = gt_valid & (per_gt > 0) & (per_gt >= low_quality_min_iou)
+        hit = (qv == per_gt[None, :]) & promotes[None, :] & rows[:, None]
+        promoted = jnp.any(hit, axis=1)
+        labels = jnp.where(promoted, 1, labels)
+        if reassign_low_quality:
+            last = jnp.max(jnp.where(hit, jnp.arange(m, dtype=jnp.int32)[None, :], -1), axis=1)
+            matched_gt = jnp.where(promoted, last, matched_gt).astype(jnp.int32)
     labels = jnp.where(jnp.any(gt_valid), labels, 0)
     matched_gt = jnp.where(jnp.any(gt_valid), matched_gt, 0)
     return matched_gt, labels.astype(jnp.int32)

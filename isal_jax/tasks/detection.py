@@ -146,7 +146,9 @@ class DetectionTask:
         def rpn_one(k, g, mk):
             iou = box_ops.iou_matrix(anchors, g)
             matched, labels = match_boxes(iou, mk, c.rpn_fg_iou, c.rpn_bg_iou,
-                                          allow_low_quality=True)
+                                          allow_low_quality=c.rpn_low_quality_min_iou >= 0,
+                                          low_quality_min_iou=c.rpn_low_quality_min_iou,
+                                          reassign_low_quality=True)   # as losses.rpn_losses
             if self.sampling == "sampled":
                 idx, slab, sval = sample_balanced(k, labels, c.rpn_batch_per_image,
                                                   c.rpn_positive_fraction)
@@ -168,7 +170,8 @@ class DetectionTask:
             t = losses.sample_rois(k, p[None], pv[None], g[None], cl[None], mk[None],
                                    c.num_classes, batch_per_image=roi_n,
                                    positive_fraction=roi_frac, fg_iou=c.roi_fg_iou,
-                                   bbox_reg_weights=c.bbox_reg_weights)
+                                   bbox_reg_weights=c.bbox_reg_weights,
+                                   low_quality_min_iou=c.roi_low_quality_min_iou)
             return {k2: t[k2][0] for k2 in ("rois", "roi_valid", "cls_target", "box_target",
                                             "fg")}
         tgt = jax.vmap(roi_one)(keys[:, 1], props, pvalid, gt, gc, gm)
@@ -181,7 +184,7 @@ class DetectionTask:
         assignment (ASSIGN_KEYS) at `params`. Jittable; run it once per batch, then take
         any number of losses / gradients / HVPs / JVPs of `loss` on the result."""
         def fn(m: det.FasterRCNN):
-            return m.rpn_outputs(m.features(batch["image"]))
+            return m.rpn_outputs(m.features(batch["image"], batch["image_hw"]))
         obj, dlt = nn.apply(fn, self.model)({"params": params, **model_state})
         return {**batch, **self._assign_from(obj, dlt, batch)}
 
@@ -202,7 +205,7 @@ class DetectionTask:
         n_rpn = batch["rpn_idx"].shape[1]     # rpn_batch_per_image, or every anchor ('all')
 
         def fn(m: det.FasterRCNN):
-            feats = m.features(batch["image"])
+            feats = m.features(batch["image"], batch["image_hw"])
             obj, dlt = m.rpn_outputs(feats)
             obj_c, dlt_c = jnp.concatenate(obj, axis=1), jnp.concatenate(dlt, axis=1)
             idx = batch["rpn_idx"]
