@@ -55,7 +55,7 @@ def ezsd_config(**overrides) -> ml_collections.ConfigDict:
         eval=ml_collections.ConfigDict(dict(
             protocol="coco", force=False,
             # LVIS: evaluate only images with an annotation (the reference's
-            # eval_filter_empty_gt=True; ezsd/lvis_eval.nonempty_image_ids)
+            # eval_filter_empty_gt=True; lvis_eval.nonempty_image_ids)
             filter_empty_gt=False,
             reference_max_dets=())),  # e.g. (100, 300, 1000): COCO AP also at these
     ))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ezsd_jax.ezsd import distill
-from ezsd_jax.ezsd.lvis_eval import lvis_evaluate, nonempty_image_ids
+from ezsd_jax.lvis_eval import lvis_evaluate, nonempty_image_ids
 from ezsd_jax.models import detector as det
 from ezsd_jax.models import postprocess
 from ezsd_jax.ops.matching import match_boxes

@@ -36,7 +36,7 @@ ENUMS: dict[str, tuple] = {
     "data.on_error": ON_ERROR,                                  # data.coco, data.pipeline
     "data.source": ("coco", "tfds"),                            # train.load_dataset
     "model.dtype": ("float32", "bfloat16", "float16"),          # models.detector, isal models
-    "ezsd.split": ("coco48_17", "lvis", "names"),               # ezsd.splits
+    "ezsd.split": ("coco48_17", "lvis", "names"),               # data.splits
     "ezsd.eval.protocol": ("coco", "lvis"),                     # ezsd.stages
     "ezsd.distill.on_missing": ("raise", "empty"),              # ezsd.distill
     "clip.proposals.selection": ("top", "random"),              # clip.proposals
