@@ -95,9 +95,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     state, rows = train_loop.fit(
         state=state, step_fn=step_fn, batches=batches, num_steps=tcfg.steps, workdir=workdir,
         name="toy", mesh=mesh, ckpt_every=tcfg.ckpt_every, log_every=tcfg.log_every,
-        items_per_step=tcfg.batch_size, unit="sample",
-        debug_kill_at_step=cfg.debug.kill_at_step,
-        debug_kill_during_save=cfg.debug.kill_during_save)
+        items_per_step=tcfg.batch_size, unit="sample")
     flat = np.concatenate([np.asarray(x).ravel() for x in
                            jax.tree_util.tree_leaves(sharding.to_host(state["params"]))])
     result = {"final_loss": rows[-1]["loss"] if rows else None,

@@ -227,9 +227,7 @@ def train_detector(cfg, workdir: str, dataset: CocoDataset, consts: dict | None 
             state=state, step_fn=lambda s, b: step_fn(s, b, consts_dev),
             batches=pipe.train_iterator, num_steps=steps, workdir=workdir, name=name,
             mesh=mesh, ckpt_every=t.ckpt_every, keep=t.keep_checkpoints,
-            log_every=t.log_every, items_per_step=t.batch_size, unit="img",
-            debug_kill_at_step=cfg.debug.kill_at_step,
-            debug_kill_during_save=cfg.debug.kill_during_save)
+            log_every=t.log_every, items_per_step=t.batch_size, unit="img")
     finally:
         pipe.close()
     return model, state

@@ -117,7 +117,6 @@ class ClassificationALTask:
                 np.random.default_rng(0), t.augment, int(t.crop_pad))   # validates the mode
         self._steps_cache: dict = {}
         self._eval_fn = None
-        self.train_runs = 0          # calls of train() in this process (debug kill)
 
     # ----------------------------------------------------------------- protocol
     def pool_ids(self) -> np.ndarray:
@@ -201,21 +200,16 @@ class ClassificationALTask:
         return gen
 
     def train(self, labeled_ids: np.ndarray, seed: int, workdir: str) -> Any:
-        from isal_jax import faults
         t = self.cfg.train
         b = self.data.get(np.asarray(labeled_ids, np.int64), what="labeled ids")
         total, decays = self.num_steps(len(labeled_ids))
         step_fn, tx = self._step_fn(total, decays)
-        kill = faults.setting("kill_at_step", -1) if faults.setting(
-            "kill_at_train_run", 0) in (-1, self.train_runs) else -1
-        self.train_runs += 1
         state, _ = train_loop.fit(
             state=self._init_state(seed, tx), step_fn=step_fn,
             batches=self._batches(b["image"], b["label"], seed), num_steps=total,
             workdir=workdir, name="train", mesh=self.mesh, ckpt_every=int(t.ckpt_every),
             keep=int(t.keep_checkpoints), log_every=int(t.log_every),
-            items_per_step=int(t.batch_size), unit="img", debug_kill_at_step=kill,
-            debug_kill_during_save=faults.setting("kill_during_save", False))
+            items_per_step=int(t.batch_size), unit="img")
         host = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
         host["checkpoint"] = (os.path.join(os.path.abspath(workdir), "ckpt_train"), total)
         return host

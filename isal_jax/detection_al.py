@@ -181,7 +181,7 @@ def run_detection_strategy(cfg, workdir: str, dtask, state: dict, data: Detectio
 class DetectionALTask:
     """ActiveLearningTask for object detection (Faster R-CNN). `cfg`: the whole config
     (configs/isal_det_synthetic.py): data, model, train, eval, influence, reference, mesh,
-    debug, al."""
+    al."""
 
     primary_metric = "AP50"
     known_strategies = STRATEGIES

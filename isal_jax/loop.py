@@ -226,7 +226,7 @@ def _maybe_kill(al_cfg, strategy: str, seed: int, cycle: int, phase: str) -> Non
     """Test-only fault injection (isal_jax.faults): kill_after='<strategy>/<seed>/<cycle>'
     (after the done marker) or '<strategy>/<seed>/<cycle>/<phase>' with phase train | eval
     | select -> SIGKILL this process right after that phase."""
-    from isal_jax import faults
+    from ezsd_jax.core import faults
     spec = faults.setting("kill_after", "")
     want = f"{strategy}/{seed}/{cycle}" + ("" if phase == "done" else f"/{phase}")
     if spec and spec == want:

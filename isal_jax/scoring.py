@@ -19,7 +19,7 @@ import numpy as np
 
 from ezsd_jax.core.io_utils import atomic_savez
 from ezsd_jax.core.metrics import report
-from isal_jax import faults
+from ezsd_jax.core import faults
 from isal_jax.config_schema import DIVERSITY
 from isal_jax.degenerate import check_lissa, check_model_outputs
 from isal_jax.selection_io import (SelectError, load_cached, read_id_list, reference_source,

@@ -46,7 +46,7 @@ def _argv(workdir, flat):
 
 def _run(args, timeout=240, fault=""):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "ISAL_FAULT": fault})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "EZSD_FAULT": fault})
 
 
 def _csv(path):
@@ -126,7 +126,7 @@ def test_kill_mid_training_resumes_at_that_cycle(reference_run, tmp_path):
     al = wd / "al" / "random" / "seed_0"
     # SIGKILL after step 20 (a checkpoint step) of the 2nd training of the process:
     # random, seed 0, cycle 1.
-    killed = _run(_argv(wd, {}), fault="kill_at_step=20,kill_at_train_run=1")
+    killed = _run(_argv(wd, {}), fault="kill_at_step=20,kill_at_fit_run=1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (al / "cycle_0" / "done.json").exists()
     assert not (al / "cycle_1" / "done.json").exists()

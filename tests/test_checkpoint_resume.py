@@ -15,9 +15,9 @@ from ezsd_jax.core.checkpoint import CheckpointError, Checkpointer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(workdir, *extra):
+def _run(workdir, *extra, fault=""):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", EZSD_FAULT=fault)
     cmd = [sys.executable, "-m", "ezsd_jax.main", "--config=configs/toy.py",
            f"--workdir={workdir}", "--config.toy.steps=120", "--config.toy.ckpt_every=20",
            "--config.toy.log_every=10", "--config.mesh.model=2", *extra]
@@ -49,7 +49,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
     # 1) killed after step 70, which it logged, 10 steps past its last checkpoint (60)
     a = tmp_path / "a"
-    r = _run(a, "--config.debug.kill_at_step=70")
+    r = _run(a, fault="kill_at_step=70")
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert not (a / "toy_result.json").exists()
     assert max(_steps(a)) == 70
@@ -64,7 +64,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     # 2) killed while the checkpoint of step 80 was being written: the previous
     # checkpoint (60) or the completed 80 must restore, never a corrupt one.
     b = tmp_path / "b"
-    r = _run(b, "--config.debug.kill_at_step=80", "--config.debug.kill_during_save=True")
+    r = _run(b, fault="kill_at_step=80,kill_during_save=1")
     assert r.returncode == -signal.SIGKILL
     r = _run(b)
     assert r.returncode == 0, r.stderr[-2000:]

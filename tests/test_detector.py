@@ -169,7 +169,7 @@ def test_pretrained_backbone_from_config_and_bf16_train_step(rng, tmp_path):
     from configs import synthetic_detection
     from ezsd_jax.core import sharding
     from ezsd_jax import train
-    from ezsd_jax.models import ResNet
+    from ezsd_jax.models.resnet import ResNet
     from ezsd_jax.models.pretrained import flax_to_torchvision, save_state_dict
 
     cfg = synthetic_detection.get_config()

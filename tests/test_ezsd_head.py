@@ -5,6 +5,7 @@ inputs). The full detector with this head (train over base names, evaluate over 
 in tests/test_ezsd_train.py."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -39,7 +40,7 @@ def test_config_plumbing_and_validation():
     assert isinstance(cfg.ezsd, tuple) and isinstance(hash(cfg), int)  # hashable pairs
     h = EZSDHeadConfig.from_detector(cfg)
     assert h.embed_dim == D and not h.semantic_regression and h.learned_background
-    assert EZSDHeadConfig.from_detector(det.DetectorConfig(num_classes=3)) == EZSDHeadConfig()
+    assert EZSDHeadConfig.from_detector(det.DetectorConfig.from_config(ml_collections.ConfigDict(), num_classes=3)) == EZSDHeadConfig()
     with pytest.raises(ValueError, match="unknown options"):
         EZSDHeadConfig.from_detector(_cfg(bogus=1))
 

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ezsd_jax.models import (FPN, BoxHead, BoxRegressor, FrozenBatchNorm, LinearClassifier,
-                             ResNet, RPNHead, trainable_mask, upsample_nearest)
+from ezsd_jax.models.box_head import BoxHead, BoxRegressor, LinearClassifier
+from ezsd_jax.models.fpn import FPN, upsample_nearest
+from ezsd_jax.models.resnet import FrozenBatchNorm, ResNet, trainable_mask
+from ezsd_jax.models.rpn import RPNHead
 from ezsd_jax.core.tree_paths import path_names as _path_names
 
 TINY = dict(stage_sizes=(1, 1, 1, 1), width=8, bottleneck=False)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ezsd_jax.models import ResNet
+from ezsd_jax.models.resnet import ResNet
 from ezsd_jax.models.pretrained import (flax_to_torchvision, load_state_dict,
                                         load_torchvision_resnet, save_state_dict,
                                         torchvision_to_flax)

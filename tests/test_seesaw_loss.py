@@ -3,6 +3,7 @@ of mmdet's seesaw_ce_loss / SeesawLoss.forward on random logits and labels; the 
 scores (get_activation) and the running class counts; the EZSD head's K + 2 outputs."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -125,7 +126,7 @@ def test_ezsd_head_seesaw_outputs(rng):
     shapes = jax.eval_shape(lambda: det.init_variables(full, jax.random.key(0), 1, emb))
     assert shapes["batch_stats"][det.SEESAW_COUNTS].shape == (k + 1,)
     with pytest.raises(ValueError, match="roi_head='ezsd'"):
-        det.DetectorConfig(num_classes=3, box_cls_loss="seesaw")
+        det.DetectorConfig.from_config(ml_collections.ConfigDict(), num_classes=3, box_cls_loss="seesaw")
 
 
 def test_checkpoint_stored_shape_of_the_counts(tmp_path):

@@ -39,7 +39,7 @@ def _argv(workdir, flat):
 
 def _run(args, timeout=120, fault=""):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "ISAL_FAULT": fault})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "EZSD_FAULT": fault})
 
 
 @pytest.fixture(scope="module")

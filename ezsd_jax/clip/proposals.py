@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ezsd_jax.clip import crops as crops_lib
+from ezsd_jax.core.config_check import PROPOSAL_SELECTIONS
 from ezsd_jax.clip.loading import CLIP_MEAN, CLIP_STD
 from ezsd_jax.clip.renorm import valid_hw
 from ezsd_jax.clip.text import encode_image
@@ -180,7 +181,7 @@ def make_proposal_fn(model, text_emb: np.ndarray, is_base: np.ndarray, *,
     selection='top' keeps the first `keep` survivors by score (COCO); 'random' keeps a
     uniform sample of them, keyed by (seed, image_seed[b]) (LVIS: 500 at random, with
     drop_base=False: no base-class filter)."""
-    if selection not in ("top", "random"):
+    if selection not in PROPOSAL_SELECTIONS:
         raise ValueError(f"proposals: selection must be 'top' or 'random', got {selection!r}")
     txt = jnp.asarray(text_emb, jnp.float32)
     base = jnp.asarray(is_base, bool)

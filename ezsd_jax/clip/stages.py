@@ -54,7 +54,7 @@ def split_names(cfg) -> tuple[list[str], list[str], list[str]]:
     return base, novel, splits.all_names(base, novel, ann)
 
 
-SCORE_NAMES = ("split", "dataset")
+SCORE_NAMES = config_check.SCORE_NAMES
 
 
 def scoring_names(cfg) -> list[str]:
@@ -107,7 +107,7 @@ def _local_pipeline(dataset, cfg, batch_size: int, train: bool = False):
 
 # ----------------------------------------------------------------------------- renorm
 
-RENORM_EPOCH_UNITS = ("boxes", "images")
+RENORM_EPOCH_UNITS = config_check.RENORM_EPOCH_UNITS
 
 
 def renorm_steps(cfg, num_boxes: int, num_images: int = 0) -> int:

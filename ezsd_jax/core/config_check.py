@@ -31,21 +31,38 @@ PROBABILITY = frozenset({"flip_prob"})
 # "<leaf> = 0 means: use <sibling>": the leaf may be 0 only when the sibling is > 0.
 ZERO_MEANS = {"steps": "epochs", "renorm_steps": "renorm_epochs"}
 
+# Enums of the detector's config, defined here once; the modules that read a field import
+# its tuple from here (a consumer named in the comment of ENUMS).
+DATA_SOURCES = ("coco", "tfds")
+DTYPES = ("float32", "bfloat16", "float16")
+SPLITS = ("coco48_17", "lvis", "names")
+EVAL_PROTOCOLS = ("coco", "lvis")
+DISTILL_ON_MISSING = ("raise", "empty")
+DISTILL_SAMPLES = ("replacement", "random", "first")
+PROPOSAL_SELECTIONS = ("top", "random")
+SCORE_NAMES = ("split", "dataset")
+RENORM_EPOCH_UNITS = ("boxes", "images")
+ROI_HEADS = ("standard", "ezsd")
+BOX_CLS_LOSSES = ("softmax", "seesaw")
+INPUT_PADDINGS = ("mean", "black")
+BACKGROUND_INITS = ("xavier", "normal")
+
 # Full path -> allowed values (the consumer named in the comment reads the field).
 ENUMS: dict[str, tuple] = {
     "data.on_error": ON_ERROR,                                  # data.coco, data.pipeline
-    "data.source": ("coco", "tfds"),                            # train.load_dataset
-    "model.dtype": ("float32", "bfloat16", "float16"),          # models.detector, isal models
-    "ezsd.split": ("coco48_17", "lvis", "names"),               # data.splits
-    "ezsd.eval.protocol": ("coco", "lvis"),                     # ezsd.stages
-    "ezsd.distill.on_missing": ("raise", "empty"),              # ezsd.distill
-    "clip.proposals.selection": ("top", "random"),              # clip.proposals
-    "clip.score_names": ("split", "dataset"),                   # clip.stages.scoring_names
-    "clip.renorm_epoch_unit": ("boxes", "images"),              # clip.stages.renorm_steps
-    "ezsd.distill.sample": ("replacement", "random", "first"),  # ezsd.distill
-    "model.input_padding": ("mean", "black"),                   # models.detector
-    "model.ezsd.background_init": ("xavier", "normal"),         # models.ezsd_head
-    "model.box_cls_loss": ("softmax", "seesaw"),                # models.losses
+    "data.source": DATA_SOURCES,                                # train.load_dataset
+    "model.dtype": DTYPES,                                      # models.config, isal models
+    "ezsd.split": SPLITS,                                       # data.splits
+    "ezsd.eval.protocol": EVAL_PROTOCOLS,                       # ezsd.stages
+    "ezsd.distill.on_missing": DISTILL_ON_MISSING,              # ezsd.distill
+    "clip.proposals.selection": PROPOSAL_SELECTIONS,            # clip.proposals
+    "clip.score_names": SCORE_NAMES,                            # clip.stages.scoring_names
+    "clip.renorm_epoch_unit": RENORM_EPOCH_UNITS,               # clip.stages.renorm_steps
+    "ezsd.distill.sample": DISTILL_SAMPLES,                     # ezsd.distill
+    "model.roi_head": ROI_HEADS,                                # models.config
+    "model.input_padding": INPUT_PADDINGS,                      # models.config, detector
+    "model.ezsd.background_init": BACKGROUND_INITS,             # models.ezsd_head
+    "model.box_cls_loss": BOX_CLS_LOSSES,                       # models.config, losses
 }
 
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ezsd_jax.core import cli
+from ezsd_jax.core import cli, faults
 from ezsd_jax.core.checkpoint import Checkpointer
 from ezsd_jax.core.io_utils import atomic_write_json
 from ezsd_jax.core.metrics import MetricWriter, Progress
@@ -86,7 +86,6 @@ class _StopSignals:
 def fit(*, state: Any, step_fn: Callable, batches: Callable[[int], Iterator[Any]],
         num_steps: int, workdir: str, name: str, mesh=None, ckpt_every: int = 1000,
         keep: int = 3, log_every: int = 50, items_per_step: float = 1.0, unit: str = "img",
-        debug_kill_at_step: int = -1, debug_kill_during_save: bool = False,
         on_log: Callable[[int, dict], None] | None = None) -> tuple[Any, list[dict]]:
     """Runs `num_steps` steps of `step_fn`, resuming from `workdir/ckpt_<name>`.
 
@@ -95,10 +94,8 @@ def fit(*, state: Any, step_fn: Callable, batches: Callable[[int], Iterator[Any]
     sees exactly the batches an uninterrupted one would). With `mesh`, numpy host batches are
     turned into global arrays split on the data axis.
 
-    debug_kill_at_step: fault injection for resume tests - SIGKILL this process right
-    after finishing that step (and its checkpoint, if one is due there); with
-    debug_kill_during_save the kill is sent from a thread while that step's checkpoint is
-    being written.
+    Resume tests inject a SIGKILL after a step, or while its checkpoint is written,
+    through $EZSD_FAULT (core/faults.py).
     """
     ckpt = Checkpointer(os.path.join(workdir, f"ckpt_{name}"), save_every=ckpt_every, keep=keep)
     try:  # closed on every path: no orbax thread outlives an error raised here
@@ -106,9 +103,7 @@ def fit(*, state: Any, step_fn: Callable, batches: Callable[[int], Iterator[Any]
             out = _fit(ckpt, stop, state=state, step_fn=step_fn, batches=batches,
                        num_steps=num_steps, workdir=workdir, name=name, mesh=mesh,
                        ckpt_every=ckpt_every, log_every=log_every,
-                       items_per_step=items_per_step, unit=unit,
-                       debug_kill_at_step=debug_kill_at_step,
-                       debug_kill_during_save=debug_kill_during_save, on_log=on_log)
+                       items_per_step=items_per_step, unit=unit, on_log=on_log)
         if stop.signum is not None:       # the signal came with the last step: all saved
             ckpt.wait()
             raise Preempted(f"[{name}] {signal.Signals(stop.signum).name}: stopped after "
@@ -120,8 +115,8 @@ def fit(*, state: Any, step_fn: Callable, batches: Callable[[int], Iterator[Any]
 
 
 def _fit(ckpt: Checkpointer, stop: _StopSignals, *, state, step_fn, batches, num_steps,
-         workdir, name, mesh, ckpt_every, log_every, items_per_step, unit,
-         debug_kill_at_step, debug_kill_during_save, on_log):
+         workdir, name, mesh, ckpt_every, log_every, items_per_step, unit, on_log):
+    kill_at_step, kill_during_save = faults.fit_kill_step()
     if ckpt_every < 1 or log_every < 1:
         raise ValueError(f"{name}: need ckpt_every, log_every >= 1; got {ckpt_every}, "
                          f"{log_every}")
@@ -177,14 +172,14 @@ def _fit(ckpt: Checkpointer, stop: _StopSignals, *, state, step_fn, batches, num
             rows.append({"step": step, **host})
             if on_log is not None:
                 on_log(step, host)
-        if step == debug_kill_at_step and debug_kill_during_save:
+        if step == kill_at_step and kill_during_save:
             threading.Timer(0.0, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
             save(step, state)
             saved = True
         elif step % ckpt_every == 0 or step == num_steps:
             save(step, state)
             saved = True
-        if step == debug_kill_at_step:
+        if step == kill_at_step:
             ckpt.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         if stop.signum is not None and step < num_steps:

@@ -11,6 +11,7 @@ import os
 from typing import Sequence
 
 from ezsd_jax.data.coco import DataError, read_json, write_split
+from ezsd_jax.core.config_check import SPLITS
 
 # COCO 48/17 (Bansal et al.; OVR-CNN, ViLD, Detic, EZSD), names as in COCO 2017's JSON.
 COCO_NOVEL_17 = (
@@ -37,8 +38,6 @@ COCO_80 = (
     "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier",
     "toothbrush")
-
-SPLITS = ("coco48_17", "lvis", "names")
 
 
 def _categories(ann_file: str) -> list[dict]:

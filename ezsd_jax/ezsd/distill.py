@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ezsd_jax.core.config_check import DISTILL_ON_MISSING, DISTILL_SAMPLES
 from ezsd_jax.data.transforms import boxes_to_input
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def make_extra_fn(store, *, embed_dim: int, proposal_slots: int = 300, max_gt: i
     min_size: boxes narrower/shorter than this (input pixels) after mapping are invalid.
     on_missing: 'raise' (KeyError naming the image) or 'empty' (no distillation targets).
     """
-    if on_missing not in ("raise", "empty"):
+    if on_missing not in DISTILL_ON_MISSING:
         raise ValueError(f"on_missing must be 'raise' or 'empty', got {on_missing!r}")
     if hasattr(store, "finished_shards") and not isinstance(store, ProposalReader):
         store = ProposalReader(store)
@@ -231,7 +232,7 @@ def normalize_weights(w: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(s > 0, w * n / jnp.where(s > 0, s, 1.0), m)
 
 
-SAMPLE_MODES = ("replacement", "random", "first")
+SAMPLE_MODES = DISTILL_SAMPLES
 
 
 def sample_slots(key, mask: jax.Array, num: int, mode: str = "random") -> jax.Array:
