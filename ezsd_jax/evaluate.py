@@ -143,11 +143,11 @@ _INFER_FNS: dict = {}
 _INFER_FNS_MAX = 8
 
 
-def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None,
-                  canvas: tuple[int, int] | None = None):
-    """Jitted detections of a global batch; with a Mask R-CNN and `canvas` (mask_canvas)
-    also 'masks' (bit-packed pasted masks, original pixels)."""
-    consts = consts or {}
+def infer_program(model, variables_sh, mesh, canvas: tuple[int, int] | None = None):
+    """The jitted inference step infer(variables, batch, consts) -> detections of a global
+    batch (split on 'data'; cached per detector config, mesh and variable shardings); with
+    a Mask R-CNN and `canvas` (mask_canvas) also 'masks' (bit-packed pasted masks,
+    original pixels)."""
     rep = sharding.replicated(mesh)
     leaves, treedef = jax.tree_util.tree_flatten(variables_sh)
     canvas = tuple(canvas) if canvas is not None and model.cfg.mask_on else None
@@ -166,7 +166,14 @@ def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None,
         if len(_INFER_FNS) >= _INFER_FNS_MAX:
             _INFER_FNS.pop(next(iter(_INFER_FNS)))
         _INFER_FNS[key] = jitted
-    consts_dev = jax.device_put(consts, rep)
+    return jitted
+
+
+def make_infer_fn(model, variables_sh, mesh, consts: dict | None = None,
+                  canvas: tuple[int, int] | None = None):
+    """infer_program with `consts` bound: fn(variables, batch) -> detections."""
+    jitted = infer_program(model, variables_sh, mesh, canvas)
+    consts_dev = jax.device_put(consts or {}, sharding.replicated(mesh))
     return lambda variables, batch: jitted(variables, batch, consts_dev)
 
 

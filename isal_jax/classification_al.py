@@ -69,6 +69,43 @@ def augment(images: np.ndarray, rng: np.random.Generator, mode: str, pad: int) -
     return x
 
 
+def make_train_step(model, t, mesh, decays: list[int]):
+    """-> (jitted train step (state, batch) -> (state, metrics), optimizer) of config.train
+    `t` with lr decays at `decays`: SGD, BN in train mode, state replicated and donated,
+    batch {'image', 'label'} split on 'data'."""
+    schedule = warmup_step_schedule(float(t.lr), int(t.warmup_steps), decays,
+                                    gamma=float(t.gamma), warmup_factor=0.1)
+    tx = sgd(schedule, momentum=float(t.momentum), weight_decay=float(t.weight_decay))
+
+    def step(state, batch):
+        def loss_fn(params):
+            variables = {"params": params}
+            if state["batch_stats"]:
+                variables["batch_stats"] = state["batch_stats"]
+                logits, upd = model.apply(variables, batch["image"], train=True,
+                                          mutable=["batch_stats"])
+            else:
+                logits, upd = model.apply(variables, batch["image"], train=True), {}
+            ce = optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), batch["label"]).mean()
+            return ce, (logits, upd)
+        (loss, (logits, upd)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"])
+        updates, opt = tx.update(g, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+        count = optax.tree_utils.tree_get(opt, "count")
+        new = {"params": params, "batch_stats": upd.get("batch_stats",
+                                                          state["batch_stats"]),
+               "opt_state": opt}
+        return new, {"loss": loss, "train_accuracy": acc, "lr": schedule(count - 1)}
+
+    rep = sharding.replicated(mesh)
+    fn = jax.jit(step, in_shardings=(rep, sharding.data_sharding(mesh)),
+                 out_shardings=(rep, rep), donate_argnums=(0,))
+    return fn, tx
+
+
 class ClassificationALTask:
     """ActiveLearningTask for image classification. `cfg`: the whole experiment config
     (configs/isal_cifar10.py): data, model, train, influence, reference, mesh."""
@@ -141,38 +178,7 @@ class ClassificationALTask:
         key = (total, tuple(decays))
         if key in self._steps_cache:
             return self._steps_cache[key]
-        t = self.cfg.train
-        schedule = warmup_step_schedule(float(t.lr), int(t.warmup_steps), decays,
-                                        gamma=float(t.gamma), warmup_factor=0.1)
-        tx = sgd(schedule, momentum=float(t.momentum), weight_decay=float(t.weight_decay))
-        model = self.model
-
-        def step(state, batch):
-            def loss_fn(params):
-                variables = {"params": params}
-                if state["batch_stats"]:
-                    variables["batch_stats"] = state["batch_stats"]
-                    logits, upd = model.apply(variables, batch["image"], train=True,
-                                              mutable=["batch_stats"])
-                else:
-                    logits, upd = model.apply(variables, batch["image"], train=True), {}
-                ce = optax.softmax_cross_entropy_with_integer_labels(
-                    logits.astype(jnp.float32), batch["label"]).mean()
-                return ce, (logits, upd)
-            (loss, (logits, upd)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                state["params"])
-            updates, opt = tx.update(g, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
-            acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-            count = optax.tree_utils.tree_get(opt, "count")
-            new = {"params": params, "batch_stats": upd.get("batch_stats",
-                                                              state["batch_stats"]),
-                   "opt_state": opt}
-            return new, {"loss": loss, "train_accuracy": acc, "lr": schedule(count - 1)}
-
-        rep = sharding.replicated(self.mesh)
-        fn = jax.jit(step, in_shardings=(rep, sharding.data_sharding(self.mesh)),
-                     out_shardings=(rep, rep), donate_argnums=(0,))
+        fn, tx = make_train_step(self.model, self.cfg.train, self.mesh, decays)
         self._steps_cache[key] = (fn, tx)
         return fn, tx
 

@@ -844,3 +844,8 @@ def select_top(scores, k: int, ids) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("select_top: ids are not unique")
     order = np.lexsort((ids, scores))[:k]
     return ids[order], scores[order]
+
+
+# The engine's compiled programs by name (LiSSA and CG steps are one "hvp" each plus
+# vector updates): the deviceless AOT check (isal_jax/aot_steps.py) lowers these.
+PROGRAMS = {"ref_grad": _grad_sum_jit, "hvp": _hvp_sum_jit, "score": _score_jit}

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 from transformers import CLIPTokenizer, FlaxCLIPModel
@@ -97,4 +99,31 @@ def load_clip(name_or_dir: str, dtype=jnp.float32):
             np.asarray(std, np.float32))
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ClipLoadError", "load_clip", "save_preprocessor"]
+# the default teacher: CLIPConfig's defaults are exactly ViT-B/32's
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+
+
+def clip_config_of(name_or_dir: str):
+    """The CLIPConfig of a checkpoint directory / hub name (config.json only, no weights);
+    DEFAULT_CLIP without a cached copy -> transformers' CLIPConfig defaults, which are
+    ViT-B/32's."""
+    from transformers import CLIPConfig
+    path = os.fspath(name_or_dir)
+    try:
+        return CLIPConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if path != DEFAULT_CLIP:
+            raise ClipLoadError(f"no CLIP config for {path!r}: {e}") from e
+        return CLIPConfig()
+
+
+def abstract_clip(config, dtype=jnp.float32):
+    """-> (model, abstract params) of a CLIPConfig: parameter SHAPES only (jax.eval_shape
+    of the init, nothing allocated), for deviceless compilation."""
+    model = FlaxCLIPModel(config, dtype=dtype, _do_init=False)
+    params = jax.eval_shape(lambda k: model.init_weights(k, model.input_shape),
+                            jax.random.PRNGKey(0))
+    return model, flax.core.unfreeze(params)
+
+
+__all__ = ["abstract_clip", "clip_config_of", "DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "ClipLoadError", "load_clip", "save_preprocessor"]

@@ -364,7 +364,7 @@ _DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, grad_clip=0.1, text_layernorms=True
                  size_weight=False)
 
 
-def _cfg(cfg: Any) -> dict:
+def settings(cfg: Any) -> dict:
     out = dict(_DEFAULTS)
     if cfg is None:
         return out
@@ -378,6 +378,22 @@ def _cfg(cfg: Any) -> dict:
         raise ValueError(f"renorm config: unknown fields {sorted(unknown)}; known: "
                          f"{sorted(_DEFAULTS)}")
     return out
+
+
+def jitted_train_step(model, params, c: dict, ids, tmask, text_emb, groups: int,
+                      mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+    """-> (jitted renorm step (state donated), its optimizer) for settings `c` (settings()
+    dict), prompt tokens ids/tmask [C*T, L] and, with the text side fixed, text_emb [C, D].
+    `params` may be abstract (jax.ShapeDtypeStruct leaves)."""
+    mask = layernorm_mask(params, bool(c["text_layernorms"]))
+    tx = make_optimizer(mask, c["lr"], c["weight_decay"], c["grad_clip"])
+    step_fn = make_renorm_train_step(
+        model, tx, text_emb=text_emb, text_ids=ids, text_mask=tmask,
+        num_templates=len(tuple(c["templates"])), train_text=bool(c["text_layernorms"]),
+        loss=c["loss"], enlarge=c["enlarge"], out_size=c["out_size"], mean=mean, std=std,
+        method=c["method"], window=c["window"], flip_prob=c["flip_prob"], seed=c["seed"],
+        groups=groups, mask=mask)
+    return jax.jit(step_fn, donate_argnums=(0,)), tx
 
 
 def run_renorm(model, params, tokenizer,
@@ -398,7 +414,7 @@ def run_renorm(model, params, tokenizer,
     text tower, cfg.templates). Returns {'params', 'clip_dir', 'text_embeddings', 'rows'}.
     """
 
-    c = _cfg(cfg)
+    c = settings(cfg)
     # Crops are split in groups, one per data shard, each reading only its own images.
     groups = 1 if mesh is None else int(mesh.shape["data"])
     local_groups = max(groups // jax.process_count(), 1)
@@ -407,20 +423,12 @@ def run_renorm(model, params, tokenizer,
     if (label_map >= 0).sum() == 0:
         raise ValueError("renorm: none of the dataset's class names is a base name")
     params = flax.core.unfreeze(params)
-    mask = layernorm_mask(params, bool(c["text_layernorms"]))
-    tx = make_optimizer(mask, c["lr"], c["weight_decay"], c["grad_clip"])
     templates = tuple(c["templates"])
     ids, tmask = prompt_tokens(tokenizer, model, base_names, templates)
     text_emb = None
     if not c["text_layernorms"]:
         text_emb = text_embeddings(model, params, tokenizer, base_names, templates)
-    step_fn = make_renorm_train_step(
-        model, tx, text_emb=text_emb, text_ids=ids, text_mask=tmask,
-        num_templates=len(templates), train_text=bool(c["text_layernorms"]), loss=c["loss"],
-        enlarge=c["enlarge"], out_size=c["out_size"], mean=mean, std=std, method=c["method"],
-        window=c["window"], flip_prob=c["flip_prob"], seed=c["seed"], groups=groups,
-        mask=mask)
-    step_fn = jax.jit(step_fn, donate_argnums=(0,))
+    step_fn, tx = jitted_train_step(model, params, c, ids, tmask, text_emb, groups, mean, std)
     rng_base = int(c["seed"])
     counts = {"available": 0, "dropped": 0}
 
@@ -455,5 +463,5 @@ def run_renorm(model, params, tokenizer,
 
 
 __all__ = ["layernorm_mask", "make_optimizer", "init_state", "classification_loss",
-           "make_renorm_train_step", "crop_predictions", "crop_accuracy", "save_adapted_clip",
+           "make_renorm_train_step", "jitted_train_step", "settings", "crop_predictions", "crop_accuracy", "save_adapted_clip",
            "valid_hw", "size_weights", "flatten_gt_boxes", "label_map_for", "run_renorm"]

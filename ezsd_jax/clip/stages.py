@@ -226,6 +226,12 @@ def proposal_shard(cfg) -> tuple[int, int]:
     return parsed or (jax.process_index(), jax.process_count())
 
 
+def proposal_batch_size(cfg) -> int:
+    """Images per proposal step (one process): config.clip.proposal_batch_size, else
+    eval.batch_size."""
+    return int(cfg.clip.get("proposal_batch_size", 0) or cfg.eval.batch_size)
+
+
 def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir: str
                        ) -> dict:
     """Proposals of every training image (base GT only loaded) with the CLIP in
@@ -257,7 +263,7 @@ def generate_proposals(cfg, workdir: str, clip_dir: str, text_path: str, out_dir
     emb = emb[[pos[nm] for nm in names]]
     is_base = np.asarray([nm in base for nm in names])
     class_is_base = np.ones(len(dataset.cat_names), bool)   # only base GT is loaded
-    bs = int(cfg.clip.get("proposal_batch_size", 0) or cfg.eval.batch_size)
+    bs = proposal_batch_size(cfg)
     log.info(f"[proposals] {n} training images in {num_chunks} chunks of {cs}; shard "
              f"{shard_index}/{num_shards}; CLIP {clip_dir}; {len(names)} names "
              f"({len(base)} base)")

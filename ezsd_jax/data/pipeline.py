@@ -30,6 +30,27 @@ BATCH_KEYS = ("image", "boxes", "classes", "box_mask", "image_id", "scale", "ori
 ExtraFn = Callable[[ImageRecord, dict], dict]
 
 
+def batch_spec(batch_size: int, image_size: tuple[int, int], max_boxes: int,
+               mask_size: int = 0, extra_spec: dict | None = None
+               ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of a batch of `batch_size` images: the layout every batch of a
+    DetectionPipeline has (BATCH_KEYS; 'gt_masks' when mask_size > 0) plus `extra_spec`
+    (extra_fn's per-image {key: (shape, dtype)}). Deviceless compilation (ezsd_jax.aot)
+    builds its abstract batches from it."""
+    B, M = int(batch_size), int(max_boxes)
+    H, W = image_size
+    spec = {"image": ((B, H, W, 3), np.uint8), "boxes": ((B, M, 4), np.float32),
+            "classes": ((B, M), np.int32), "box_mask": ((B, M), bool),
+            "image_id": ((B,), np.int32), "scale": ((B,), np.float32),
+            "orig_hw": ((B, 2), np.int32), "image_hw": ((B, 2), np.int32),
+            "flipped": ((B,), bool), "valid": ((B,), bool)}
+    if mask_size:
+        spec["gt_masks"] = ((B, M, int(mask_size), int(mask_size)), np.uint8)
+    for k, (shape, dtype) in (extra_spec or {}).items():
+        spec[k] = ((B,) + tuple(shape), dtype)
+    return spec
+
+
 class _BatchJob:
     """One batch being filled by worker threads (each slot writes its own rows)."""
 
@@ -266,25 +287,10 @@ class DetectionPipeline:
         return self._executor
 
     def _empty_batch(self) -> dict:
-        B, M = self.batch_size, self.max_boxes
-        H, W = self.image_size
-        arrays = {
-            "image": np.zeros((B, H, W, 3), np.uint8),
-            "boxes": np.zeros((B, M, 4), np.float32),
-            "classes": np.zeros((B, M), np.int32),
-            "box_mask": np.zeros((B, M), bool),
-            "image_id": np.full((B,), -1, np.int32),
-            "scale": np.zeros((B,), np.float32),
-            "orig_hw": np.zeros((B, 2), np.int32),
-            "image_hw": np.zeros((B, 2), np.int32),
-            "flipped": np.zeros((B,), bool),
-            "valid": np.zeros((B,), bool),
-        }
-        if self.mask_size:
-            S = self.mask_size
-            arrays["gt_masks"] = np.zeros((B, M, S, S), np.uint8)
-        for k, (shape, dtype) in self._extra_spec.items():
-            arrays[k] = np.zeros((B,) + shape, dtype)
+        spec = batch_spec(self.batch_size, self.image_size, self.max_boxes, self.mask_size,
+                          self._extra_spec)
+        arrays = {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec.items()}
+        arrays["image_id"].fill(-1)
         return arrays
 
     def _submit(self, plan: list[tuple[int, int]]) -> _BatchJob:

@@ -81,6 +81,25 @@ def lvis_names(ann_file: str) -> tuple[list[str], list[str]]:
     return base, novel
 
 
+# LVIS v1 (lvis_v1_train.json / lvis_v1_val.json): 1203 categories, 337 of them rare
+LVIS_V1_BASE, LVIS_V1_ALL = 866, 1203
+
+
+def split_sizes(ecfg) -> tuple[int, int, int]:
+    """(base names, base + novel names, categories of the training file) of config.ezsd
+    without reading an annotation file (for deviceless compilation): COCO 48/17 ->
+    (48, 65, 80); 'lvis' -> LVIS v1's (866, 1203, 1203); 'names' -> the configured lists."""
+    if ecfg.split == "coco48_17":
+        n = len(COCO_BASE_48) + len(COCO_NOVEL_17)
+        return len(COCO_BASE_48), n, len(COCO_80)
+    if ecfg.split == "lvis":
+        return LVIS_V1_BASE, LVIS_V1_ALL, LVIS_V1_ALL
+    if ecfg.split == "names":
+        n = len(ecfg.base_names) + len(ecfg.novel_names)
+        return len(ecfg.base_names), n, n
+    raise ValueError(f"config.ezsd.split: unknown split {ecfg.split!r}; one of {SPLITS}")
+
+
 def zeroshot_names(ecfg, ann_file: str) -> tuple[list[str], list[str]]:
     """(base, novel) names in `ann_file`'s category-id order.
 
@@ -142,6 +161,6 @@ def make_coco_zeroshot_files(train_ann: str, val_ann: str, out_dir: str,
     return {"train": train_out, "val": val_out}
 
 
-__all__ = ["COCO_BASE_48", "COCO_NOVEL_17", "COCO_80", "SPLITS", "category_names",
+__all__ = ["split_sizes", "LVIS_V1_BASE", "LVIS_V1_ALL", "COCO_BASE_48", "COCO_NOVEL_17", "COCO_80", "SPLITS", "category_names",
            "order_by_file", "lvis_names",
            "zeroshot_names", "all_names", "category_groups", "make_coco_zeroshot_files"]

@@ -143,6 +143,24 @@ def _npz_layout(path: str, fields) -> dict | None:
 
 # ----------------------------------------------------------------------------- host side
 
+def _slots(proposal_slots: int, max_gt: int, gt_only: bool) -> tuple[int, int]:
+    n_prop = 0 if gt_only else int(proposal_slots)
+    n_gt = int(max_gt)
+    if n_prop < 0 or n_gt < 0 or n_prop + n_gt == 0:
+        raise ValueError(f"distillation needs slots: proposal_slots={n_prop}, max_gt={n_gt}")
+    return n_prop, n_gt
+
+
+def distill_spec(*, embed_dim: int, proposal_slots: int = 300, max_gt: int = 100,
+                 gt_only: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Per-image {key: (shape, dtype)} of what make_extra_fn returns (the same slots)."""
+    n = sum(_slots(proposal_slots, max_gt, gt_only))
+    return {"distill_boxes": ((n, 4), np.dtype(np.float32)),
+            "distill_emb": ((n, int(embed_dim)), np.dtype(np.float16)),
+            "distill_weight": ((n,), np.dtype(np.float32)),
+            "distill_mask": ((n,), np.dtype(bool))}
+
+
 def make_extra_fn(store, *, embed_dim: int, proposal_slots: int = 300, max_gt: int = 100,
                   gt_only: bool = False, min_size: float = 1.0,
                   on_missing: str = "raise") -> Callable[[Any, dict], dict]:
@@ -161,10 +179,7 @@ def make_extra_fn(store, *, embed_dim: int, proposal_slots: int = 300, max_gt: i
         raise ValueError(f"on_missing must be 'raise' or 'empty', got {on_missing!r}")
     if hasattr(store, "finished_shards") and not isinstance(store, ProposalReader):
         store = ProposalReader(store)
-    n_prop = 0 if gt_only else int(proposal_slots)
-    n_gt = int(max_gt)
-    if n_prop < 0 or n_gt < 0 or n_prop + n_gt == 0:
-        raise ValueError(f"distillation needs slots: proposal_slots={n_prop}, max_gt={n_gt}")
+    n_prop, n_gt = _slots(proposal_slots, max_gt, gt_only)
     d = int(embed_dim)
     warned = {"gt": False}
 
@@ -346,5 +361,6 @@ def make_distill_loss(*, factor: float = 1.0, num_proposals: int = 200,
     return extra_loss_fn
 
 
-__all__ = ["ProposalReader", "make_extra_fn", "normalize_weights", "sample_slots", "SAMPLE_MODES",
+__all__ = ["ProposalReader", "make_extra_fn", "distill_spec", "normalize_weights", "sample_slots",
+           "SAMPLE_MODES",
            "select_entries", "distill_loss_terms", "make_distill_loss", "KEYS"]

@@ -107,10 +107,20 @@ def distill_fns(cfg, workdir: str, dataset, embed_dim: int):
     extra_fn = distill.make_extra_fn(
         reader, embed_dim=embed_dim, proposal_slots=dc.proposal_slots, max_gt=dc.max_gt,
         gt_only=dc.gt_only, min_size=dc.min_size, on_missing=dc.on_missing)
-    loss_fn = distill.make_distill_loss(
+    return extra_fn, distill_loss(dc)
+
+
+def distill_loss(dc):
+    """The train step's extra_loss_fn of config.ezsd.distill (enabled)."""
+    return distill.make_distill_loss(
         factor=dc.factor, num_proposals=dc.num_proposals, proposal_slots=dc.proposal_slots,
         sample=dc.sample, gt_only=dc.gt_only, norm_images=dc.get("norm_images", 0))
-    return extra_fn, loss_fn
+
+
+def distill_batch_spec(dc, embed_dim: int) -> dict:
+    """Per-image {key: (shape, dtype)} that distill_fns' extra_fn adds to each batch."""
+    return distill.distill_spec(embed_dim=embed_dim, proposal_slots=dc.proposal_slots,
+                                max_gt=dc.max_gt, gt_only=dc.gt_only)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -218,5 +228,5 @@ def ezsd_eval(cfg, workdir: str) -> dict:
 STAGES = {"ezsd_train": "ezsd_jax.ezsd.stages:ezsd_train",
           "ezsd_eval": "ezsd_jax.ezsd.stages:ezsd_eval"}
 
-__all__ = ["ezsd_train", "ezsd_eval", "STAGES",
-           "load_class_embeddings", "distill_fns", "open_store", "DEFAULT_PROPOSALS"]
+__all__ = ["ezsd_train", "ezsd_eval", "STAGES", "load_class_embeddings", "distill_fns",
+           "distill_loss", "distill_batch_spec", "open_store", "DEFAULT_PROPOSALS"]

@@ -1,0 +1,95 @@
+"""Accelerator slices for deviceless compilation: a slice name -> compile-only devices (from
+libtpu's topology descriptions; no TPU needed) and the chip's HBM, peak bf16 FLOP/s and HBM
+bandwidth (the vendor's published figures, used for the capacity check and the estimates).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int          # per chip (per device of the topology)
+    peak_flops: float       # bf16 dense, per chip
+    hbm_bw: float           # bytes/s, per chip
+
+
+# Cloud TPU system architecture pages (per chip); v4/v5p run as megacore (1 device a chip).
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9),
+}
+
+# Cloud accelerator types -> topology (v4/v5p count TensorCores: 2 a chip; v5e/v6e chips)
+ALIASES = {
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4",
+    "v5p-64": "v5p:2x4x4",
+    "v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v5litepod-16": "v5e:4x4",
+    "v5litepod-32": "v5e:4x8", "v5litepod-64": "v5e:8x8", "v5litepod-256": "v5e:16x16",
+    "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8",
+    "v5e-64": "v5e:8x8", "v5e-256": "v5e:16x16",
+    "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4", "v6e-32": "v6e:4x8",
+}
+
+
+@dataclasses.dataclass
+class Slice:
+    name: str               # canonical 'gen:AxB[xC]'
+    chip: Chip
+    devices: list           # compile-only jax devices, one per chip
+
+    @property
+    def num_chips(self) -> int:
+        return len(self.devices)
+
+    @property
+    def num_hosts(self) -> int:
+        return len({d.process_index for d in self.devices})
+
+
+class TopologyError(ValueError):
+    """A slice name this tool does not know (reported as one line)."""
+
+
+def canonical(name: str) -> str:
+    """'v5e-8' / 'v5litepod-8' / 'v5e:2x4' -> 'v5e:2x4'; unknown -> TopologyError."""
+    name = ALIASES.get(name.strip(), name.strip())
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", name)
+    if not m:
+        raise TopologyError(f"--topology={name!r}: expected a slice like v5e:2x2, v4:2x2x2, "
+                            f"v5p:2x2x4 or an accelerator type ({', '.join(sorted(ALIASES))})")
+    return name
+
+
+def get_slice(name: str) -> Slice:
+    """Compile-only devices of the slice (one per chip; v4 and v5p as megacore)."""
+    name = canonical(name)
+    gen = name.split(":")[0]
+    # compile-only use: several checks (and tests) may load libtpu at once; without this
+    # libtpu refuses a second process (and a stale /tmp/libtpu_lockfile blocks every one)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies
+        kw = {"chip_config_name": "megacore"} if gen in ("v4", "v5p") else {}
+        topo = topologies.get_topology_desc(topology_name=name, platform="tpu", **kw)
+    except Exception as e:  # noqa: BLE001 -- libtpu absent or the name rejected
+        raise TopologyError(f"--topology={name}: no compile-only TPU devices ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}); install libtpu with "
+                            "pip install -r requirements-tpu.txt") from None
+    return Slice(name, CHIPS[gen], list(topo.devices))
+
+
+def libtpu_available() -> bool:
+    try:
+        import libtpu  # noqa: F401
+        return True
+    except ImportError:
+        return False
