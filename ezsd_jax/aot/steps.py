@@ -112,7 +112,7 @@ def renorm_spec(cfg, mesh) -> StepSpec:
     GT crops split over the data axis, the base-name prompts through the text tower."""
     from ezsd_jax.clip import renorm
     from ezsd_jax.clip.stages import renorm_batch_size
-    from ezsd_jax.ezsd.splits import split_sizes
+    from ezsd_jax.data.splits import split_sizes
 
     c = renorm.settings(cfg.clip.renorm)
     n_base = split_sizes(cfg.ezsd)[0]
@@ -149,7 +149,7 @@ def proposals_spec(cfg, mesh) -> StepSpec:
     runs it."""
     from ezsd_jax.clip.proposals import make_proposal_fn
     from ezsd_jax.clip.stages import proposal_batch_size
-    from ezsd_jax.ezsd.splits import split_sizes
+    from ezsd_jax.data.splits import split_sizes
 
     n_base, n_split, n_dataset = split_sizes(cfg.ezsd)
     n_names = n_dataset if cfg.clip.get("score_names", "split") == "dataset" else n_split
@@ -177,7 +177,7 @@ def proposals_spec(cfg, mesh) -> StepSpec:
 
 def step_specs(cfg, mesh, num_classes_given: int | None = None) -> list[StepSpec]:
     """Every jitted hot step of the config's stages (config.stages), in stage order."""
-    from ezsd_jax.ezsd.splits import split_sizes
+    from ezsd_jax.data.splits import split_sizes
     out = []
     for stage in cfg.stages:
         if stage == "train":
