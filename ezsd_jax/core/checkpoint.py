@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ezsd_jax.core import quiet_logs
 from ezsd_jax.core.tree_paths import path_names
 
 
@@ -59,18 +60,7 @@ def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(one, tree)
 
 
-class _DropReadOnlyNotice(logging.Filter):
-    """orbax warns 'Given directory is read only' on every read-only open (the intent
-    here), and 'Metadata file does not exist' when the item metadata is read from the
-    item directory (the step's metadata lives one level up): not news for the user."""
-
-    NOTICES = ("Given directory is read only", "Metadata file does not exist")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOTICES)
-
-
-logging.getLogger("absl").addFilter(_DropReadOnlyNotice())
+quiet_logs.install_filters()   # orbax's read-only and metadata notices (core/quiet_logs.py)
 
 
 class Checkpointer:

@@ -1,6 +1,6 @@
 """Library log noise that does not concern the user, silenced in ONE place (cli.run calls
-`setup()` before an entry point's work): orbax's notice that a checkpoint has no metadata
-file (it reads the step fine without it), transformers' deprecation notice of the Flax
+`setup()` before an entry point's work): orbax's notices that a checkpoint has no metadata
+file (it reads the step fine without it) and that a reader opened it read-only (on purpose), transformers' deprecation notice of the Flax
 classes (pinned on purpose), tfds' OpenCV hint, and the environment hints of an installed
 libtpu on a machine with no accelerator (there JAX is pointed at the CPU it would end up
 on anyway). Everything else, warnings and errors of the same libraries included, prints.
@@ -17,6 +17,7 @@ import sys
 # the project uses at the pinned 4.57.6 on purpose (the notice recommends that pin)
 _FLAX_NOTICE = "TensorFlow and JAX classes are deprecated"
 BENIGN = (("absl", "Metadata file does not exist"),
+          ("absl", "Given directory is read only"),      # readers open checkpoints read-only
           ("absl", "OpenCV is not installed"),          # tfds decodes masks with PIL
           ("transformers.modeling_flax_utils", _FLAX_NOTICE),
           ("transformers.feature_extraction_utils", _FLAX_NOTICE))
@@ -66,13 +67,18 @@ def _cpu_only_jax() -> None:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
-def setup() -> None:
-    """Idempotent; called by cli.run."""
+def install_filters() -> None:
+    """Drops the BENIGN records (idempotent; also for Python API users: checkpoint.py)."""
     for name in dict.fromkeys(name for name, _ in BENIGN):
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+def setup() -> None:
+    """Idempotent; called by cli.run."""
+    install_filters()
     _cpu_only_jax()
 
 
-__all__ = ["setup", "has_accelerator", "BENIGN"]
+__all__ = ["setup", "install_filters", "has_accelerator", "BENIGN"]
