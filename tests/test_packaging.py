@@ -88,6 +88,10 @@ def test_console_scripts_print_their_usage(installed):
               "print(ezsd_jax.__file__, configs.__path__[0], isal_jax.__file__)"], installed)
     assert p.returncode == 0, p.stderr
     assert all(str(bindir.parent) in f and ROOT not in f for f in p.stdout.split()), p.stdout
+    # the serve page is package data of the installed copy
+    p = _run([str(bindir / "python"), "-c", "from ezsd_jax.predict import serve; "
+              "print(len(serve.page()), '<canvas' in serve.page())"], installed)
+    assert p.returncode == 0 and p.stdout.split()[1] == "True", p.stdout + p.stderr
 
 
 def test_tiny_job_from_an_installed_config(installed):

@@ -2,8 +2,8 @@
 open-vocabulary detection on your own photo (upload or drop it, type names or pick
 base/novel/all, move the score threshold, download the JSON, revisit earlier queries).
 
-A standard-library HTTP server with one self-contained HTML page (no external script,
-font or request): it runs offline. Each query is `Detector.detect` at one fixed score
+A standard-library HTTP server with one self-contained HTML page (serve_page.html: no
+external script, font or request): it runs offline. Each query is `Detector.detect` at one fixed score
 threshold (--score_threshold, default 0: every detection the model keeps), so every query
 of an input/vocabulary bucket reuses that bucket's compiled program; the page's slider
 filters in the browser. Protocol and page: docs/predict.md.
@@ -25,6 +25,7 @@ flags.DEFINE_integer("port", 8765, "serve: port (0: any free port; the URL is pr
 FLAGS = flags.FLAGS
 
 MAX_UPLOAD = 32 << 20                  # bytes of one request body
+PAGE_FILE = "serve_page.html"          # one self-contained page: inline script and style
 
 
 class Service:
@@ -105,6 +106,8 @@ def _uncompressed_runs(rle: dict) -> list[int]:
 
 
 def make_handler(service: Service):
+    html_page = page().encode()
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "ezsd-serve"
 
@@ -124,7 +127,7 @@ def make_handler(service: Service):
 
         def do_GET(self):
             if self.path in ("/", "/index.html"):
-                self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+                self._send(200, html_page, "text/html; charset=utf-8")
             elif self.path == "/api/info":
                 self._json(200, service.info())
             else:
@@ -175,172 +178,10 @@ def serve_main(detector) -> None:
         httpd.server_close()
 
 
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>ezsd_jax: open-vocabulary detection</title>
-<style>
-body{font-family:sans-serif;background:#1e1e1e;color:#eee;margin:16px}
-#drop{border:2px dashed #888;padding:14px;margin-bottom:8px;max-width:600px}
-#drop.over{border-color:#4c4}
-input[type=text]{width:360px}
-label,button,select{margin-right:8px}
-#main{display:flex;gap:16px;align-items:flex-start}
-canvas{background:#000;max-width:100%}
-#hist li{cursor:pointer;margin:2px 0}
-#err{color:#f66}
-table{border-collapse:collapse}td,th{padding:2px 8px;text-align:left}
-</style></head><body>
-<h2>Open-vocabulary detection</h2>
-<div id="drop">Drop a photo here or <input type="file" id="file" accept="image/*"></div>
-<div>
-<label>names <input type="text" id="names" placeholder="red mug, giraffe"></label>
-<label>or <select id="vocab"><option value="">(typed names)</option>
-<option>base</option><option>novel</option><option>all</option></select></label>
-<button id="go">Detect</button>
-</div>
-<div style="margin:8px 0">
-<label>score &ge; <input type="range" id="thr" min="0" max="1" step="0.01" value="0.3">
-<span id="thrv">0.30</span></label>
-<button id="dl" disabled>Download JSON</button>
-<span id="status">load a photo</span> <span id="err"></span>
-</div>
-<div id="main"><canvas id="cv" width="512" height="384"></canvas>
-<div><table id="tbl"></table><h4>History</h4><ol id="hist"></ol></div></div>
-<script>
-"use strict";
-let photo = null;          // {name, b64, img}
-let current = null;        // the shown query: {result, img}
-const history = [];
-window.lastResult = null;
-window.drawnBoxes = 0;
-const $ = id => document.getElementById(id);
+def page() -> str:
+    """The page (serve_page.html, installed with the package)."""
+    from importlib import resources
+    return resources.files("ezsd_jax.predict").joinpath(PAGE_FILE).read_text("utf-8")
 
-fetch("/api/info").then(r => r.json()).then(info => {
-  $("thr").value = info.initial_threshold; showThr();
-  window.serverInfo = info;
-});
 
-function showThr(){ $("thrv").textContent = Number($("thr").value).toFixed(2); }
-
-function loadFile(f){
-  const rd = new FileReader();
-  rd.onload = () => {
-    const url = rd.result, img = new Image();
-    img.onload = () => {
-      photo = {name: f.name, b64: url.slice(url.indexOf(",") + 1), img: img};
-      current = null; draw(); $("status").textContent = f.name + " loaded";
-    };
-    img.src = url;
-  };
-  rd.readAsDataURL(f);
-}
-$("file").addEventListener("change", e => { if (e.target.files.length) loadFile(e.target.files[0]); });
-const drop = $("drop");
-drop.addEventListener("dragover", e => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", e => { e.preventDefault(); drop.classList.remove("over");
-  if (e.dataTransfer.files.length) loadFile(e.dataTransfer.files[0]); });
-
-$("go").addEventListener("click", () => {
-  $("err").textContent = "";
-  if (!photo) { $("err").textContent = "load a photo first"; return; }
-  $("status").textContent = "detecting...";
-  const body = {image: photo.b64, file_name: photo.name, names: $("names").value,
-                vocabulary: $("vocab").value};
-  fetch("/api/detect", {method: "POST", headers: {"Content-Type": "application/json"},
-                        body: JSON.stringify(body)})
-    .then(r => r.json().then(j => ({ok: r.ok, j: j})))
-    .then(({ok, j}) => {
-      if (!ok) { $("err").textContent = j.error; $("status").textContent = "error"; return; }
-      current = {result: j, img: photo.img};
-      window.lastResult = j;
-      history.unshift({result: j, img: photo.img, thr: Number($("thr").value)});
-      showHistory(); draw();
-      $("status").textContent = "done: " + j.detections.length + " detections in " +
-        j.seconds + " s (" + j.compiled + " compiled)";
-    })
-    .catch(e => { $("err").textContent = String(e); $("status").textContent = "error"; });
-});
-
-$("thr").addEventListener("input", () => { showThr(); draw(); });
-
-function shown(){
-  if (!current) return [];
-  const t = Number($("thr").value);
-  return current.result.detections.filter(d => d.score >= t);
-}
-
-function colour(cid){
-  const c = current.result.categories.find(c => c.id === cid);
-  return c && c.novel ? [255, 0, 255] : [0, 255, 0];
-}
-
-function draw(){
-  const cv = $("cv"), ctx = cv.getContext("2d");
-  const img = current ? current.img : (photo ? photo.img : null);
-  window.drawnBoxes = 0;
-  if (!img) return;
-  const s = Math.max(1, Math.min(4, 512 / Math.max(img.width, img.height)));
-  cv.width = Math.round(img.width * s); cv.height = Math.round(img.height * s);
-  ctx.imageSmoothingEnabled = false;
-  ctx.drawImage(img, 0, 0, cv.width, cv.height);
-  $("dl").disabled = !current;
-  const rows = ["<tr><th>name</th><th>score</th><th>box (x, y, w, h)</th></tr>"];
-  if (!current) { $("tbl").innerHTML = ""; return; }
-  const dets = shown();
-  for (const d of dets) if (d.mask_runs) paintMask(ctx, d, s);
-  ctx.lineWidth = 2; ctx.font = "13px sans-serif";
-  for (const d of dets) {
-    const [r, g, b] = colour(d.category_id), [x, y, w, h] = d.bbox.map(v => v * s);
-    ctx.strokeStyle = "rgb(" + r + "," + g + "," + b + ")";
-    ctx.strokeRect(x, y, w, h);
-    ctx.fillStyle = ctx.strokeStyle;
-    ctx.fillText(d.category_name + " " + d.score.toFixed(2), x + 2, Math.max(12, y - 3));
-    window.drawnBoxes += 1;
-    rows.push("<tr><td>" + esc(d.category_name) + "</td><td>" + d.score.toFixed(3) +
-              "</td><td>" + d.bbox.map(v => v.toFixed(1)).join(", ") + "</td></tr>");
-  }
-  $("tbl").innerHTML = rows.join("");
-}
-
-function paintMask(ctx, d, s){
-  const res = current.result, w = res.width, h = res.height;
-  const off = document.createElement("canvas"); off.width = w; off.height = h;
-  const octx = off.getContext("2d"), im = octx.createImageData(w, h);
-  const [r, g, b] = colour(d.category_id);
-  let pos = 0, on = false;
-  for (const n of d.mask_runs) {          // column-major runs, background first
-    if (on) for (let k = pos; k < pos + n; k++) {
-      const y = k % h, x = Math.floor(k / h), i = 4 * (y * w + x);
-      im.data[i] = r; im.data[i + 1] = g; im.data[i + 2] = b; im.data[i + 3] = 90;
-    }
-    pos += n; on = !on;
-  }
-  octx.putImageData(im, 0, 0);
-  ctx.drawImage(off, 0, 0, w * s, h * s);
-}
-
-function esc(t){ const e = document.createElement("span"); e.textContent = t; return e.innerHTML; }
-
-function showHistory(){
-  $("hist").innerHTML = "";
-  history.forEach((q, i) => {
-    const li = document.createElement("li");
-    li.textContent = q.result.file_name + ": " + q.result.names.join(", ") + " (" +
-      q.result.detections.length + ")";
-    li.addEventListener("click", () => { current = {result: q.result, img: q.img}; draw(); });
-    $("hist").appendChild(li);
-  });
-}
-
-$("dl").addEventListener("click", () => {
-  const res = current.result, t = Number($("thr").value);
-  const out = shown().map(d => { const c = Object.assign({}, d); delete c.mask_runs; return c; });
-  const blob = new Blob([JSON.stringify({file_name: res.file_name, score_threshold: t,
-    categories: res.categories, detections: out}, null, 1)], {type: "application/json"});
-  const a = document.createElement("a");
-  a.href = URL.createObjectURL(blob); a.download = "detections.json"; a.click();
-});
-</script></body></html>
-"""
-
-__all__ = ["Service", "serve_main", "make_handler", "PAGE"]
+__all__ = ["Service", "serve_main", "make_handler", "page"]
