@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
-import logging
 import math
 import os
 import time
