@@ -217,8 +217,8 @@ def check_writable(directory: str, name: str) -> None:
 BENIGN_BLOCKS = frozenset({"mesh", "distributed", "debug", "stages", "eval", "report"})
 BENIGN_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "keep_checkpoints",
                            "num_threads", "prefetch", "eval_batch_size", "proposal_shard",
-                           "proposal_batch_size", "force", "plot",
-                           "debug_kill_after"})
+                           "proposal_batch_size", "proposal_images_per_chunk", "force",
+                           "plot", "debug_kill_after"})
 CONFIG_NAME = "config.json"
 
 
