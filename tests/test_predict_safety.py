@@ -133,6 +133,19 @@ def test_bundle_damage_is_named(boxes_bundle, tmp_path):
         Detector.load(damaged("empty", empty))
 
 
+def test_workdir_without_a_checkpoint_names_the_stage(tmp_path):
+    from configs import demo_ci
+    from ezsd_jax.core.cli import MissingInput
+    from ezsd_jax.predict.detector import Detector
+    cfg = demo_ci.get_config()
+    (tmp_path / "config.json").write_text(cfg.to_json_best_effort())
+    (tmp_path / "ckpt_ezsd").mkdir()
+    with pytest.raises(MissingInput, match="run the ezsd_train stage first"):
+        Detector.load(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_ezsd", "config.json"]
+    assert not os.listdir(tmp_path / "ckpt_ezsd")          # a reader creates nothing
+
+
 # ----------------------------------------------------------------------------- names
 
 def test_names_normalised_or_refused():
