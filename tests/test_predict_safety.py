@@ -101,6 +101,51 @@ def test_bundle_loads_from_a_read_only_mount(boxes_bundle, tmp_path):
     assert "Traceback" not in p.stderr and "WARNING" not in p.stderr, p.stderr[-2000:]
 
 
+def test_bundle_damage_is_named(boxes_bundle, tmp_path):
+    """A manifest without a field, a missing part, an empty checkpoint directory: a
+    MissingInput / CheckpointError naming the file and field (one line from the CLI)."""
+    from ezsd_jax.core.checkpoint import CheckpointError
+    from ezsd_jax.core.cli import MissingInput
+    from ezsd_jax.predict.detector import Detector
+
+    def damaged(name, edit):
+        d = tmp_path / name
+        shutil.copytree(boxes_bundle, d)
+        edit(d)
+        return str(d)
+
+    def drop(field):
+        def edit(d):
+            man = json.load(open(d / "manifest.json"))
+            del man[field]
+            (d / "manifest.json").write_text(json.dumps(man))
+        return edit
+    for field in ("step", "base", "text"):
+        with pytest.raises(MissingInput, match=f"manifest.json: field '{field}' is missing"):
+            Detector.load(damaged(f"no_{field}", drop(field)))
+    with pytest.raises(MissingInput, match="part detector is missing"):
+        Detector.load(damaged("nopart", lambda d: shutil.rmtree(d / "detector")))
+
+    def empty(d):
+        shutil.rmtree(d / "detector")
+        (d / "detector").mkdir()
+    with pytest.raises(CheckpointError, match=r"has no step 7 \(it has no complete step\)"):
+        Detector.load(damaged("empty", empty))
+
+
+def test_workdir_without_a_checkpoint_names_the_stage(tmp_path):
+    from configs import demo_ci
+    from ezsd_jax.core.cli import MissingInput
+    from ezsd_jax.predict.detector import Detector
+    cfg = demo_ci.get_config()
+    (tmp_path / "config.json").write_text(cfg.to_json_best_effort())
+    (tmp_path / "ckpt_ezsd").mkdir()
+    with pytest.raises(MissingInput, match="run the ezsd_train stage first"):
+        Detector.load(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_ezsd", "config.json"]
+    assert not os.listdir(tmp_path / "ckpt_ezsd")          # a reader creates nothing
+
+
 # ----------------------------------------------------------------------------- names
 
 def test_names_normalised_or_refused():
@@ -213,14 +258,6 @@ def test_cli_mistakes_are_one_line(boxes_bundle, tmp_path):
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"model": {"roi_head": "standard"},
                                                    "data": {}}))
-    nostep = tmp_path / "nostep"
-    shutil.copytree(boxes_bundle, nostep)
-    man = json.load(open(nostep / "manifest.json"))
-    del man["step"]
-    (nostep / "manifest.json").write_text(json.dumps(man))
-    nopart = tmp_path / "nopart"
-    shutil.copytree(boxes_bundle, nopart)
-    shutil.rmtree(nopart / "detector")
     b, o = f"--workdir={boxes_bundle}", f"--out={tmp_path}/o"
     cases = [
         ([b, imgs, o, f"--names_file={tmp_path}/latin1.txt"], ["latin1.txt", "not UTF-8"]),
@@ -230,8 +267,6 @@ def test_cli_mistakes_are_one_line(boxes_bundle, tmp_path):
         ([b, imgs, o, "--names=a", "--max_detections=1000000"],
          ["--max_detections=1000000", "1..1024"]),
         ([f"--workdir={plain}", imgs, o, "--names=a"], ["plain detector", "ezsd_train"]),
-        ([f"--workdir={nostep}", imgs, o, "--names=a"], ["manifest.json", "field 'step'"]),
-        ([f"--workdir={nopart}", imgs, o, "--names=a"], ["part detector is missing"]),
         ([b, imgs, f"--out={tmp_path}/afile", "--names=a"], ["--out", "is a file"]),
         (["export", b, f"--out={tmp_path}/afile"], ["--out", "is a file"]),
         (["export", b, "--out=/proc/bundle"], ["--out /proc/bundle", "cannot write"]),

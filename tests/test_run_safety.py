@@ -190,13 +190,26 @@ def test_divergence_keeps_the_last_finite_checkpoint(tmp_path):
     assert issubclass(train_loop.Diverged, cli.user_errors())
 
 
+def test_divergence_from_the_cli_is_one_line(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    p = subprocess.run([sys.executable, "-m", "ezsd_jax.main", "--config=configs/toy.py",
+                        f"--workdir={tmp_path}", "--config.toy.steps=40",
+                        "--config.toy.ckpt_every=10", "--config.toy.log_every=100",
+                        "--config.toy.lr=1e18"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: toy: training diverged") and "at step " in last
+
+
 def test_sigterm_saves_the_step_and_resume_equals_uninterrupted(tmp_path):
     ref, _ = _fit(tmp_path / "ref", _step_fn())
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(train_loop.Preempted) as e:
         _fit(tmp_path / "a", _step_fn(signal_at=6))
     assert e.value.exit_code == 128 + signal.SIGTERM
     assert "SIGTERM: stopped after step 6 of 12" in str(e.value)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # handler restored
+    assert signal.getsignal(signal.SIGTERM) == before            # handler restored
     with Checkpointer(str(tmp_path / "a" / "ckpt_t"), read_only=True) as ck:
         assert ck.latest_step() == 6
     out, _ = _fit(tmp_path / "a", _step_fn())

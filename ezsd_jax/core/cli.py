@@ -8,7 +8,14 @@ missing, has a syntax error or whose get_config() raises; an unknown field or a 
 the wrong type; a value the validator rejects (ezsd_jax.core.config_check, run by
 `get_config()` before any work); an unusable or busy workdir (ezsd_jax.core.workdir_lock);
 and, from inside the work, a UsageError, DataError (bad annotations or images),
-MissingInput, CheckpointError or FileNotFoundError, plus the entry point's own types.
+MissingInput, CheckpointError, a training's divergence (train_loop.Diverged), a full or
+read-only disk (ENOSPC/EDQUOT/EROFS anywhere in the error's chain) or FileNotFoundError,
+plus the entry point's own types. A preempted training (train_loop.Preempted, an
+`Interrupted`) prints its one line and exits 128 + the signal.
+
+`save_config` writes config.json after validation and, on a workdir with results,
+refuses a change of a field that alters the model or the data (--allow_config_change
+allows and logs it).
 """
 from __future__ import annotations
 
@@ -165,34 +172,42 @@ def lock_workdir(workdir: str, key: str = "") -> str:
         raise UsageError(str(e)) from None
 
 
-def prepare_workdir(path: str | None, lock: bool = True) -> str:
+def prepare_workdir(path: str | None, lock: bool = True, name: str = "workdir") -> str:
     """Creates the workdir (and parents) or fails with a clear message; returns its abspath.
     lock: take the workdir's lock now (an entry point whose runs may share a workdir,
     e.g. multi-host, passes False and calls `lock_workdir(workdir, key)` once it knows
-    the key)."""
+    the key). name: how messages call it (predict's output directory: '--out')."""
     if not path:
-        raise UsageError("--workdir is required")
+        raise UsageError(f"--{name.lstrip('-')} is required")
     if "://" in path:
-        raise UsageError(f"workdir {path!r}: URLs are not supported (metrics, proposal "
+        raise UsageError(f"{name} {path!r}: URLs are not supported (metrics, proposal "
                          "stores and COCO files are written with POSIX I/O); mount the "
                          "bucket (e.g. gcsfuse, see launch/README.md) and pass its path")
     path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{name} {path} is a file: give a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create workdir {path}: {e.strerror}") from None
+        raise UsageError(f"cannot create {name} {path}: {e.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"workdir {path} is not writable")
-    probe = os.path.join(path, f".write_probe_{os.getpid()}")
+        raise UsageError(f"{name} {path} is not writable")
+    check_writable(path, name)
+    if lock:
+        lock_workdir(path)
+    return path
+
+
+def check_writable(directory: str, name: str) -> None:
+    """Writes and removes a probe file in `directory` (os.access is not enough: a
+    read-only mount, root on NFS); UsageError '<name> <directory> is not writable'."""
+    probe = os.path.join(directory, f".write_probe_{os.getpid()}")
     try:
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise UsageError(f"workdir {path} is not writable: {e.strerror}") from None
-    if lock:
-        lock_workdir(path)
-    return path
+        raise UsageError(f"{name} {directory} is not writable: {e.strerror}") from None
 
 
 # Fields a resumed run may change: where/how it runs, how often it logs or saves, how
@@ -202,8 +217,8 @@ def prepare_workdir(path: str | None, lock: bool = True) -> str:
 BENIGN_BLOCKS = frozenset({"mesh", "distributed", "debug", "stages", "eval", "report"})
 BENIGN_LEAVES = frozenset({"steps", "log_every", "ckpt_every", "keep", "keep_checkpoints",
                            "num_threads", "prefetch", "eval_batch_size", "proposal_shard",
-                           "proposal_batch_size", "force", "plot",
-                           "debug_kill_after"})
+                           "proposal_batch_size", "proposal_images_per_chunk", "force",
+                           "plot", "debug_kill_after"})
 CONFIG_NAME = "config.json"
 
 

@@ -128,17 +128,7 @@ def _load(path: str):
 def prepare_out(path: str) -> str:
     """--out as a writable directory (created), locked against a second predict into it;
     UsageError naming --out otherwise."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise cli.UsageError(f"--out {path} is a file: give a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise cli.UsageError(f"--out {path} is not writable ({e.strerror})") from None
+    path = cli.prepare_workdir(path, lock=False, name="--out")
     from ezsd_jax.core.workdir_lock import WorkdirInUse, acquire
     try:
         acquire(path)
@@ -155,14 +145,10 @@ def check_out_for_export(path: str) -> None:
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise cli.UsageError(f"--out {path}: its parent directory does not exist")
-    probe = os.path.join(parent, f".write_probe_{os.getpid()}")
     try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise cli.UsageError(f"--out {path}: cannot write into {parent} ({e.strerror})") \
-            from None
+        cli.check_writable(parent, "--out's parent")
+    except cli.UsageError as e:
+        raise cli.UsageError(f"--out {path}: cannot write the bundle there ({e})") from None
 
 
 def check_limits() -> None:
