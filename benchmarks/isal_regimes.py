@@ -236,9 +236,38 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def class_spread(workdir: str) -> str:
+    """Markdown: how spread over the true classes each variant's selected batches are (mean
+    over finished cycles and seeds of the normalized entropy of the batch's label
+    histogram, 1 = uniform over the 10 classes), from the loop's selection.json files."""
+    from isal_jax.data import load_dataset
+    labels = load_dataset("idx", "train", FASHION).get(np.arange(60000))["label"]
+    lines = ["| regime | variant | batches | class entropy of a selected batch (0..1) |",
+             "|---|---|---|---|"]
+    for regime in REGIMES:
+        for variant, (strategy, _, _) in VARIANTS.items():
+            ents = []
+            for seed in range(5):
+                c = 0
+                while True:
+                    f = os.path.join(workdir, regime, variant, f"seed_{seed}", "al", strategy,
+                                     f"seed_{seed}", f"cycle_{c}", "selection.json")
+                    if not os.path.exists(f):
+                        break
+                    ids = json.load(open(f))["ids"]
+                    p = np.bincount(labels[np.asarray(ids)], minlength=10) / len(ids)
+                    p = p[p > 0]
+                    ents.append(float(-(p * np.log(p)).sum() / np.log(10)))
+                    c += 1
+            if ents:
+                lines.append(f"| {regime} | {variant} | {len(ents)} | "
+                             f"{np.mean(ents):.2f} +- {np.std(ents):.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=("run", "job", "table"))
+    p.add_argument("cmd", choices=("run", "job", "table", "classes"))
     p.add_argument("rest", nargs="*")
     p.add_argument("--regimes", default="low,paper")
     p.add_argument("--seeds", default="0,1,2")
@@ -251,6 +280,8 @@ def main() -> None:
     elif args.cmd == "job":
         regime, variant, seed = args.rest
         run_job(regime, variant, int(seed), args.workdir)
+    elif args.cmd == "classes":
+        print(class_spread(args.workdir))
     else:
         print(table())
 
