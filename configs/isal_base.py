@@ -54,6 +54,7 @@ def add_isal_settings(c: ml_collections.ConfigDict, *, ref_batch_size: int,
     # random there.
     c.influence.solver = "cg"            # lissa | cg (same fixed point, fewer HVPs)
     c.influence.cg_tol = 1e-3
+    c.influence.cg_maxiter = 100         # CG iterations at most (each: one HVP pass)
     c.influence.stop_residual = 0.0      # > 0: LiSSA stops once its residual is below this
     c.influence.damp_mode = "top_eig"    # fixed (damp) | top_eig (damp*scale = fraction*top)
     c.influence.damp_fraction = 0.1
