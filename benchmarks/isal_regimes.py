@@ -120,7 +120,7 @@ def result_path(regime: str, variant: str, seed: int) -> str:
 def run_job(regime: str, variant: str, seed: int, workdir: str) -> None:
     """In-process: one AL experiment, then its result file."""
     import isal_jax.scoring  # noqa: F401  (every module the job uses, imported up front)
-    import isal_jax.select  # noqa: F401
+    import isal_jax.select  # noqa: F401  (same)
     from isal_jax.classification_al import build_task
     from isal_jax.loop import cycle_dir, run_experiment
     wd = os.path.join(workdir, regime, variant, f"seed_{seed}")
@@ -176,60 +176,98 @@ def load_results() -> dict:
     return out
 
 
-def labels_needed(n, acc, target) -> float:
-    """Labels at which the (linearly interpolated) curve first reaches `target`; nan if never."""
-    for i in range(len(n)):
-        if acc[i] >= target:
-            if i == 0:
-                return float(n[0])
-            return n[i - 1] + (target - acc[i - 1]) / (acc[i] - acc[i - 1]) * (n[i] - n[i - 1])
-    return float("nan")
-
-
-def saved(rows, ref_rows) -> float:
-    """Mean over the reference's budgets N (after the first) of 1 - labels(ours reaches
-    ref acc at N) / N, per seed (paired: same seed, same initial set)."""
+def saved(rows, ref_rows) -> tuple[float | None, int]:
+    """Paired (same seed: same initial set and cycle seeds) annotation-cost saving of a run
+    against a reference run: the mean over the reference's budgets N (after the first) of
+    1 - labels(run reaches the reference's accuracy at N) / N, read off the run's
+    piecewise-linear curve (isal_jax.curves.labels_to_reach: the first crossing). Budgets
+    whose accuracy the run never reaches are left out and counted (second value)."""
+    from isal_jax.curves import labels_to_reach
     n = [r["num_labeled"] for r in rows]
     acc = [r["accuracy"] for r in rows]
-    vals = []
+    vals, na = [], 0
     for r in ref_rows[1:]:
-        need = labels_needed(n, acc, r["accuracy"])
-        vals.append(1 - need / r["num_labeled"] if np.isfinite(need) else
-                    1 - (n[-1] + n[1] - n[0]) / r["num_labeled"])   # not reached: cap
-    return float(np.mean(vals))
+        need, _ = labels_to_reach(n, acc, r["accuracy"])
+        if need is None:
+            na += 1
+        else:
+            vals.append(1 - need / r["num_labeled"])
+    return (float(np.mean(vals)) if vals else None), na
+
+
+def _fmt(pairs) -> str:
+    vals = [v for v, _ in pairs if v is not None]
+    na = sum(k for _, k in pairs)
+    if not vals:
+        return "-"
+    spread = f" +- {100 * np.std(vals, ddof=1):.1f}" if len(vals) > 1 else ""
+    return (f"{100 * np.mean(vals):+.1f}%{spread} (seeds {len(vals)}"
+            + (f", {na} budgets not reached" if na else "") + ")")
 
 
 def table() -> str:
+    """Markdown: per regime and variant, mean accuracy per budget, savings vs random and
+    vs the best baseline (the non-random baseline with the highest mean accuracy over all
+    budgets and seeds), mean over seeds +- sample std of the per-seed savings, and the
+    mean selection seconds per cycle (the loop's last selection excluded)."""
     res = load_results()
     lines = []
     for regime, by_var in res.items():
-        lines.append(f"\n### {regime}\n")
-        lines.append("| variant | seeds | acc at each budget (mean) | saved vs random | "
-                     "saved vs best baseline | select s/cycle |")
-        lines.append("|---|---|---|---|---|---|")
         base = [v for v in ("entropy", "margin", "coreset") if v in by_var]
+        best = max(base, key=lambda b: np.mean([[r["accuracy"] for r in by_var[b][s]]
+                                                for s in by_var[b]])) if base else None
+        n = [r["num_labeled"] for r in next(iter(next(iter(by_var.values())).values()))]
+        lines.append(f"\n{regime}: labels {n[0]} -> {n[-1]}; best baseline: {best}\n")
+        lines.append("| variant | seeds | accuracy % per budget (mean over seeds) | "
+                     "saved vs random | saved vs best baseline | select s/cycle |")
+        lines.append("|---|---|---|---|---|---|")
         for var, seeds in by_var.items():
             ss = sorted(seeds)
             accs = np.array([[r["accuracy"] for r in seeds[s]] for s in ss])
             sel = np.mean([r["select_s"] for s in ss for r in seeds[s][:-1]])
-            vr = [saved(seeds[s], by_var["random"][s]) for s in ss
-                  if "random" in by_var and s in by_var["random"]]
-            # best baseline per regime = the one with the highest mean final accuracy
-            best = max(base, key=lambda b: np.mean([by_var[b][s][-1]["accuracy"]
-                                                    for s in by_var[b]])) if base else None
-            vb = [saved(seeds[s], by_var[best][s]) for s in ss
-                  if best and s in by_var[best]]
-            fmt = lambda v: (f"{100 * np.mean(v):+.1f}% +- {100 * np.std(v):.1f} "
-                             f"(n={len(v)})") if v else "-"
+            vr = "reference" if var == "random" else _fmt(
+                [saved(seeds[s], by_var["random"][s]) for s in ss
+                 if "random" in by_var and s in by_var["random"]])
+            vb = "reference" if var == best else _fmt(
+                [saved(seeds[s], by_var[best][s]) for s in ss if best and s in by_var[best]])
             lines.append(f"| {var} | {len(ss)} | "
                          + " / ".join(f"{100 * a:.1f}" for a in accs.mean(0))
-                         + f" | {fmt(vr)} | {fmt(vb)} ({best}) | {sel:.1f} |")
+                         + f" | {vr} | {vb} | {sel:.1f} |")
+    return "\n".join(lines)
+
+
+def class_spread(workdir: str) -> str:
+    """Markdown: how spread over the true classes each variant's selected batches are (mean
+    over finished cycles and seeds of the normalized entropy of the batch's label
+    histogram, 1 = uniform over the 10 classes), from the loop's selection.json files."""
+    from isal_jax.data import load_dataset
+    labels = load_dataset("idx", "train", FASHION).get(np.arange(60000))["label"]
+    lines = ["| regime | variant | batches | class entropy of a selected batch (0..1) |",
+             "|---|---|---|---|"]
+    for regime in REGIMES:
+        for variant, (strategy, _, _) in VARIANTS.items():
+            ents = []
+            for seed in range(5):
+                c = 0
+                while True:
+                    f = os.path.join(workdir, regime, variant, f"seed_{seed}", "al", strategy,
+                                     f"seed_{seed}", f"cycle_{c}", "selection.json")
+                    if not os.path.exists(f):
+                        break
+                    ids = json.load(open(f))["ids"]
+                    p = np.bincount(labels[np.asarray(ids)], minlength=10) / len(ids)
+                    p = p[p > 0]
+                    ents.append(float(-(p * np.log(p)).sum() / np.log(10)))
+                    c += 1
+            if ents:
+                lines.append(f"| {regime} | {variant} | {len(ents)} | "
+                             f"{np.mean(ents):.2f} +- {np.std(ents):.2f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=("run", "job", "table"))
+    p.add_argument("cmd", choices=("run", "job", "table", "classes"))
     p.add_argument("rest", nargs="*")
     p.add_argument("--regimes", default="low,paper")
     p.add_argument("--seeds", default="0,1,2")
@@ -242,6 +280,8 @@ def main() -> None:
     elif args.cmd == "job":
         regime, variant, seed = args.rest
         run_job(regime, variant, int(seed), args.workdir)
+    elif args.cmd == "classes":
+        print(class_spread(args.workdir))
     else:
         print(table())
 

@@ -16,4 +16,7 @@ from configs import isal_base
 
 
 def get_config() -> ml_collections.ConfigDict:
-    return isal_base.classification_experiment()   # the reference's values are the base
+    c = isal_base.classification_experiment()   # the reference's protocol values ...
+    i = c.influence                             # ... and its own ISAL choices:
+    i.solver, i.damp_mode, i.diversity = "lissa", "fixed", "none"
+    return c

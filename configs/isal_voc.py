@@ -93,6 +93,7 @@ def add_isal_fields(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # The options of the one scoring path (isal_jax/scoring.py), as for classification:
     i.solver = "lissa"              # lissa | cg
     i.cg_tol = 1e-3
+    i.cg_maxiter = 100
     i.damp_mode = "fixed"           # fixed | top_eig (damp*scale = damp_fraction * top)
     i.damp_fraction = 0.1
     i.eig_iters = 0

@@ -127,15 +127,27 @@ def _host_state(state) -> dict:
                              "batch_stats": state.get("batch_stats", {})})
 
 
+@dataclasses.dataclass(frozen=True)
+class SelectionRequest:
+    """One selection: `budget` ids of `pool` by `strategy` (seeded), for the model trained on
+    `labeled` and saved at `checkpoint` (dir, step); `heldout`: the held-out ids of
+    reference.source='heldout' (the model was trained without them)."""
+    strategy: str
+    budget: int
+    seed: int
+    labeled: np.ndarray
+    pool: np.ndarray
+    checkpoint: tuple[str, int]
+    heldout: np.ndarray | None = None
+
+
 def run_detection_strategy(cfg, workdir: str, dtask, state: dict, data: DetectionData,
-                           labeled: np.ndarray, pool: np.ndarray, *, strategy: str,
-                           budget: int, seed: int, checkpoint: tuple[str, int], mesh=None,
-                           split_data=None, heldout=None):
-    """Selects `budget` ids of `pool` with `strategy`. Returns (Selection, info dict).
-    heldout: the held-out ids of reference.source='heldout' (`state` trained without
-    them)."""
+                           req: SelectionRequest, *, mesh=None, split_data=None):
+    """Runs the request on the detector `state`. Returns (Selection, info dict)."""
     from isal_jax import strategies as st
     from isal_jax.tasks import detection as dt
+    strategy, budget, seed, heldout = req.strategy, int(req.budget), int(req.seed), req.heldout
+    labeled, pool, checkpoint = req.labeled, req.pool, req.checkpoint
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES} (detection)")
     labeled = np.asarray(labeled, np.int64)
@@ -243,11 +255,10 @@ class DetectionALTask:
             # seeded held-out part of the labeled set, whose gradient is v.
             labeled_ids, held = heldout_split(labeled_ids, seed, self.cfg.reference)
             state = self.train(labeled_ids, seed, os.path.join(workdir, "selection_model"))
-        sel, info = run_detection_strategy(
-            self.cfg, workdir, self.task, state, self.data, labeled_ids, unlabeled_ids,
-            strategy=strategy, budget=int(budget), seed=int(seed),
-            checkpoint=state.get("checkpoint", ("", -1)), mesh=self.mesh,
-            split_data=self._split_data, heldout=held)
+        req = SelectionRequest(strategy, int(budget), int(seed), labeled_ids, unlabeled_ids,
+                               state.get("checkpoint", ("", -1)), held)
+        sel, info = run_detection_strategy(self.cfg, workdir, self.task, state, self.data,
+                                           req, mesh=self.mesh, split_data=self._split_data)
         if info:
             atomic_write_json(os.path.join(workdir, f"select_{strategy}_info.json"),
                               {k: v for k, v in info.items() if k != "norm_trace"})
@@ -332,10 +343,10 @@ def run_detection_selection(cfg, workdir: str) -> str:
         report(f"{cfg.strategy}: pool {len(pool)}, labeled {len(labeled)}, budget "
                f"{cfg.budget}, checkpoint {ckdir} step {step}")
         t0 = time.perf_counter()
-        sel, info = run_detection_strategy(cfg, workdir, dtask, state, data, labeled, pool,
-                                           strategy=cfg.strategy, budget=int(cfg.budget),
-                                           seed=int(cfg.seed), checkpoint=(ckdir, step),
-                                           mesh=mesh, split_data=lambda name: DetectionData(
+        req = SelectionRequest(cfg.strategy, int(cfg.budget), int(cfg.seed), labeled, pool,
+                               (ckdir, step))
+        sel, info = run_detection_strategy(cfg, workdir, dtask, state, data, req, mesh=mesh,
+                                           split_data=lambda name: DetectionData(
                                                cfg, name,
                                                category_names=data.dataset.cat_names))
     except ValueError as e:

@@ -97,7 +97,8 @@ def s_test_settings(icfg, scale=None) -> dict:
         if kw["stop_residual"] > 0:
             kw["loop"] = "python"
     else:
-        kw.update(cg_tol=float(icfg.get("cg_tol", 1e-3)))
+        kw.update(cg_tol=float(icfg.get("cg_tol", 1e-3)),
+                  cg_maxiter=int(icfg.get("cg_maxiter", 100)))
     return kw
 
 

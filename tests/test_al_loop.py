@@ -25,7 +25,8 @@ SMALL = {"al.strategies": ("random", "isal"), "al.seeds": (0,), "al.initial": 20
          "train.steps": 30, "train.ckpt_every": 10,
          "train.log_every": 10, "influence.depth": 20, "influence.repeats": 2,
          "influence.residual_batches": 2, "influence.pool_batch_size": 256,
-         "influence.shard_size": 512}
+         "influence.shard_size": 512, "influence.solver": "lissa",
+         "influence.damp_mode": "fixed", "influence.diversity": "none"}
 
 
 def _cfg(**flat):

@@ -15,12 +15,16 @@ def test_cifar10_is_the_reference_protocol():
     i = c.influence
     assert (i.damp, i.scale, i.depth, i.repeats) == (0.01, 1e4, 250, 4)
     assert i.subset == "ndim_gt1" and i.pseudo_label == "argmax"
+    assert (i.solver, i.damp_mode, i.diversity) == ("lissa", "fixed", "none")
     assert c.reference.source == "split:test"          # the reference's (leaky) choice
     assert c.allow_degenerate is False
     assert set(c.al.strategies) == {"isal", "random", "entropy", "margin",
                                     "least_confidence", "coreset"}
     d = isal_digits.get_config()
     assert d.reference.source == "labeled" and d.influence.damp == 0.01
+    # everything else defaults to the best measured settings
+    assert (d.influence.solver, d.influence.damp_mode, d.influence.diversity) == (
+        "cg", "top_eig", "class_balanced")
 
 
 def test_detection_configs_are_the_reference_protocol():

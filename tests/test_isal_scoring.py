@@ -18,7 +18,7 @@ from isal_jax.selection_io import SelectError
 
 OPTIONS = {
     "lissa": {},
-    "cg": {"solver": "cg"},
+    "cg": {"solver": "cg", "cg_maxiter": 5},
     "top_eig": {"damp_mode": "top_eig", "eig_iters": 3},
     "class_balanced": {"diversity": "class_balanced"},
     "reference_mode": {"hvp_order": "sequential", "hvp_batch_size": 1,

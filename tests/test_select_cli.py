@@ -18,7 +18,9 @@ DEMO = ROOT / "configs" / "isal_demo.py"
 # Small and fast: tiny MLP, short LiSSA, pool of 700 ids in shards of 192 -> 4 shards.
 FAST = {"model.name": "mlp", "model.features": (16,), "influence.depth": 30,
         "influence.repeats": 2, "influence.pool_batch_size": 64, "influence.shard_size": 192,
-        "influence.ref_batch_size": 64, "init_checkpoint_if_missing": False, "budget": 40}
+        "influence.ref_batch_size": 64, "init_checkpoint_if_missing": False, "budget": 40,
+        "influence.solver": "lissa", "influence.damp_mode": "fixed",
+        "influence.diversity": "none"}        # the LiSSA path (its trace is compared)
 
 
 def _cfg(**flat):
