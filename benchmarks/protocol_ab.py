@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo_ci.py")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=0,
+                    help="detector training steps (0: the config's train.steps)")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -58,6 +60,8 @@ def main() -> None:
     module = os.path.splitext(os.path.relpath(a.config))[0].replace(os.sep, ".")
     cfg = importlib.import_module(module).get_config()
     cfg.train.seed = cfg.clip.pretrain.seed = cfg.clip.renorm.seed = a.seed
+    if a.steps:
+        cfg.train.steps = cfg.train.ckpt_every = a.steps
     wd = os.path.join(a.workdir, f"seed{a.seed}")
     os.makedirs(wd, exist_ok=True)
     point_data_config(cfg, wd)
@@ -68,7 +72,7 @@ def main() -> None:
         resolve_stage(name)(cfg, wd)
         secs[name] = round(time.perf_counter() - t0, 1)
     for v in [v for v in a.variants.split(",") if v]:
-        vdir = os.path.join(wd, "variants", v)
+        vdir = os.path.join(wd, "variants", f"{v}_{cfg.train.steps}steps")
         os.makedirs(vdir, exist_ok=True)
         vcfg = cfg.copy_and_resolve_references()     # the shared stages' outputs
         vcfg.ezsd.text_embeddings = ezsd_stages.text_embeddings_path(cfg, wd)
@@ -83,7 +87,8 @@ def main() -> None:
             done = ezsd_stages.ezsd_eval(vcfg, vdir)
         secs[v] = round(time.perf_counter() - t0, 1)
         ap50[v] = {k: done[k]["AP50"] for k in ("base", "novel", "all")}
-        rec = {"config": a.config, "seed": a.seed, "seconds": secs, "ap50": ap50,
+        rec = {"config": a.config, "seed": a.seed, "steps": int(cfg.train.steps),
+               "seconds": secs, "ap50": ap50,
                "variants": {k: VARIANTS[k] for k in ap50}}
         with open(a.out, "w") as f:       # after every variant: partial results survive
             json.dump(rec, f, indent=1)
