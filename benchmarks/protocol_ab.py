@@ -24,13 +24,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = ("demo_data", "clip_pretrain", "renorm", "proposals")
 # config overrides (dotted path -> value) of each variant; 'reference' = the defaults
 VARIANTS = {
-    "reference": {},
+    # the background init is set explicitly: configs/demo.py keeps 'normal' (measured)
+    "reference": {"model.ezsd.background_init": "xavier"},
     "earlier": {   # every item of docs/protocol.md's reference read at its earlier value
         "ezsd.distill.sample": "random", "ezsd.distill.norm_images": 0,
         "model.rpn_low_quality_min_iou": 0.0, "model.roi_low_quality_min_iou": -1.0,
         "model.input_padding": "black", "model.test_topk_candidates": 1024,
         "model.ezsd.background_init": "normal"},
 }
+# one item changed at a time
+VARIANTS["reference_bg_normal"] = {"model.ezsd.background_init": "normal"}
+VARIANTS["earlier_bg_xavier"] = dict(VARIANTS["earlier"], **{"model.ezsd.background_init":
+                                                              "xavier"})
 
 
 def _set(cfg, path: str, value) -> None:
@@ -71,6 +76,8 @@ def main() -> None:
         t0 = time.perf_counter()
         resolve_stage(name)(cfg, wd)
         secs[name] = round(time.perf_counter() - t0, 1)
+    rec = {"config": a.config, "seed": a.seed, "steps": int(cfg.train.steps),
+           "seconds": secs, "ap50": ap50}
     for v in [v for v in a.variants.split(",") if v]:
         vdir = os.path.join(wd, "variants", f"{v}_{cfg.train.steps}steps")
         os.makedirs(vdir, exist_ok=True)
