@@ -24,13 +24,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = ("demo_data", "clip_pretrain", "renorm", "proposals")
 # config overrides (dotted path -> value) of each variant; 'reference' = the defaults
 VARIANTS = {
-    "reference": {},
+    # the background init is set explicitly: configs/demo.py keeps 'normal' (measured)
+    "reference": {"model.ezsd.background_init": "xavier"},
     "earlier": {   # every item of docs/protocol.md's reference read at its earlier value
         "ezsd.distill.sample": "random", "ezsd.distill.norm_images": 0,
         "model.rpn_low_quality_min_iou": 0.0, "model.roi_low_quality_min_iou": -1.0,
         "model.input_padding": "black", "model.test_topk_candidates": 1024,
         "model.ezsd.background_init": "normal"},
 }
+# one item changed at a time
+VARIANTS["reference_bg_normal"] = {"model.ezsd.background_init": "normal"}
+VARIANTS["earlier_bg_xavier"] = dict(VARIANTS["earlier"], **{"model.ezsd.background_init":
+                                                              "xavier"})
 
 
 def _set(cfg, path: str, value) -> None:
@@ -46,6 +51,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo_ci.py")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--steps", type=int, default=0,
+                    help="detector training steps (0: the config's train.steps)")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -58,6 +65,8 @@ def main() -> None:
     module = os.path.splitext(os.path.relpath(a.config))[0].replace(os.sep, ".")
     cfg = importlib.import_module(module).get_config()
     cfg.train.seed = cfg.clip.pretrain.seed = cfg.clip.renorm.seed = a.seed
+    if a.steps:
+        cfg.train.steps = cfg.train.ckpt_every = a.steps
     wd = os.path.join(a.workdir, f"seed{a.seed}")
     os.makedirs(wd, exist_ok=True)
     point_data_config(cfg, wd)
@@ -67,8 +76,10 @@ def main() -> None:
         t0 = time.perf_counter()
         resolve_stage(name)(cfg, wd)
         secs[name] = round(time.perf_counter() - t0, 1)
+    rec = {"config": a.config, "seed": a.seed, "steps": int(cfg.train.steps),
+           "seconds": secs, "ap50": ap50}
     for v in [v for v in a.variants.split(",") if v]:
-        vdir = os.path.join(wd, "variants", v)
+        vdir = os.path.join(wd, "variants", f"{v}_{cfg.train.steps}steps")
         os.makedirs(vdir, exist_ok=True)
         vcfg = cfg.copy_and_resolve_references()     # the shared stages' outputs
         vcfg.ezsd.text_embeddings = ezsd_stages.text_embeddings_path(cfg, wd)
@@ -83,7 +94,8 @@ def main() -> None:
             done = ezsd_stages.ezsd_eval(vcfg, vdir)
         secs[v] = round(time.perf_counter() - t0, 1)
         ap50[v] = {k: done[k]["AP50"] for k in ("base", "novel", "all")}
-        rec = {"config": a.config, "seed": a.seed, "seconds": secs, "ap50": ap50,
+        rec = {"config": a.config, "seed": a.seed, "steps": int(cfg.train.steps),
+               "seconds": secs, "ap50": ap50,
                "variants": {k: VARIANTS[k] for k in ap50}}
         with open(a.out, "w") as f:       # after every variant: partial results survive
             json.dump(rec, f, indent=1)

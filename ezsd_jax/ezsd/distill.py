@@ -319,7 +319,7 @@ def distill_loss_terms(r: jax.Array, target: jax.Array, weight: jax.Array,
         g = int(norm_images)
         if b % g:
             raise ValueError(f"distillation: norm_images={g} does not divide the batch of "
-                             f"{b} images (per device)")
+                             f"{b} images")
         num = jnp.sum((weight * m * l1).reshape(b // g, -1), axis=1)
         cnt = jnp.sum(m.reshape(b // g, -1), axis=1)
         loss = jnp.mean(num / jnp.maximum(cnt, 1.0)) * factor
