@@ -242,21 +242,23 @@ class Detector:
     def check_limits(self, score_threshold=None, max_detections=None) -> tuple[float, int]:
         """(threshold, cap) of a request, the model's defaults for None; ValueError naming
         the argument for a NaN / out-of-range threshold or a cap outside
-        1..model.test_topk_candidates (no more boxes can come out of the model)."""
+        1..the model's candidate count: model.test_topk_candidates, or with 0 (every
+        (box, class) pair) model.rpn_post_nms_topk_test, which any vocabulary reaches."""
         thr = float(self.dcfg.test_score_threshold) if score_threshold is None \
             else score_threshold
         if isinstance(thr, bool) or not isinstance(thr, (int, float, np.number)) \
                 or not math.isfinite(float(thr)) or not 0.0 <= float(thr) <= 1.0:
             raise ValueError(f"score_threshold={score_threshold!r}: need a number in [0, 1] "
                              "(scores are probabilities)")
-        cap = int(self.dcfg.test_topk_candidates)
+        cap = int(self.dcfg.test_topk_candidates) or int(self.dcfg.rpn_post_nms_topk_test)
+        what = ("model.test_topk_candidates" if self.dcfg.test_topk_candidates
+                else "model.rpn_post_nms_topk_test (boxes per image)")
         max_det = int(self.dcfg.test_max_detections) if max_detections is None \
             else max_detections
         if isinstance(max_det, bool) or not isinstance(max_det, (int, np.integer)) \
                 or not 1 <= int(max_det) <= cap:
             raise ValueError(f"max_detections={max_detections!r}: need an integer in 1..{cap} "
-                             "(the model keeps at most model.test_topk_candidates="
-                             f"{cap} candidates per image)")
+                             f"(the model keeps at most {what}={cap} candidates per image)")
         return float(thr), int(max_det)
 
     def detect(self, image, names: Sequence[str], score_threshold: float | None = None,
