@@ -39,3 +39,23 @@ def test_get_config_builds(name):
         dcfg = DetectorConfig.from_config(model, num_classes=3)
         if dcfg.roi_head == "ezsd":
             assert EZSDHeadConfig.from_detector(dcfg).embed_dim > 0
+
+
+def test_a_stored_run_keeps_the_behaviour_it_was_trained_with(tmp_path):
+    """A run's config.json written before a model field existed is read with the behaviour
+    that run had (black padding), a current one with its own value; both build."""
+    import json
+
+    from configs import common
+    from ezsd_jax.predict.trained_run import read_config
+    model = common.tiny_model_config().to_dict()
+    old = {k: v for k, v in model.items()
+           if k not in ("input_padding", "rpn_low_quality_min_iou", "roi_low_quality_min_iou")}
+    for name, m, padding in (("old", old, "black"), ("new", model, "mean")):
+        p = tmp_path / f"{name}.json"
+        p.write_text(json.dumps({"model": m}))
+        cfg = read_config(str(p))
+        dcfg = DetectorConfig.from_config(cfg.model, num_classes=3)
+        assert dcfg.input_padding == padding
+    assert DetectorConfig.from_config(read_config(str(tmp_path / "old.json")).model,
+                                      num_classes=3).rpn_low_quality_min_iou == 0.0

@@ -56,3 +56,15 @@ def default_model_config(**overrides) -> ml_collections.ConfigDict:
     ))
     m.update(overrides)
     return m
+
+
+# Fields added after runs were first written, with the behaviour those runs were trained
+# with: a stored config (a workdir's config.json, a bundle's) that lacks one of them gets
+# this value, not today's default (a run padded black must be served padded black).
+EARLIER_BEHAVIOUR = {"input_padding": "black", "rpn_low_quality_min_iou": 0.0,
+                     "roi_low_quality_min_iou": 0.0}
+
+
+def stored_model_config(model: dict) -> dict:
+    """config.model as a stored run wrote it, completed with EARLIER_BEHAVIOUR."""
+    return {**EARLIER_BEHAVIOUR, **model}

@@ -14,10 +14,12 @@ import numpy as np
 from ezsd_jax.core import cli
 from ezsd_jax.clip.loading import ClipLoadError, load_clip
 from ezsd_jax.data import splits
+from ezsd_jax.models.defaults import stored_model_config
 
 
 def read_config(path: str):
-    """The run's resolved config (config.json, written by ezsd_jax.main) as a ConfigDict."""
+    """The run's resolved config (config.json, written by ezsd_jax.main) as a ConfigDict;
+    model fields it predates get the behaviour it was trained with (models/defaults.py)."""
     if not os.path.exists(path):
         raise cli.MissingInput(f"{path} does not exist (a workdir of ezsd_jax.main or a "
                                "bundle of `python -m ezsd_jax.predict export`)")
@@ -26,6 +28,8 @@ def read_config(path: str):
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise cli.MissingInput(f"{path}: not valid JSON ({e})") from None
+    if isinstance(d.get("model"), dict):   # fields the run predates: its behaviour then
+        d["model"] = stored_model_config(d["model"])
     return ml_collections.ConfigDict(d)
 
 
