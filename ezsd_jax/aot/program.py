@@ -73,6 +73,10 @@ class CompileOOM(Exception):
 def compile_program(prog: Program):
     """-> (compiled, seconds); CompileOOM when the TPU compiler runs out of HBM."""
     t0 = time.perf_counter()
+    # a persistent compilation cache cannot load executables of compile-only devices (no
+    # client): off while compiling for them
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
     try:
         compiled = prog.fn.lower(*prog.args).compile()
     except Exception as e:  # noqa: BLE001 -- only out-of-memory is turned into a result
@@ -82,6 +86,8 @@ def compile_program(prog: Program):
         m = next((m for m in (rx.search(text) for rx in _OOM) if m), None)
         needed = int(float(m.group(1)) * _UNIT[m.group(2).upper()]) if m else None
         raise CompileOOM(" ".join(text.split())[:300], needed) from None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     return compiled, time.perf_counter() - t0
 
 
