@@ -60,7 +60,7 @@ def test_slice_names():
     assert topology.canonical("v4-16") == "v4:2x2x2"
     assert topology.canonical("v5p:2x2x4") == "v5p:2x2x4"
     with pytest.raises(topology.TopologyError, match="expected a slice like"):
-        topology.canonical("h100:8")
+        topology.canonical("a100:8")
 
 
 @needs_libtpu
