@@ -119,3 +119,52 @@ def test_impossible_batch_exits_2_with_one_line(tmp_path):
     import json
     rep = json.loads(out.read_text())
     assert rep["steps"][0]["max_batch_per_chip"] == best and not rep["steps"][0]["fits"]
+
+
+def test_shape_specs_match_what_the_pipeline_and_distillation_build():
+    """The abstract batches the check compiles with are the real ones' layouts."""
+    import types
+
+    import numpy as np
+
+    from ezsd_jax.data.pipeline import BATCH_KEYS, batch_spec
+    from ezsd_jax.ezsd import distill, splits
+
+    class NoStore:
+        def get(self, image_id):
+            raise KeyError(image_id)
+
+    fn = distill.make_extra_fn(NoStore(), embed_dim=16, proposal_slots=5, max_gt=3,
+                               on_missing="empty")
+    got = fn(types.SimpleNamespace(image_id=1, path="x.jpg"), {})
+    spec = distill.distill_spec(embed_dim=16, proposal_slots=5, max_gt=3)
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == spec
+    full = batch_spec(4, (64, 96), 7, mask_size=28, extra_spec=spec)
+    assert set(full) == set(BATCH_KEYS) | set(spec)
+    assert full["image"] == ((4, 64, 96, 3), np.uint8)
+    assert full["gt_masks"] == ((4, 7, 28, 28), np.uint8)
+    assert full["distill_emb"] == ((4, 8, 16), np.dtype(np.float16))
+    assert splits.split_sizes(_config("coco").ezsd) == (48, 65, 80)
+    assert splits.split_sizes(_config("lvis").ezsd) == (866, 1203, 1203)
+
+
+@needs_libtpu
+def test_model_axis_lowers_per_chip_memory_with_the_expected_collectives():
+    """The toy stage's MLP, Megatron-style over 'model' (first kernel split on its outputs,
+    second on its inputs), against model=1 at the same data-parallel width: the state and
+    the step's total per chip shrink, the partial sums are all-reduced, and no weight is
+    all-gathered whole."""
+    big = {"toy.hidden": 1024, "toy.in_dim": 1024}
+    one, _ = _check(_config("toy", **big), "v5e:2x2", "toy")
+    rules = (("Dense_0/kernel", (None, "model")), ("Dense_1/kernel", ("model", None)))
+    two, _ = _check(_config("toy", **big, **{"mesh.model": 2, "toy.sharding_rules": rules}),
+                    "v5e:2x4", "toy")
+    one, two = one[0], two[0]
+    assert one["mesh"] == {"data": 4, "model": 1} and two["mesh"] == {"data": 4, "model": 2}
+    assert one["batch_per_chip"] == two["batch_per_chip"]
+    assert two["argument_bytes"] < 0.7 * one["argument_bytes"]
+    assert two["total_bytes"] < 0.7 * one["total_bytes"]
+    assert two["collectives"]["all-reduce"]["count"] > one["collectives"]["all-reduce"]["count"]
+    weight = 1024 * 1024 * 4
+    assert all(v["bytes"] < weight for k, v in two["collectives"].items() if k == "all-gather")
+    assert two["donation_honoured"] is True
