@@ -25,10 +25,16 @@ CONFIGS = ("coco", "lvis", "isal_cifar10", "isal_voc", "isal_coco")
 TOPOLOGIES = ("v5e-8", "v4-16", "v5e-16", "v5p-16")
 STEPS = {"detector": ("ezsd_train/train_step", "ezsd_eval/infer", "renorm/train_step",
                       "proposals/propose"),
-         "isal": ("train_step", "influence", "eval")}
+         "isal": ("train/train_step", "select/ref_grad", "select/hvp", "select/score"),
+         "isal_detection": ("train/train_step", "select/label_pool", "select/ref_grad",
+                            "select/hvp", "select/score")}
+# classes of the configs whose detector reads them from the annotation file
+NUM_CLASSES = {"isal_voc": 20, "isal_coco": 80}
 
 
 def steps_of(config: str) -> tuple[str, ...]:
+    if config in NUM_CLASSES:
+        return STEPS["isal_detection"]
     return STEPS["isal" if config.startswith("isal") else "detector"]
 
 
@@ -45,9 +51,11 @@ def run(configs, topologies, steps, find_max_batch: bool) -> None:
                 if os.path.exists(path):
                     continue
                 cmd = [sys.executable, "-m", "ezsd_jax.aot", f"--config=configs/{config}.py",
-                       f"--topology={topo}", f"--steps=^{step}", f"--out={path}"]
+                       f"--topology={topo}", f"--steps=^{step}$", f"--out={path}"]
                 if find_max_batch:
                     cmd.append("--find_max_batch")
+                if config in NUM_CLASSES:
+                    cmd.append(f"--num_classes={NUM_CLASSES[config]}")
                 t0 = time.time()
                 p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
                 err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]

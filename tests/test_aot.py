@@ -168,3 +168,25 @@ def test_model_axis_lowers_per_chip_memory_with_the_expected_collectives():
     weight = 1024 * 1024 * 4
     assert all(v["bytes"] < weight for k, v in two["collectives"].items() if k == "all-gather")
     assert two["donation_honoured"] is True
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name", ["demo_ci", "isal_det_synthetic"])
+def test_every_step_of_the_small_configs_lowers_for_tpu(name):
+    """Each stage's step (CLIP renorm and proposals, EZSD train and eval; ISAL detection's
+    train step, pseudo labelling, gradient, HVP and scores) traces and lowers for the
+    slice at the config's shapes (compiling them all is the real-size benchmark's job)."""
+    from ezsd_jax.aot import program
+    from ezsd_jax.aot.cli import step_specs
+    from ezsd_jax.core import sharding
+    cfg = _config(name)
+    mesh = sharding.make_mesh(cfg.mesh, devices=topology.get_slice("v5e:2x2").devices)
+    specs = step_specs(cfg, mesh)
+    want = {"demo_ci": {"renorm/train_step", "proposals/propose", "ezsd_train/train_step",
+                        "ezsd_eval/infer"},
+            "isal_det_synthetic": {"train/train_step", "select/label_pool", "select/ref_grad",
+                                   "select/hvp", "select/score"}}[name]
+    assert {f"{s.stage}/{s.step}" for s in specs} == want
+    for s in specs:
+        p = s.build(program.one_chip_mesh(mesh) if s.per_process else mesh, s.batch_per_chip)
+        assert "stablehlo" in p.fn.lower(*p.args).as_text()[:100000]
