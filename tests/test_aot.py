@@ -100,6 +100,7 @@ def test_per_chip_memory_grows_with_the_batch():
 
 
 @needs_libtpu
+@pytest.mark.slow   # a handful of compiles to find the largest batch
 def test_impossible_batch_exits_2_with_one_line(tmp_path):
     # 65536 channels of 8x8 activations: ~100 MB a sample, so 2**16 per chip cannot fit
     out = tmp_path / "aot.json"
