@@ -25,10 +25,6 @@ def _image_shape(cfg) -> tuple[int, ...]:
     return IMAGE_SHAPES[name]
 
 
-def _batch_sharding(m, b: int):
-    return sharding.data_sharding(m)
-
-
 def _engine_specs(cfg, mesh, task, state_fn, batch_fn, loss_fn, pseudo_fn) -> list[StepSpec]:
     """ref_grad / hvp / score of the influence engine. state_fn(m) -> abstract
     {'params', 'batch_stats'}; batch_fn(m, B, pool) -> abstract engine batch of B rows
