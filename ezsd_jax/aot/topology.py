@@ -127,8 +127,5 @@ def _gpu_slice(name: str) -> Slice:
 
 
 def libtpu_available() -> bool:
-    try:
-        import libtpu  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+    return importlib.util.find_spec("libtpu") is not None
