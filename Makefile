@@ -17,6 +17,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+# libtpu for the deviceless AOT check and its tests (tests/test_aot.py); the demo needs none
+TPU_STAMP := $(VENV)/.installed-tpu
+$(TPU_STAMP): $(STAMP) requirements-tpu.txt
+	$(VENV)/bin/python -m pip install -q -r requirements-tpu.txt
+	touch $(TPU_STAMP)
+
 # the demo, then open-vocabulary predict on a few of its val images with names given here
 DEMO_NAMES ?= orange diamond,purple hexagon,white pentagon,red circle,green square
 demo: $(STAMP)
@@ -32,13 +38,13 @@ demo-ablation: $(STAMP)
 
 # two passes: everything on one CPU device (2 xdist workers), then the sharding tests on 8
 # fake devices (tests/conftest.py says why)
-test: $(STAMP)
+test: $(STAMP) $(TPU_STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope --durations=15 -m "not multidevice" $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 EZSD_TEST_DEVICES=8 $(VENV)/bin/python -m pytest -q -p no:xdist -m multidevice $(PYTEST_ARGS)
 
 # the edit-test loop: every test not marked `slow` (unit and small integration tests);
 # CI runs `make test`, which includes the slow ones
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(TPU_STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadscope -m "not slow and not multidevice" --durations=20 $(PYTEST_ARGS)
 	HF_HUB_OFFLINE=1 EZSD_TEST_DEVICES=8 $(VENV)/bin/python -m pytest -q -p no:xdist -m "multidevice and not slow" $(PYTEST_ARGS)
 

@@ -50,7 +50,9 @@ def make_rules(cfg) -> list:
     return [(r, P(*spec)) for r, spec in cfg.sharding_rules]
 
 
-def init_state(cfg, mesh):
+def state_layout(cfg, mesh):
+    """-> (model, tx, init(key) -> state, abstract state, state shardings); nothing is
+    allocated (the deviceless AOT check compiles the step from the abstract state)."""
     model = MLP(cfg.hidden, cfg.out_dim)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(cfg.lr, weight_decay=1e-4))
 
@@ -59,7 +61,11 @@ def init_state(cfg, mesh):
         return {"params": params, "opt_state": tx.init(params)}
 
     abstract = jax.eval_shape(init, jax.random.key(cfg.seed))
-    state_sh = sharding.param_shardings(mesh, abstract, make_rules(cfg))
+    return model, tx, init, abstract, sharding.param_shardings(mesh, abstract, make_rules(cfg))
+
+
+def init_state(cfg, mesh):
+    model, tx, init, _, state_sh = state_layout(cfg, mesh)
     state = jax.jit(init, out_shardings=state_sh)(jax.random.key(cfg.seed))
     return model, tx, state, state_sh
 

@@ -25,10 +25,6 @@ def _image_shape(cfg) -> tuple[int, ...]:
     return IMAGE_SHAPES[name]
 
 
-def _batch_sharding(m, b: int):
-    return sharding.data_sharding(m)
-
-
 def _engine_specs(cfg, mesh, task, state_fn, batch_fn, loss_fn, pseudo_fn) -> list[StepSpec]:
     """ref_grad / hvp / score of the influence engine. state_fn(m) -> abstract
     {'params', 'batch_stats'}; batch_fn(m, B, pool) -> abstract engine batch of B rows
@@ -136,12 +132,18 @@ def detection_specs(cfg, mesh, num_classes_given: int | None = None) -> list[Ste
         spec["mask"] = ((B,), bool)
         return from_spec(spec, sharding.data_sharding(m))
 
+    def frozen_stats(st):
+        """The detector's (frozen BatchNorm) statistics as zeros: the task's jitted
+        functions close over them as constants, as they close over the real ones."""
+        return {"batch_stats": jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
+                                                      st["batch_stats"])}
+
     def batch(m, B, pool):
         """The engine's batch: pipeline arrays + the fixed assignment (its shapes from
         jax.eval_shape of the task's labelling pass)."""
         st, raw = variables(m), raw_batch(m, B)
-        ms = {"batch_stats": st["batch_stats"]}
-        new = jax.eval_shape(lambda p, b: task.label_pool(p, ms, b), st["params"], raw)
+        new = jax.eval_shape(lambda p, ms, b: task.label_pool(p, ms, b), st["params"],
+                             {"batch_stats": st["batch_stats"]}, raw)
         new.pop("num_pseudo")
         return {**raw, **abstract(new, sharding.data_sharding(m))}
 
@@ -149,7 +151,7 @@ def detection_specs(cfg, mesh, num_classes_given: int | None = None) -> list[Ste
         from isal_jax.tasks.detection import make_label_fn
         B = b * int(m.shape["data"])
         st = variables(m)
-        fn = make_label_fn(task, {"batch_stats": st["batch_stats"]})
+        fn = make_label_fn(task, frozen_stats(st))
         thr = jax.ShapeDtypeStruct((), np.float32, sharding=sharding.replicated(m))
         return Program(fn, (st["params"], raw_batch(m, B), thr), items=B)
 

@@ -223,7 +223,7 @@ def _timing_rows(al_dir: str, rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- one cycle
 
 def _maybe_kill(al_cfg, strategy: str, seed: int, cycle: int, phase: str) -> None:
-    """Test-only fault injection (isal_jax.faults): kill_after='<strategy>/<seed>/<cycle>'
+    """Test-only fault injection (ezsd_jax.core.faults): kill_after='<strategy>/<seed>/<cycle>'
     (after the done marker) or '<strategy>/<seed>/<cycle>/<phase>' with phase train | eval
     | select -> SIGKILL this process right after that phase."""
     from ezsd_jax.core import faults

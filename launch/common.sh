@@ -109,6 +109,41 @@ check_config() {
   [[ -f "$file" ]] || die "CONFIG=$1: no such config file (paths are relative to the repo root)"
 }
 
+# aot_check CONFIG ACCELERATOR_TYPE [ARGS...]: the deviceless AOT check (docs/aot.md)
+# before anything is queued or started: every jitted step of CONFIG's stages is compiled
+# here, for the slice, with libtpu (pip install -r requirements-tpu.txt), and a config that
+# does not fit in HBM (or does not compile) stops the script with the check's one line and
+# its exit status. The --config.* ARGS are passed on; others are ignored. Printed like
+# every command (DRY_RUN=1 prints it only). AOT_CHECK=0 skips it; AOT_PYTHON (default
+# the checkout's .venv/bin/python) runs it.
+aot_check() {
+  local cfg_file="$1" accel="$2"
+  shift 2
+  if ! is_true "${AOT_CHECK:-1}"; then
+    note "AOT_CHECK=0: not checking that ${cfg_file} fits ${accel}"
+    return 0
+  fi
+  local py="${AOT_PYTHON:-${REPO_ROOT}/.venv/bin/python}" arg
+  [[ "$cfg_file" == /* ]] || cfg_file="${REPO_ROOT}/${cfg_file}"
+  local cmd=("$py" -m ezsd_jax.aot "--config=${cfg_file}" "--topology=${accel}")
+  for arg in "$@"; do
+    if [[ "$arg" == --config.* ]]; then
+      cmd+=("$arg")
+    fi
+  done
+  echo "+ $(join_quoted "${cmd[@]}")"
+  if dry_run; then
+    return 0
+  fi
+  note "checking that ${cfg_file#"${REPO_ROOT}"/} fits ${accel} (deviceless compile; AOT_CHECK=0 skips)"
+  local status=0
+  (cd "$REPO_ROOT" && "${cmd[@]}" >&2) || status=$?
+  if ((status)); then
+    echo "error: ${SCRIPT_NAME}: the AOT check refused ${cfg_file#"${REPO_ROOT}"/} on ${accel} (above); nothing was started (AOT_CHECK=0 skips the check)" >&2
+    exit "$status"
+  fi
+}
+
 # main_cmd PYTHON CONFIG WORKDIR DISTRIBUTED(0|1) [EXTRA_ARGS...]: sets the global array
 # MAIN_CMD to the `python -m ezsd_jax.main` command line. STAGES (comma list) is added
 # when set. Extra args (e.g. --config.train.steps=100) are passed through unchanged.

@@ -12,7 +12,10 @@
 #   v2-alpha-tpuv5, v6e -> v2-alpha-tpuv6e); SPOT=1 (spot capacity: cheaper, preemptible)
 #   or RESERVED=1 (your reservation); VALID_UNTIL_DURATION (e.g. 6h: give up waiting
 #   after); SERVICE_ACCOUNT; NETWORK; SUBNETWORK; WAIT=1 (poll until ACTIVE, at most
-#   WAIT_TIMEOUT_S, default 3600); DRY_RUN=1 (print the commands only); ENV_FILE.
+#   WAIT_TIMEOUT_S, default 3600); DRY_RUN=1 (print the commands only); ENV_FILE;
+#   CONFIG (a config file, with its --config.* overrides as arguments): before the request,
+#   the deviceless AOT check compiles it for ACCELERATOR_TYPE and refuses a config that
+#   does not fit (docs/aot.md; AOT_CHECK=0 skips it).
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -60,6 +63,12 @@ if [[ -n "${NETWORK:-}" ]]; then
 fi
 if [[ -n "${SUBNETWORK:-}" ]]; then
   cmd+=("--subnetwork=${SUBNETWORK}")
+fi
+if [[ -n "${CONFIG:-}" ]]; then
+  check_config "$CONFIG"
+  aot_check "$CONFIG" "$ACCELERATOR_TYPE" "$@"
+else
+  note "no CONFIG: the slice is requested without checking that a config fits it"
 fi
 run "${cmd[@]}"
 

@@ -19,6 +19,9 @@
 #   DETACH=0 (stay attached and stream the output instead of nohup in the background);
 #   REMOTE_DIR (default ezsd); GCS_MOUNT_ROOT (default /mnt/gcs); INTERNAL_IP=1;
 #   DRY_RUN=1; ENV_FILE.
+# Before anything starts, ACTION=start runs the deviceless AOT check of CONFIG (with the
+#   --config.* arguments) for ACCELERATOR_TYPE (the slice's, e.g. v5litepod-16) and refuses
+#   a config that does not fit (docs/aot.md); AOT_CHECK=0 skips it.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -70,6 +73,12 @@ esac
 require CONFIG "config file, e.g. configs/coco.py" \
   WORKDIR "shared output dir, e.g. gs://my-bucket/runs/coco (gcsfuse-mounted)"
 check_config "$CONFIG"
+if is_true "${AOT_CHECK:-1}"; then
+  require ACCELERATOR_TYPE "the slice's type, e.g. v5litepod-16, for the AOT fit check (AOT_CHECK=0 skips it)"
+  aot_check "$CONFIG" "$ACCELERATOR_TYPE" "$@"
+else
+  note "AOT_CHECK=0: not checking that ${CONFIG} fits the slice"
+fi
 RUN_WORKDIR="$(gcs_to_mount "$WORKDIR")"
 MOUNT=""
 if [[ "$WORKDIR" == gs://* ]]; then

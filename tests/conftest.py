@@ -60,7 +60,7 @@ if O0 == "1":
 
 LONGEST_FIRST = ("test_demo_zeroshot.py", "test_ezsd_cli_stages.py",
                  "test_isal_detection_loop.py", "test_multihost.py", "test_isal_detection.py",
-                 "test_mask_rcnn_learns.py", "test_accelerator_suite.py",
+                 "test_mask_rcnn_learns.py", "test_accelerator_suite.py", "test_aot.py",
                  "test_detector.py", "test_ezsd_train.py", "test_influence.py",
                  "test_clip_proposals_store.py", "test_al_loop.py", "test_clip_pretrain.py",
                  "test_select_cli.py", "test_checkpoint_resume.py",

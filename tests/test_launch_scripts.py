@@ -62,7 +62,8 @@ def _env(tmp_path: Path, fakebin: Path, **kw) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not re.match(r"^(SLURM_|MASTER_|NNODES|NODE_RANK|WORLD_SIZE|RANK$|HOSTS$|"
                            r"COORDINATOR_|NUM_PROCESSES|PROCESS_ID|DRY_RUN|ENV_FILE|"
-                           r"TPU_NAME|QR_NAME|ZONE|PROJECT|CONFIG|WORKDIR|SPOT|RESERVED)", k)}
+                           r"TPU_NAME|QR_NAME|ZONE|PROJECT|CONFIG|WORKDIR|SPOT|RESERVED|"
+                           r"ACCELERATOR_TYPE|AOT_)", k)}
     env.update(PATH=f"{fakebin}{os.pathsep}{env.get('PATH', '')}",
                GCLOUD_LOG=str(tmp_path / "gcloud.jsonl"), TMPDIR=str(tmp_path))
     env.update({k: str(v) for k, v in kw.items()})
@@ -142,14 +143,16 @@ CASES = {
                                        GIT_COMMIT="abc123", VERIFY=0), [],
                   ["GIT_COMMIT=abc123", "git clone", "checkout --quiet --detach",
                    "--worker=all"]),
-    "run": ("tpu_run.sh", dict(TPU, CONFIG="configs/toy.py",
+    "run": ("tpu_run.sh", dict(TPU, CONFIG="configs/toy.py", ACCELERATOR_TYPE="v5litepod-16",
                                WORKDIR="gs://my-bucket/runs/toy"), ["--config.toy.steps=7"],
             ["tpu-vm ssh ezsd-test", "--worker=all", "EZSD_DISTRIBUTED=1", "nohup",
              "--config=configs/toy.py", "--config.distributed.enabled=True",
              "--workdir=/mnt/gcs/my-bucket/runs/toy", "--config.toy.steps=7",
-             "MOUNT=/mnt/gcs/my-bucket"]),
+             "MOUNT=/mnt/gcs/my-bucket", "-m ezsd_jax.aot",
+             f"--config={ROOT}/configs/toy.py --topology=v5litepod-16 --config.toy.steps=7"]),
     "run_attached": ("tpu_run.sh", dict(TPU, CONFIG="configs/toy.py", WORKDIR="/abs/w",
-                                        DETACH=0, STAGES="toy", RUN_NAME="r2"), [],
+                                        DETACH=0, STAGES="toy", RUN_NAME="r2", AOT_CHECK=0),
+                     [],
                      ["--worker=all", "tee -a", "--stages=toy", "LOG=logs/r2.log",
                       "--workdir=/abs/w", "--config.distributed.enabled=True"]),
     "run_stop": ("tpu_run.sh", dict(TPU, ACTION="stop"), [],
@@ -225,6 +228,8 @@ def test_dry_run_transcript_is_exactly_what_runs(case, tmp_path, fakebin):
     local = [c for c in printed if c[0] != "gcloud"]
     if case == "setup_tarball":  # the one local command: building the code tarball
         assert len(local) == 1 and local[0][:2] == ["bash", "-c"], local
+    elif case == "run":          # the one local command: the AOT fit check
+        assert len(local) == 1 and local[0][1:3] == ["-m", "ezsd_jax.aot"], local
     else:
         assert local == []
 
@@ -256,8 +261,9 @@ REQUIRED = {
     "tpu_create.sh": (dict(TPU, ACCELERATOR_TYPE="v4-8"),
                       ["TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE"]),
     "tpu_setup.sh": (dict(TPU), ["TPU_NAME", "ZONE", "PROJECT"]),
-    "tpu_run.sh": (dict(TPU, CONFIG="configs/toy.py", WORKDIR="gs://b/w"),
-                   ["TPU_NAME", "ZONE", "PROJECT", "CONFIG", "WORKDIR"]),
+    "tpu_run.sh": (dict(TPU, CONFIG="configs/toy.py", WORKDIR="gs://b/w",
+                        ACCELERATOR_TYPE="v4-8"),
+                   ["TPU_NAME", "ZONE", "PROJECT", "CONFIG", "WORKDIR", "ACCELERATOR_TYPE"]),
     "tpu_logs.sh": (dict(TPU), ["TPU_NAME", "ZONE", "PROJECT"]),
     "tpu_delete.sh": (dict(TPU), ["TPU_NAME", "ZONE", "PROJECT"]),
     "gpu_single_node.sh": (dict(CONFIG="configs/toy.py", WORKDIR="w"), ["CONFIG", "WORKDIR"]),
@@ -277,6 +283,31 @@ def test_missing_required_variable_is_named(script, missing, tmp_path, fakebin):
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert missing in r.stderr and "required variable" in r.stderr, r.stderr
     assert r.stdout == "", "printed commands before failing the check"
+
+
+FAKE_AOT_REFUSES = """#!/usr/bin/env bash
+echo "error: ezsd_train/train_step does not fit on v5e:2x2: needs 20.00 GiB per chip" >&2
+exit 2
+"""
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("tpu_run.sh", dict(WORKDIR="gs://b/w", ACCELERATOR_TYPE="v5litepod-4")),
+    ("tpu_create.sh", dict(ACCELERATOR_TYPE="v5litepod-4"))])
+def test_aot_check_refuses_a_config_that_does_not_fit(script, extra, tmp_path, fakebin):
+    """The fit check runs before anything is queued or started: its refusal (exit 2, one
+    line) stops the script with no gcloud call; AOT_CHECK=0 skips it."""
+    fake = _exe(tmp_path / "fake_python", FAKE_AOT_REFUSES)
+    env = _env(tmp_path, fakebin, **TPU, CONFIG="configs/coco.py", AOT_PYTHON=fake, **extra)
+    r = _run(script, env, "--config.train.batch_size=64", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "does not fit on v5e:2x2" in r.stderr and "nothing was started" in r.stderr
+    assert r.stdout.startswith(f"+ {fake} -m ezsd_jax.aot --config={ROOT}/configs/coco.py "
+                               "--topology=v5litepod-4 --config.train.batch_size=64")
+    assert _gcloud_calls(env) == []
+    r = _run(script, dict(env, AOT_CHECK="0"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "AOT_CHECK=0" in r.stderr and _gcloud_calls(env)
 
 
 def test_bad_values_fail_clearly(tmp_path, fakebin):

@@ -52,9 +52,9 @@ def check(cfg, topology: str, *, find_max_batch: bool = False, steps: str = "",
     specs = step_specs(cfg, mesh, num_classes)
     if steps:
         specs = [s for s in specs if re.search(steps, f"{s.stage}/{s.step}")]
-    if not specs:
-        raise cli.UsageError(f"no step to compile (config.stages={tuple(cfg.stages)}"
-                             f"{', --steps=' + steps if steps else ''})")
+    if not specs and steps:
+        raise cli.UsageError(f"--steps={steps}: matches no step of config.stages="
+                             f"{tuple(cfg.stages)}")
     entries, problems = [], []
     for spec in specs:
         log(f"[aot] {sl.name}: compiling {spec.stage}/{spec.step} at {spec.batch_per_chip} "
@@ -91,6 +91,10 @@ def main(argv):
     except (TopologyError, ValueError) as e:
         raise cli.UsageError(cli.one_line(e)) from None
     cfg_name = FLAGS["config"].config_filename
+    if not entries:
+        print(f"[aot] {cfg_name}: its stages {tuple(cfg.get('stages', ()))} have no jitted "
+              "hot step to compile; nothing to check", flush=True)
+        return
     print(report.markdown(entries, f"AOT check of {cfg_name} on {entries[0]['topology']} "
                                    f"({entries[0]['chips']} chips, {entries[0]['hosts']} "
                                    f"hosts, mesh {entries[0]['mesh']}); estimates are "

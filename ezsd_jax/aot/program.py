@@ -73,6 +73,10 @@ class CompileOOM(Exception):
 def compile_program(prog: Program):
     """-> (compiled, seconds); CompileOOM when the TPU compiler runs out of HBM."""
     t0 = time.perf_counter()
+    # a persistent compilation cache cannot load executables of compile-only devices (no
+    # client): none is written for them (so none is found and read back later)
+    min_s = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
     try:
         compiled = prog.fn.lower(*prog.args).compile()
     except Exception as e:  # noqa: BLE001 -- only out-of-memory is turned into a result
@@ -82,6 +86,8 @@ def compile_program(prog: Program):
         m = next((m for m in (rx.search(text) for rx in _OOM) if m), None)
         needed = int(float(m.group(1)) * _UNIT[m.group(2).upper()]) if m else None
         raise CompileOOM(" ".join(text.split())[:300], needed) from None
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_s)
     return compiled, time.perf_counter() - t0
 
 

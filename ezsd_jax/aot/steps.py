@@ -175,12 +175,31 @@ def proposals_spec(cfg, mesh) -> StepSpec:
                     proposal_batch_size(cfg), build, per_process=True)
 
 
+def toy_spec(cfg, mesh) -> StepSpec:
+    """The toy stage's sharded MLP step (its first kernel split over 'model' by rule)."""
+    from ezsd_jax import toy
+    t = cfg.toy
+
+    def build(m, b):
+        B = b * int(m.shape["data"])
+        model, tx, _, state, state_sh = toy.state_layout(t, m)
+        step = toy.make_step(model, tx, m, state_sh)
+        batch = from_spec({"x": ((B, int(t.in_dim)), np.float32),
+                           "y": ((B, int(t.out_dim)), np.float32)}, sharding.data_sharding(m))
+        return Program(step, (abstract(state, state_sh), batch), donate=(0,), items=B)
+
+    return StepSpec("toy", "train_step", "toy.batch_size",
+                    _per_chip(int(t.batch_size), mesh, "toy.batch_size"), build)
+
+
 def step_specs(cfg, mesh, num_classes_given: int | None = None) -> list[StepSpec]:
     """Every jitted hot step of the config's stages (config.stages), in stage order."""
     from ezsd_jax.data.splits import split_sizes
     out = []
     for stage in cfg.stages:
-        if stage == "train":
+        if stage == "toy":
+            out.append(toy_spec(cfg, mesh))
+        elif stage == "train":
             out.append(detector_train_spec(cfg, mesh, stage, num_classes(cfg, num_classes_given), {}))
         elif stage == "eval":
             out.append(detector_infer_spec(cfg, mesh, stage, num_classes(cfg, num_classes_given), {}))
