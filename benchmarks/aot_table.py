@@ -132,7 +132,7 @@ def render() -> str:
     return "\n".join(rows)
 
 
-# published per-chip peak bf16 FLOP/s (ezsd_jax/aot/topology.py CHIPS)
+# published per-chip peak bf16 FLOP/s (ezsd_jax/core/aot/topology.py CHIPS)
 SLICES = {"v5e-8": (8, 197e12), "v5e-16": (16, 197e12), "v4-16": (8, 275e12),
           "v5p-16": (8, 459e12)}
 

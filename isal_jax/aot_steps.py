@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from ezsd_jax.aot.program import Program, StepSpec, abstract, from_spec
-from ezsd_jax.aot.steps import _per_chip, detector_train_spec, num_classes
+from ezsd_jax.core.aot.program import Program, StepSpec, abstract, from_spec, per_chip
+from ezsd_jax.detector_programs import detector_train_spec, num_classes
 from ezsd_jax.core import sharding
 
 # input shape of the named classification sets (isal_jax.data)
@@ -52,7 +52,7 @@ def _engine_specs(cfg, mesh, task, state_fn, batch_fn, loss_fn, pseudo_fn) -> li
                         batch_fn(m, B, True))
             return Program(prog, args, items=B)
         bs = int(i[field])
-        return StepSpec("select", name, f"influence.{field}", _per_chip(bs, mesh,
+        return StepSpec("select", name, f"influence.{field}", per_chip(bs, mesh,
                         f"influence.{field}"), build)
 
     return [spec("ref_grad", "ref_batch_size", "ref_grad"),
@@ -95,7 +95,7 @@ def classification_specs(cfg, mesh) -> list[StepSpec]:
 
     fused = bool(cfg.influence.get("fused", True))
     specs = [StepSpec("train", "train_step", "train.batch_size",
-                      _per_chip(int(cfg.train.batch_size), mesh, "train.batch_size"),
+                      per_chip(int(cfg.train.batch_size), mesh, "train.batch_size"),
                       train_build)]
     specs += _engine_specs(
         cfg, mesh, task, variables, batch, task.loss_fn,
@@ -157,7 +157,7 @@ def detection_specs(cfg, mesh, num_classes_given: int | None = None) -> list[Ste
 
     specs = [detector_train_spec(cfg, mesh, "train", k, {})]
     specs.append(StepSpec("select", "label_pool", "influence.pool_batch_size",
-                          _per_chip(int(i.pool_batch_size), mesh, "influence.pool_batch_size"),
+                          per_chip(int(i.pool_batch_size), mesh, "influence.pool_batch_size"),
                           label_build))
     specs += _engine_specs(cfg, mesh, task, variables, batch, task.loss_fn, lambda ms: None)
     return specs

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from ezsd_jax.aot import report, topology
+from ezsd_jax.core.aot import report, topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(
@@ -86,7 +86,7 @@ def test_small_config_compiles_on_one_host_and_on_a_multi_host_slice():
 
 @needs_libtpu
 def test_per_chip_memory_grows_with_the_batch():
-    from ezsd_jax.aot import program
+    from ezsd_jax.core.aot import program
     from ezsd_jax.core import sharding
     from isal_jax.aot_steps import step_specs
     cfg = _config()
@@ -177,7 +177,7 @@ def test_every_step_of_the_small_configs_lowers_for_tpu(name):
     """Each stage's step (CLIP renorm and proposals, EZSD train and eval; ISAL detection's
     train step, pseudo labelling, gradient, HVP and scores) traces and lowers for the
     slice at the config's shapes (compiling them all is the real-size benchmark's job)."""
-    from ezsd_jax.aot import program
+    from ezsd_jax.core.aot import program
     from ezsd_jax.aot.cli import step_specs
     from ezsd_jax.core import sharding
     cfg = _config(name)

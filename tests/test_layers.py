@@ -2,7 +2,7 @@
 sideways, never up, and module-level imports form no cycle.
 
     ezsd_jax:  core < ops < models < data < engine (train, evaluate, segm_eval, lvis_eval,
-               toy) < clip < ezsd < demo < predict, stages, main
+               toy, detector_programs) < clip < ezsd < demo < predict, aot, stages, main
     isal_jax:  above ezsd_jax; its generic code imports only ezsd_jax.core, and only the
                detection task adapter may import the detector's layers (up to the engine)
 
@@ -19,7 +19,7 @@ EZSD_LAYERS = [
     ("ops",),
     ("models",),
     ("data",),
-    ("train", "evaluate", "segm_eval", "lvis_eval", "toy"),
+    ("train", "evaluate", "segm_eval", "lvis_eval", "toy", "detector_programs"),
     ("clip",),
     ("ezsd",),
     ("demo",),
@@ -27,7 +27,7 @@ EZSD_LAYERS = [
 ]
 ISAL_LAYER = len(EZSD_LAYERS)
 # isal_jax modules that adapt the detector (they may import ezsd_jax up to the engine)
-ISAL_DETECTION = ("isal_jax.tasks.detection", "isal_jax.detection_al")
+ISAL_DETECTION = ("isal_jax.tasks.detection", "isal_jax.detection_al", "isal_jax.aot_steps")
 ENGINE = 4
 
 

@@ -45,7 +45,7 @@ def check(cfg, topology: str, *, find_max_batch: bool = False, steps: str = "",
           num_classes: int | None = None, log=print) -> tuple[list[dict], list[str]]:
     """Compiles the config's steps for `topology` -> (report entries, one-line problems
     of the steps that do not fit)."""
-    from ezsd_jax.aot import program, topology as topo
+    from ezsd_jax.core.aot import program, topology as topo
     from ezsd_jax.core import sharding
     sl = topo.get_slice(topology)
     mesh = sharding.make_mesh(cfg.mesh, devices=sl.devices)
@@ -83,8 +83,8 @@ def main(argv):
     if not FLAGS.topology:
         raise cli.UsageError("--topology is required (e.g. v5e:2x2, v4:2x2x2, v5e-8)")
     cfg = cli.get_config()
-    from ezsd_jax.aot import report
-    from ezsd_jax.aot.topology import TopologyError
+    from ezsd_jax.core.aot import report
+    from ezsd_jax.core.aot.topology import TopologyError
     try:
         entries, problems = check(cfg, FLAGS.topology, find_max_batch=FLAGS.find_max_batch,
                                   steps=FLAGS.steps, num_classes=FLAGS.num_classes)

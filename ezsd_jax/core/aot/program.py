@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ezsd_jax.aot import report
+from ezsd_jax.core.aot import report
 
 
 @dataclasses.dataclass
@@ -175,3 +175,11 @@ def max_batch_per_chip(spec: StepSpec, mesh: Mesh, chip, known: dict | None = No
 
 __all__ = ["Program", "StepSpec", "abstract", "from_spec", "one_chip_mesh", "CompileOOM",
            "compile_program", "run_step", "max_batch_per_chip", "P", "NamedSharding"]
+
+
+def per_chip(global_batch: int, mesh, field: str) -> int:
+    n = int(mesh.shape["data"])
+    if global_batch % n:
+        raise ValueError(f"config.{field}={global_batch} is not divisible by the mesh's "
+                         f"data axis ({n}); change it or mesh.data/mesh.model")
+    return global_batch // n
