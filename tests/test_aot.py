@@ -129,7 +129,8 @@ def test_shape_specs_match_what_the_pipeline_and_distillation_build():
     import numpy as np
 
     from ezsd_jax.data.pipeline import BATCH_KEYS, batch_spec
-    from ezsd_jax.ezsd import distill, splits
+    from ezsd_jax.data import splits
+    from ezsd_jax.ezsd import distill
 
     class NoStore:
         def get(self, image_id):
