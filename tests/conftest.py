@@ -60,8 +60,11 @@ if O0 == "1":
 
 LONGEST_FIRST = ("test_demo_zeroshot.py", "test_ezsd_cli_stages.py",
                  "test_isal_detection_loop.py", "test_multihost.py", "test_isal_detection.py",
-                 "test_mask_rcnn_learns.py", "test_accelerator_suite.py", "test_aot.py",
-                 "test_detector.py", "test_ezsd_train.py", "test_influence.py",
+                 "test_mask_rcnn_learns.py", "test_isal_scoring.py", "test_accelerator_suite.py",
+                 "test_aot.py", "test_run_safety.py", "test_predict_safety.py",
+                 "test_data_tfds.py", "test_protocol_reference.py", "test_predict_serve.py",
+                 "test_predict_coco_results.py", "test_packaging.py", "test_detector.py",
+                 "test_ezsd_train.py", "test_influence.py",
                  "test_clip_proposals_store.py", "test_al_loop.py", "test_clip_pretrain.py",
                  "test_select_cli.py", "test_checkpoint_resume.py",
                  "test_clip_text_renorm.py", "test_isal_heldout.py", "test_ezsd_head.py",
