@@ -1,4 +1,4 @@
-"""Protocol options of issue 13 outside the model: the proposal stage's vocabulary
+"""Protocol options outside the model: the proposal stage's vocabulary
 (clip.score_names: the split's names or every name of the train file, as the reference's
 80-name softmax on COCO 48/17) and COCO evaluation at the reference's maxDets
 (100, 300, 1000) next to the standard (1, 10, 100), checked with pycocotools' own counts."""
