@@ -127,7 +127,10 @@ class Entry:
     in_smoke: bool = True                # False: --smoke skips it (see the docstring)
 
 
-_TRAIN_FIGS = (("img/s", "images_per_s"), ("step ms", "step_ms"))
+# "AOT est.": the deviceless check's roofline for the same compiled program on this
+# device (contract.aot_estimate), an upper bound printed next to the measured figure
+_TRAIN_FIGS = (("img/s", "images_per_s"), ("AOT est. img/s", "aot.estimate_items_per_s"),
+               ("step ms", "step_ms"))
 _TRAIN = ("--model=r50", "--steps=5", "--warmup=1")
 _ISAL_VARIANTS = "--variants=forward,jvp_fused,jvp_bf16,loop"
 ENTRIES = (
@@ -147,6 +150,7 @@ ENTRIES = (
            "--chunk=512", "--crop_boxes=512", "--pil_boxes=128", "--repeats=2", "--full"),
           ("--full",), 90,
           (("crops/s", "full.crops_per_s"), ("img/s", "full.images_per_s"),
+           ("AOT est. img/s", "full.aot.estimate_items_per_s"),
            ("scoring crops/s", "scoring.crops_per_s"),
            ("tower-only crops/s", "scoring.clip_only_crops_per_s"),
            ("crop vs PIL", "crop.speedup")),

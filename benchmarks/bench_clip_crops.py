@@ -202,7 +202,8 @@ def main(argv=None) -> dict:
         res["full"] = {"seconds_per_batch": t_full, "compile_s": c_full,
                        "crops_per_image": k + m + g,
                        "crops_per_s": args.batch * (k + m + g) / t_full,
-                       "images_per_s": args.batch / t_full}
+                       "images_per_s": args.batch / t_full,
+                       "aot": contract.aot_estimate(full_c, args.batch)}
         print(f"[full proposal fn] {t_full:.3f}s/batch = {args.batch / t_full:.2f} img/s, "
               f"{res['full']['crops_per_s']:.1f} crops/s (incl. NMS + 1.2x feature pass)",
               flush=True)

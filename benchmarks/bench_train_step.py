@@ -113,6 +113,7 @@ def main(argv=None):
         "images_per_s": round(args.batch / dt, 2),
         "host_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "loss": float(metrics["loss"]),
+        "aot": contract.aot_estimate(compiled, args.batch / jax.device_count()),
     }
     if args.profile:
         def one_step():

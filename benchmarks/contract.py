@@ -92,6 +92,24 @@ def profile(args, call: Callable[[], Any], top: int = 15) -> dict:
     return res
 
 
+def aot_estimate(compiled, items_per_device: float) -> dict | None:
+    """The deviceless AOT check's roofline (ezsd_jax.core.aot.report.roofline) for a program
+    compiled on THIS device: FLOPs and bytes per device and the estimated items/s of all
+    devices, printed next to the measured figure. An ESTIMATE (an upper bound), not a
+    measurement; None where the device has no published peak (CPU)."""
+    import jax
+
+    from ezsd_jax.core.aot.report import roofline
+    from ezsd_jax.core.aot.topology import chip_of_device
+    chip = chip_of_device(jax.devices()[0])
+    if chip is None:
+        return None
+    r = roofline(compiled, items=items_per_device, chip=chip)
+    if r["estimate_items_per_s"] is not None:
+        r["estimate_items_per_s"] *= jax.device_count()
+    return {**r, "chip": chip.name}
+
+
 def finish(args, result: dict) -> dict:
     """Adds env, device memory and the smoke flag; prints one JSON line; writes --json."""
     result = dict(result)

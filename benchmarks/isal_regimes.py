@@ -51,8 +51,9 @@ REGIMES = {
 # the first 1,000 labeled samples in order, per-block NaN reset, select even when LiSSA
 # has not converged, v over the test split); isal_best = our fast settings (CG, top_eig
 # damping, class-balanced top-k) with the same v; isal_best_heldout = v over a held-out
-# labelled part instead of the test split.
+# labelled part instead of the test split; isal_last = isal_best on the last layers.
 OURS = dict(solver="cg", damp_mode="top_eig", diversity="class_balanced")
+LAST_LAYERS = r"regex:^(Conv_1/kernel|Dense_0/kernel|BasicBlock_[67]/.*kernel)$"
 VARIANTS = {
     "random": ("random", {}, {}),
     "entropy": ("entropy", {}, {}),
@@ -62,6 +63,9 @@ VARIANTS = {
                               reference_mode=True), {"source": "split:test"}),
     "isal_best": ("isal", OURS, {"source": "split:test"}),
     "isal_best_heldout": ("isal", OURS, {"source": "heldout"}),
+    # our settings on the last layers only (the reference's commented-out alternative:
+    # layer4 + linear; the small CNN: its last conv + the classifier): a cheaper JVP pass
+    "isal_last": ("isal", dict(OURS, subset=LAST_LAYERS), {"source": "split:test"}),
 }
 
 

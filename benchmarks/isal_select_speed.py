@@ -1,7 +1,8 @@
 """Selection time on a 10k pool with the small CNN: ISAL settings vs margin (same process,
 same trained model, Fashion-MNIST idx files).
 
-    python benchmarks/isal_select_speed.py [--repeats 2] [--out benchmarks/isal_select_speed.json]
+    python benchmarks/isal_select_speed.py [--repeats 2] [--settings all|1,2,...]
+        [--out benchmarks/isal_select_speed.json]
 
 Trains the small CNN of configs/isal_fashion.py on 200 random labels, then times one
 selection of 20 ids from a fixed 10k pool per setting through the AL task's select (the
@@ -28,6 +29,9 @@ SETTINGS = {
     "isal cg + top_eig + class_balanced": (
         "isal", {"solver": "cg", "damp_mode": "top_eig", "diversity": "class_balanced"}),
     "isal lissa (4x250, batch 32)": ("isal", {"solver": "lissa"}),
+    "isal default, last layers (last conv + classifier)": (
+        "isal", {"solver": "cg", "damp_mode": "top_eig", "diversity": "class_balanced",
+                 "subset": r"regex:^(Conv_1|Dense_0)/kernel$"}),
     "isal reference mode (4x250, batch 1, in order)": (
         "isal", {"solver": "lissa", "hvp_order": "sequential", "hvp_batch_size": 1,
                  "nan_reset": "block", "on_unconverged": "select"}),
@@ -37,6 +41,8 @@ SETTINGS = {
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--settings", default="all",
+                   help="comma-separated indices into SETTINGS (0 = margin, always run)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "isal_select_speed.json"))
     args = p.parse_args()
     sys.path.insert(0, ROOT)
@@ -56,7 +62,11 @@ def main() -> None:
     state = task.train(labeled, 0, os.path.join(tmp, "train"))
     rows = {}
     base_influence = cfg.influence.to_dict()
-    for name, (strategy, over) in SETTINGS.items():
+    keep = (set(range(len(SETTINGS))) if args.settings == "all"
+            else {0} | {int(i) for i in args.settings.split(",")})
+    for i, (name, (strategy, over)) in enumerate(SETTINGS.items()):
+        if i not in keep:
+            continue
         cfg.influence.update({**base_influence, **over})
         times = []
         for r in range(args.repeats):

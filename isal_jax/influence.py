@@ -733,27 +733,32 @@ def conjugate_gradient(loss_fn: LossFn, params, subset: ParamSubset, v: Vec, bat
 
 # ----------------------------------------------------------------------------- pool scores
 
-def _score(loss_fn, pseudo_label_fn, subset, method, params, s_test, batch):
+def _score(loss_fn, pseudo_label_fn, subset, method, params, s_test, batch, has_aux=False):
     if pseudo_label_fn is not None:
         batch = jax.lax.stop_gradient(pseudo_label_fn(params, batch))
-    f = _sub_loss(loss_fn, subset, params, batch, lambda l, b: l)  # noqa: E741
     sub = subset.take(params)
     tangent = {k: s_test[k].astype(sub[k].dtype) for k in sub}
-    if method == "jvp":
-        _, dots = jax.jvp(f, (sub,), (tangent,))
+    if has_aux:     # loss_fn -> (losses, aux): aux (e.g. the pseudo class) rides along
+        f = lambda q: loss_fn(subset.put(params, q), batch)  # noqa: E731
+        _, dots, aux = jax.jvp(f, (sub,), (tangent,), has_aux=True)
     else:
-        _, lin = jax.linearize(f, sub)
-        dots = lin(tangent)
+        f = _sub_loss(loss_fn, subset, params, batch, lambda l, b: l)  # noqa: E741
+        if method == "jvp":
+            _, dots = jax.jvp(f, (sub,), (tangent,))
+        else:
+            _, lin = jax.linearize(f, sub)
+            dots = lin(tangent)
     m = _mask(batch, dots.shape[0])
-    return jnp.where(m > 0, -dots, 0.0)
+    scores = jnp.where(m > 0, -dots, 0.0)
+    return (scores, aux) if has_aux else scores
 
 
-_score_jit = jax.jit(_score, static_argnames=("subset", "method"))
+_score_jit = jax.jit(_score, static_argnames=("subset", "method", "has_aux"))
 
 
 def make_score_fn(loss_fn: LossFn, subset: ParamSubset,
                   pseudo_label_fn: Callable[[Any, Any], Any] | None = None, *,
-                  mesh=None, method: str = "jvp") -> Callable:
+                  mesh=None, method: str = "jvp", has_aux: bool = False) -> Callable:
     """Compiled `score(params, s_test, batch) -> [B]` with I(z) = -<G_z, s_test> (0 on rows
     whose mask is False). One module-level jit: the same (loss_fn, pseudo_label_fn,
     subset, shapes) reuse one executable across calls (see `as_pytree_fn`).
@@ -764,13 +769,17 @@ def make_score_fn(loss_fn: LossFn, subset: ParamSubset,
     method: 'jvp' (one forward-mode pass of the per-sample loss vector in direction s_test;
     the tangent is only on the subset, so the other params carry symbolic zeros) or
     'linearize' (jax.linearize then apply; same numbers, kept for the benchmark).
+    has_aux: loss_fn returns (per-sample losses, aux [B]); score returns (scores, aux)
+    from the same forward pass (the fused pseudo label's class: no second pool pass).
     mesh: accepted for the callers' symmetry; the placement is the inputs' (pool_scores
     puts params/s_test replicated and the batch split on 'data'), which jit follows.
     """
     if method not in ("jvp", "linearize"):
         raise ValueError(f"make_score_fn: unknown method {method!r}")
+    if has_aux and method != "jvp":
+        raise ValueError("make_score_fn: has_aux needs method='jvp'")
     return functools.partial(_score_jit, as_pytree_fn(loss_fn), as_pytree_fn(pseudo_label_fn),
-                             subset, method)
+                             subset, method, has_aux=has_aux)
 
 
 def pool_scores(loss_fn: LossFn, params, subset: ParamSubset, s_test: Vec,
@@ -779,7 +788,8 @@ def pool_scores(loss_fn: LossFn, params, subset: ParamSubset, s_test: Vec,
     """Influence scores I(z) = -<G_z, s_test> for every VALID row of `batches`, in order,
     as float64 numpy [N]. Batches are host (numpy) pytrees with a fixed batch size (pad and
     set 'mask'); with a mesh the batch size must be divisible by the 'data' axis size.
-    `score_fn` (from make_score_fn) may be passed instead of loss_fn/pseudo_label_fn."""
+    `score_fn` (from make_score_fn) may be passed instead of loss_fn/pseudo_label_fn; one
+    made with has_aux=True makes this return (scores, aux of the valid rows)."""
     if score_fn is None:
         score_fn = make_score_fn(loss_fn, subset, pseudo_label_fn, mesh=mesh, method=method)
     if mesh is not None:
@@ -793,6 +803,10 @@ def pool_scores(loss_fn: LossFn, params, subset: ParamSubset, s_test: Vec,
                 else np.ones((n,), bool))
         dev_batch = host_to_global(batch, mesh) if mesh is not None else batch
         pending.append((score_fn(params, s_test, dev_batch), mask))  # async dispatch
+    if pending and isinstance(pending[0][0], tuple):    # has_aux score_fn
+        got = [(jax.device_get(s), m) for s, m in pending]
+        return (np.concatenate([np.asarray(s, np.float64)[m] for (s, _), m in got]),
+                np.concatenate([np.asarray(a)[m] for (_, a), m in got]))
     out = [np.asarray(jax.device_get(s), np.float64)[m] for s, m in pending]
     return np.concatenate(out) if out else np.zeros((0,), np.float64)
 

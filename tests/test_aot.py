@@ -64,6 +64,24 @@ def test_slice_names():
 
 
 @needs_libtpu
+def test_chip_of_a_real_device_and_its_roofline():
+    """The benchmarks' 'AOT est.' column: a device kind maps to its published figures and
+    the roofline of a compiled CPU program is FLOPs / peak (compute-bound matmul)."""
+    import jax
+    import jax.numpy as jnp
+    dev = lambda kind: type("D", (), {"device_kind": kind})()  # noqa: E731
+    assert topology.chip_of_device(dev("NVIDIA H100 80GB HBM3")) is topology.CHIPS["h100"]
+    assert topology.chip_of_device(dev("NVIDIA H200")) is topology.CHIPS["h200"]
+    assert topology.chip_of_device(dev("TPU v5 lite")) is topology.CHIPS["v5e"]
+    assert topology.chip_of_device(dev("cpu")) is None
+    x = jnp.ones((256, 256), jnp.float32)
+    compiled = jax.jit(lambda a: a @ a).lower(x).compile()
+    r = report.roofline(compiled, items=4, chip=topology.CHIPS["h100"])
+    assert r["flops"] == pytest.approx(2 * 256 ** 3, rel=0.01)
+    t = max(r["flops"] / 989e12, r["bytes_accessed"] / 3352e9)
+    assert r["estimate_items_per_s"] == pytest.approx(4 / t)
+
+
 def test_small_config_compiles_on_one_host_and_on_a_multi_host_slice():
     cfg = _config()
     one, problems = _check(cfg, "v5e:2x2", "train|select/score")

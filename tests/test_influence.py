@@ -95,6 +95,15 @@ def test_jvp_scores_equal_explicit_gradient_dots(model, pseudo, rng):
     np.testing.assert_allclose(fused, ref[:9], **tol)
     lin = infl.pool_scores(loss, params, sub, s_test, [batch], plabel, method="linearize")
     np.testing.assert_allclose(lin, ref[:9], **tol)
+    # the class-balanced form: scores and the pseudo class from the same pass
+    loss_c = task.self_labeled_loss_fn(ms, with_class=True)
+    sc, cls = infl.pool_scores(loss_c, params, sub, s_test, [batch],
+                               score_fn=infl.make_score_fn(loss_c, sub, has_aux=True))
+    np.testing.assert_allclose(sc, ref[:9], **tol)
+    want = np.argmax(np.asarray(task.logits(params, ms, batch["image"])), -1)[:9]
+    np.testing.assert_array_equal(cls, want)
+    if isinstance(model, MLP):           # (the random CNN predicts one class for all)
+        assert len(np.unique(want)) > 1  # the check can tell classes apart
     # pseudo labels really are the model's (not the given random labels)
     given = infl.explicit_scores(loss, params, sub, s_test, batch, None)
     assert not np.allclose(given, ref, rtol=1e-3)

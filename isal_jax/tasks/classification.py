@@ -100,16 +100,23 @@ class ClassificationTask:
         like loss_fn)."""
         return jax.tree_util.Partial(self._pseudo_label_with_state, model_state)
 
-    def self_labeled_loss_fn(self, model_state):
+    def self_labeled_loss_fn(self, model_state, with_class: bool = False):
         """Fused pseudo-label loss: one forward gives the logits, the targets are taken from
         them under stop_gradient, so d loss = d CE at fixed targets (argmax is piecewise
         constant; the soft weights are stopped). Same scores as pseudo_label_fn + loss_fn.
-        A Partial over the model state, like loss_fn."""
-        return jax.tree_util.Partial(self._self_labeled_with_state, model_state)
+        A Partial over the model state, like loss_fn. with_class: returns (losses, argmax
+        class) -- the pseudo class for diversity='class_balanced' from the same pass."""
+        fn = self._self_labeled_class_with_state if with_class else self._self_labeled_with_state
+        return jax.tree_util.Partial(fn, model_state)
 
     def _self_labeled_with_state(self, model_state, params, batch) -> jax.Array:
         logits = self.logits(params, model_state, batch["image"])
         return self._ce(logits, self.targets_from_logits(logits, batch))
+
+    def _self_labeled_class_with_state(self, model_state, params, batch):
+        logits = self.logits(params, model_state, batch["image"])
+        cls = jax.lax.stop_gradient(jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        return self._ce(logits, self.targets_from_logits(logits, batch)), cls
 
     # ------------------------------------------------------------------ predictions
     def predict(self, params, model_state,
@@ -147,15 +154,19 @@ class ClassificationInfluence(TrainedModel):
     def score_pool(self, subset, s_test, ids, batch_size: int):
         from isal_jax import influence as infl
         ms = self.model_state
-        if self.fused:
-            loss, plabel = self.task.self_labeled_loss_fn(ms), None
-        else:
-            loss, plabel = self.task.loss_fn(ms), self.task.pseudo_label_fn(ms)
-        score_fn = infl.make_score_fn(loss, subset, plabel, mesh=self.mesh)
-        sc = infl.pool_scores(loss, self.params, subset, s_test,
-                              self.labeled_batches(self.data, ids, batch_size, "pool"),
-                              plabel, mesh=self.mesh, score_fn=score_fn)
+        batches = self.labeled_batches(self.data, ids, batch_size, "pool")
         groups = np.zeros(len(ids), np.int64)
+        if self.fused:      # scores and (need_groups) the pseudo class in ONE pool pass
+            loss = self.task.self_labeled_loss_fn(ms, with_class=self.need_groups)
+            score_fn = infl.make_score_fn(loss, subset, mesh=self.mesh,
+                                          has_aux=self.need_groups)
+            out = infl.pool_scores(loss, self.params, subset, s_test, batches,
+                                   mesh=self.mesh, score_fn=score_fn)
+            sc, groups = out if self.need_groups else (out, groups)
+            return sc, np.ones(len(ids), bool), np.asarray(groups, np.int64)
+        loss, plabel = self.task.loss_fn(ms), self.task.pseudo_label_fn(ms)
+        sc = infl.pool_scores(loss, self.params, subset, s_test, batches, plabel,
+                              mesh=self.mesh)
         if self.need_groups:
             probs, _ = self.task.predict(self.params, ms,
                                          self.data.batches(ids, batch_size, "pool"))

@@ -74,6 +74,23 @@ def analyse(compiled, *, donated_bytes: int, items: float, chip, compile_s: floa
     alias = int(ma.alias_size_in_bytes)
     code = int(ma.generated_code_size_in_bytes)
     total = arg + outb - alias + temp + code
+    hlo = compiled.as_text()
+    return {
+        "compile_s": round(compile_s, 2),
+        "argument_bytes": arg, "output_bytes": outb, "temp_bytes": temp,
+        "alias_bytes": alias, "code_bytes": code, "total_bytes": total,
+        "capacity_bytes": int(chip.hbm_bytes), "fits": total <= chip.hbm_bytes,
+        "collectives": collectives(hlo),
+        "donated_bytes": int(donated_bytes),
+        "donation_honoured": (alias >= donated_bytes) if donated_bytes else None,
+        **roofline(compiled, items=items, chip=chip),
+    }
+
+
+def roofline(compiled, *, items: float, chip) -> dict:
+    """FLOPs, bytes accessed and the roofline estimate of one compiled step on `chip`: the
+    step takes at least max(FLOPs / peak, bytes / HBM bandwidth) -- an upper bound on
+    items/s, not a measurement (benchmarks print it next to what they measure)."""
     cost = _cost(compiled)
     flops = float(cost.get("flops", 0.0))
     accessed = float(cost.get("bytes accessed", 0.0))
@@ -81,23 +98,11 @@ def analyse(compiled, *, donated_bytes: int, items: float, chip, compile_s: floa
     t_flops = flops / chip.peak_flops
     t_mem = accessed / chip.hbm_bw
     t = max(t_flops, t_mem)
-    hlo = compiled.as_text()
-    return {
-        "compile_s": round(compile_s, 2),
-        "argument_bytes": arg, "output_bytes": outb, "temp_bytes": temp,
-        "alias_bytes": alias, "code_bytes": code, "total_bytes": total,
-        "capacity_bytes": int(chip.hbm_bytes), "fits": total <= chip.hbm_bytes,
-        "flops": flops, "bytes_accessed": accessed,
-        "collectives": collectives(hlo),
-        "donated_bytes": int(donated_bytes),
-        "donation_honoured": (alias >= donated_bytes) if donated_bytes else None,
-        "items_per_step": float(items),
-        "xla_optimal_seconds": xla_s if xla_s > 0 else None,
-        # roofline: the step takes at least max(FLOPs / peak, bytes / HBM bandwidth)
-        "estimate_step_s": t,
-        "estimate_items_per_s": (items / t) if t > 0 else None,
-        "estimate_bound": "compute" if t_flops >= t_mem else "memory",
-    }
+    return {"flops": flops, "bytes_accessed": accessed, "items_per_step": float(items),
+            "xla_optimal_seconds": xla_s if xla_s > 0 else None,
+            "estimate_step_s": t,
+            "estimate_items_per_s": (items / t) if t > 0 else None,
+            "estimate_bound": "compute" if t_flops >= t_mem else "memory"}
 
 
 def gib(n: float) -> str:

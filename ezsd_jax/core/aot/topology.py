@@ -27,7 +27,21 @@ CHIPS = {
     "v6e": Chip("TPU v6e", 32 * GiB, 918e12, 1640e9),
     # H100 SXM 80 GB: 989 TFLOP/s dense bf16, 3.35 TB/s; the compiler sees 79.1 GiB
     "h100": Chip("NVIDIA H100 80GB", 84929347584, 989e12, 3352e9),
+    # H200 SXM 141 GB: the H100's 989 TFLOP/s dense bf16, 4.8 TB/s
+    "h200": Chip("NVIDIA H200", 141 * 10 ** 9, 989e12, 4800e9),
 }
+
+
+def chip_of_device(device) -> Chip | None:
+    """The Chip of a real jax device from its device_kind ('NVIDIA H100 80GB HBM3',
+    'TPU v5 lite', ...); None where the project has no published figures (e.g. CPU)."""
+    kind = str(getattr(device, "device_kind", "")).lower()
+    for key, chip in (("h200", CHIPS["h200"]), ("h100", CHIPS["h100"]),
+                      ("v5 lite", CHIPS["v5e"]), ("v5e", CHIPS["v5e"]),
+                      ("v5p", CHIPS["v5p"]), ("v6", CHIPS["v6e"]), ("v4", CHIPS["v4"])):
+        if key in kind:
+            return chip
+    return None
 
 # XLA's GPU target description of an H100 SXM (deviceless compilation; docs/aot.md)
 H100_TARGET = """
