@@ -161,8 +161,12 @@ def infer_program(model, variables_sh, mesh, canvas: tuple[int, int] | None = No
             out.pop("mask_probs", None)
             return out
 
-        jitted = jax.jit(infer, in_shardings=(variables_sh, sharding.data_sharding(mesh), rep),
-                         out_shardings=rep)
+        # detections stay split on 'data' like the batch (every output leads with it): a
+        # replicated output made XLA all-gather every chip's detections -- and the pasted
+        # masks, 1 GB a step for configs/coco.py on a v5e-8 (docs/aot.md) -- onto every
+        # chip; sharding.to_host assembles them on the host instead
+        data = sharding.data_sharding(mesh)
+        jitted = jax.jit(infer, in_shardings=(variables_sh, data, rep), out_shardings=data)
         if len(_INFER_FNS) >= _INFER_FNS_MAX:
             _INFER_FNS.pop(next(iter(_INFER_FNS)))
         _INFER_FNS[key] = jitted
