@@ -51,7 +51,8 @@ REGIMES = {
 # the first 1,000 labeled samples in order, per-block NaN reset, select even when LiSSA
 # has not converged, v over the test split); isal_best = our fast settings (CG, top_eig
 # damping, class-balanced top-k) with the same v; isal_best_heldout = v over a held-out
-# labelled part instead of the test split; isal_last = isal_best on the last layers.
+# labelled part instead of the test split; isal_last = isal_best on the last layers;
+# isal_expected = isal_best with expected-gradient pseudo labels.
 OURS = dict(solver="cg", damp_mode="top_eig", diversity="class_balanced")
 LAST_LAYERS = r"regex:^(Conv_1/kernel|Dense_0/kernel|BasicBlock_[67]/.*kernel)$"
 VARIANTS = {
@@ -66,6 +67,9 @@ VARIANTS = {
     # our settings on the last layers only (the reference's commented-out alternative:
     # layer4 + linear; the small CNN: its last conv + the classifier): a cheaper JVP pass
     "isal_last": ("isal", dict(OURS, subset=LAST_LAYERS), {"source": "split:test"}),
+    # our settings with the expected-gradient pseudo label (the top-k classes weighted by
+    # the model's probabilities instead of the argmax)
+    "isal_expected": ("isal", dict(OURS, pseudo_label="expected"), {"source": "split:test"}),
 }
 
 
