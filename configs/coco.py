@@ -83,6 +83,9 @@ def clip_config(**overrides) -> ml_collections.ConfigDict:
             selection="top",        # 'top' by score | 'random' (LVIS), seeded per image
             seed=0, method="bicubic", chunk=256)),
         proposal_images_per_chunk=64,
+        # images per proposal step (one chip per process): 16 needs 30.4 GiB of HBM, more
+        # than a v5e's 16; 8 needs 14.9 GiB (python -m ezsd_jax.aot, benchmarks/RESULTS.md)
+        proposal_batch_size=8,
     ))
     c.update(overrides)
     return c
