@@ -43,3 +43,21 @@ def test_detection_configs_are_the_reference_protocol():
         assert i.hvp_batch_size * i.hvp_num_batches == 1000
         assert (i.damp, i.score_threshold) == (0.01, 0.1)
         assert c.allow_degenerate is False
+
+
+def test_fashion_config_scores_the_last_conv_and_the_classifier():
+    """isal_fashion's subset (the regime study's best ISAL setting) names its own model's
+    last conv and classifier kernels, nothing else."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs import isal_fashion
+    from isal_jax import influence as infl
+    from isal_jax.models import get_model
+    c = isal_fashion.get_config()
+    m = get_model(c.model.name, 10, channels=tuple(c.model.channels))
+    params = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0),
+                                           jnp.ones((1, 28, 28, 1))))["params"]
+    sub = infl.make_subset(params, c.influence.subset)
+    assert [sub.names[i] for i in sub.selected] == ["Conv_1/kernel", "Dense_0/kernel"]
+    assert len(sub.names) > 2      # the rest (first conv, BN, biases) is left out
