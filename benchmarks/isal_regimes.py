@@ -97,7 +97,10 @@ def make_config(regime: str, variant: str, seed: int, pool_file: str):
     i = c.influence
     for k, v in r["influence"].items():
         i[k] = v
+    # the variants start from the reference's settings (every conv / linear weight, not
+    # isal_fashion's last-layer subset) and change only what they name
     i.solver, i.damp_mode, i.diversity = "lissa", "fixed", "none"
+    i.subset = "ndim_gt1"
     for k, v in infl.items():
         if k == "reference_mode":
             i.hvp_batch_size, i.hvp_order, i.nan_reset = 1, "sequential", "block"

@@ -31,7 +31,7 @@ SETTINGS = {
     "isal lissa (4x250, batch 32)": ("isal", {"solver": "lissa"}),
     "isal default, last layers (last conv + classifier)": (
         "isal", {"solver": "cg", "damp_mode": "top_eig", "diversity": "class_balanced",
-                 "subset": r"regex:^(Conv_1|Dense_0)/kernel$"}),
+                 "subset": "isal_fashion"}),     # configs/isal_fashion.py's subset
     "isal reference mode (4x250, batch 1, in order)": (
         "isal", {"solver": "lissa", "hvp_order": "sequential", "hvp_batch_size": 1,
                  "nan_reset": "block", "on_unconverged": "select"}),
@@ -49,8 +49,10 @@ def main() -> None:
     from configs import isal_fashion
     from isal_jax.classification_al import build_task
     cfg = isal_fashion.get_config()
+    last_layers = cfg.influence.subset          # the config's own (last conv + classifier)
     cfg.influence.solver, cfg.influence.damp_mode, cfg.influence.diversity = \
         "lissa", "fixed", "none"
+    cfg.influence.subset = "ndim_gt1"          # every setting names its subset change
     tmp = tempfile.mkdtemp(prefix="isal_speed_")
     pool = np.sort(np.random.default_rng(0).permutation(60000)[:10000])
     with open(os.path.join(tmp, "pool.json"), "w") as f:
@@ -67,6 +69,8 @@ def main() -> None:
     for i, (name, (strategy, over)) in enumerate(SETTINGS.items()):
         if i not in keep:
             continue
+        if over.get("subset") == "isal_fashion":
+            over = {**over, "subset": last_layers}
         cfg.influence.update({**base_influence, **over})
         times = []
         for r in range(args.repeats):

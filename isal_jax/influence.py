@@ -803,10 +803,12 @@ def pool_scores(loss_fn: LossFn, params, subset: ParamSubset, s_test: Vec,
                 else np.ones((n,), bool))
         dev_batch = host_to_global(batch, mesh) if mesh is not None else batch
         pending.append((score_fn(params, s_test, dev_batch), mask))  # async dispatch
-    if pending and isinstance(pending[0][0], tuple):    # has_aux score_fn
+    if getattr(score_fn, "keywords", {}).get("has_aux"):      # make_score_fn(has_aux=True)
         got = [(jax.device_get(s), m) for s, m in pending]
-        return (np.concatenate([np.asarray(s, np.float64)[m] for (s, _), m in got]),
-                np.concatenate([np.asarray(a)[m] for (_, a), m in got]))
+        return (np.concatenate([np.asarray(s, np.float64)[m] for (s, _), m in got]
+                               or [np.zeros((0,), np.float64)]),
+                np.concatenate([np.asarray(a)[m] for (_, a), m in got]
+                               or [np.zeros((0,), np.int64)]))
     out = [np.asarray(jax.device_get(s), np.float64)[m] for s, m in pending]
     return np.concatenate(out) if out else np.zeros((0,), np.float64)
 

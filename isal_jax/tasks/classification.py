@@ -110,8 +110,7 @@ class ClassificationTask:
         return jax.tree_util.Partial(fn, model_state)
 
     def _self_labeled_with_state(self, model_state, params, batch) -> jax.Array:
-        logits = self.logits(params, model_state, batch["image"])
-        return self._ce(logits, self.targets_from_logits(logits, batch))
+        return self._self_labeled_class_with_state(model_state, params, batch)[0]
 
     def _self_labeled_class_with_state(self, model_state, params, batch):
         logits = self.logits(params, model_state, batch["image"])
