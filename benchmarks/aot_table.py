@@ -82,7 +82,7 @@ def flops(configs) -> None:
     import numpy as np
     from jax.sharding import Mesh
 
-    from ezsd_jax.aot.cli import step_specs
+    from ezsd_jax.aot.registry import step_specs
     mesh = Mesh(np.array(jax.devices("cpu")[:1]).reshape(1, 1), ("data", "model"))
     for config in configs:
         path = os.path.join(OUT, f"flops__{config}.json")

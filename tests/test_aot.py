@@ -198,7 +198,7 @@ def test_every_step_of_the_small_configs_lowers_for_tpu(name):
     train step, pseudo labelling, gradient, HVP and scores) traces and lowers for the
     slice at the config's shapes (compiling them all is the real-size benchmark's job)."""
     from ezsd_jax.core.aot import program
-    from ezsd_jax.aot.cli import step_specs
+    from ezsd_jax.aot.registry import step_specs
     from ezsd_jax.core import sharding
     cfg = _config(name)
     mesh = sharding.make_mesh(cfg.mesh, devices=topology.get_slice("v5e:2x2").devices)

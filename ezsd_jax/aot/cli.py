@@ -6,12 +6,12 @@ reports per-chip memory, FLOPs, collectives, donation and a throughput estimate
 """
 from __future__ import annotations
 
-import importlib
 import json
 import re
 
 from absl import flags
 
+from ezsd_jax.aot.registry import step_specs
 from ezsd_jax.core import cli
 
 FLAGS = flags.FLAGS
@@ -24,21 +24,6 @@ flags.DEFINE_bool("find_max_batch", False, "also search the largest per-chip bat
 flags.DEFINE_string("steps", "", "only the steps whose 'stage/step' matches this regex")
 flags.DEFINE_integer("num_classes", None, "classes of a plain detector whose config has no "
                      "data.category_names (default 80; e.g. 20 for configs/isal_voc.py)")
-
-# config kind -> "module:function(cfg, mesh, num_classes) -> [StepSpec]" (imported lazily: the ISAL
-# registry lives in isal_jax, which may import ezsd_jax, never the reverse)
-REGISTRIES = {"detector": "ezsd_jax.aot.steps:step_specs",
-              "isal": "isal_jax.aot_steps:step_specs"}
-
-
-def config_kind(cfg) -> str:
-    """'isal' for an active-learning config (it has config.task), else 'detector'."""
-    return "isal" if "task" in cfg else "detector"
-
-
-def step_specs(cfg, mesh, num_classes: int | None = None) -> list:
-    module, fn = REGISTRIES[config_kind(cfg)].split(":")
-    return getattr(importlib.import_module(module), fn)(cfg, mesh, num_classes)
 
 
 def check(cfg, topology: str, *, find_max_batch: bool = False, steps: str = "",
