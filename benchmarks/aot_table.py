@@ -116,10 +116,16 @@ def render() -> str:
     rows = ["| config | slice | step | per-chip batch (global) | per-chip HBM GiB (of) | "
             "fits | largest per-chip batch | TFLOP/step/chip | est. items/s (roofline) | "
             "compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(glob.glob(os.path.join(OUT, "*__*__*.json"))):
+    # one step per file (`run`), then whole configs compiled by one command each
+    # (benchmarks/aot/full/<config>__<slice>.json: `python -m ezsd_jax.aot ... --out=`)
+    paths = (sorted(glob.glob(os.path.join(OUT, "*__*__*.json")))
+             + sorted(glob.glob(os.path.join(OUT, "full", "*__*.json"))))
+    for path in paths:
         with open(path) as f:
             rep = json.load(f)
         config = os.path.basename(path).split("__")[0]
+        if os.path.basename(os.path.dirname(path)) == "full":
+            config += " (one command)"
         for e in rep["steps"]:
             est = e.get("estimate_items_per_s")
             rows.append(
