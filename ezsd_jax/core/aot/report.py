@@ -102,7 +102,8 @@ def roofline(compiled, *, items: float, chip) -> dict:
             "xla_optimal_seconds": xla_s if xla_s > 0 else None,
             "estimate_step_s": t,
             "estimate_items_per_s": (items / t) if t > 0 else None,
-            "estimate_bound": "compute" if t_flops >= t_mem else "memory"}
+            # no cost analysis (XLA:GPU gives none): no estimate, so no bound either
+            "estimate_bound": "-" if t <= 0 else "compute" if t_flops >= t_mem else "memory"}
 
 
 def gib(n: float) -> str:
@@ -123,12 +124,13 @@ def markdown(entries: list[dict], header: str) -> str:
         est = e["estimate_items_per_s"]
         mb = e.get("max_batch_per_chip")
         cs = "-" if e["compile_s"] is None else f"{e['compile_s']:.1f}"
+        est_s = "-" if est is None else f"{est:.1f} ({e['estimate_bound']}-bound)"
         rows.append(
             f"| {e['stage']} | {e['step']} | {e['global_batch']} ({e['batch_per_chip']}/chip) "
             f"| {cs} | {gib(e['argument_bytes'])} | {gib(e['output_bytes'])} "
             f"| {gib(e['temp_bytes'])} | {gib(e['total_bytes'])} | {gib(e['capacity_bytes'])} "
             f"| {'yes' if e['fits'] else 'NO'} | {e['flops'] / 1e12:.3f} "
             f"| {e['bytes_accessed'] / 1e9:.2f} | {coll} | {don} "
-            f"| {'-' if est is None else f'{est:.1f}'} ({e['estimate_bound']}-bound) "
+            f"| {est_s} "
             f"| {'-' if mb is None else mb} |")
     return "\n".join(rows)
