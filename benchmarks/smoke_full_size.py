@@ -174,12 +174,13 @@ def jnp_floating(dt) -> bool:
     return np.issubdtype(np.dtype(dt), np.floating) or str(dt) == "bfloat16"
 
 
-def _shapes(args, skip_state: bool) -> dict:
+def _shapes(args) -> dict:
     """{input name: shape} of the batch-like inputs (not weights / optimizer state)."""
     out = {}
     for path, a in jax.tree_util.tree_leaves_with_path(args):
         where = jax.tree_util.keystr(path)
-        if not isinstance(a, jax.ShapeDtypeStruct) or any(s in where for s in ("params", "opt_state", "batch_stats")):
+        if not isinstance(a, jax.ShapeDtypeStruct) or any(
+                s in where for s in ("params", "opt_state", "batch_stats", "['step']")):
             continue
         out[_name(path) or where] = list(a.shape)
     return out
@@ -189,9 +190,10 @@ def _shapes(args, skip_state: bool) -> dict:
 
 def smoke_step(spec, mesh, b: int, num_classes: int) -> dict:
     prog = spec.build(mesh, b)
-    n_params = sum(int(np.prod(a.shape)) for p, a in jax.tree_util.tree_leaves_with_path(
-        prog.args) if isinstance(a, jax.ShapeDtypeStruct) and "params" in jax.tree_util.keystr(p))
-    inputs = _shapes(prog.args, True)
+    named = dict(zip(_arg_names(prog.fn, len(prog.args)), prog.args))  # 'params' by name too
+    n_params = sum(int(np.prod(a.shape)) for p, a in jax.tree_util.tree_leaves_with_path(named)
+                   if isinstance(a, jax.ShapeDtypeStruct) and "params" in jax.tree_util.keystr(p))
+    inputs = _shapes(named)
     args = concrete(prog.fn, prog.args, num_classes)
     t0 = time.perf_counter()
     lowered = prog.fn.lower(*args)
@@ -298,10 +300,11 @@ def render() -> str:
     for path in sorted(glob.glob(os.path.join(OUT, "*.json"))):
         config = os.path.basename(path).split("__")[0]
         for e in json.load(open(path)):
+            pm = f"{e['parameters'] / 1e6:.1f}" if e["parameters"] else "-"   # (not counted)
             main_in = next((f"{k} {'x'.join(map(str, v))}" for k, v in e["inputs"].items()
                             if k in ("image", "images")), "-")
             rows.append(f"| {config} | {e['stage']}/{e['step']} | {e['batch']} | "
-                        f"{e['parameters'] / 1e6:.1f} | {main_in} | {e['compile_s']:.0f} | "
+                        f"{pm} | {main_in} | {e['compile_s']:.0f} | "
                         f"{e['step_s']:.1f} | {e['flops'] / 1e9:.0f} | "
                         f"{e['peak_rss_bytes'] / 2 ** 30:.2f} | "
                         f"{e['output_nonfinite_leaves']}/{e['output_float_leaves']} |")

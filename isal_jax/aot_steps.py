@@ -133,10 +133,16 @@ def detection_specs(cfg, mesh, num_classes_given: int | None = None) -> list[Ste
         return from_spec(spec, sharding.data_sharding(m))
 
     def frozen_stats(st):
-        """The detector's (frozen BatchNorm) statistics as zeros: the task's jitted
-        functions close over them as constants, as they close over the real ones."""
-        return {"batch_stats": jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype),
-                                                      st["batch_stats"])}
+        """The detector's (frozen BatchNorm) statistics at their init values (mean 0,
+        variance 1, counts 0): the task's jitted functions close over them as constants,
+        as they close over the real ones. A zero variance would make a step that runs
+        them (benchmarks/smoke_full_size.py) divide by ~0 and return NaNs."""
+        def init_value(path, a):
+            last = path[-1]
+            name = str(getattr(last, "key", getattr(last, "name", "")))
+            return (np.ones if name == "var" else np.zeros)(a.shape, a.dtype)
+        return {"batch_stats": jax.tree_util.tree_map_with_path(init_value,
+                                                                st["batch_stats"])}
 
     def batch(m, B, pool):
         """The engine's batch: pipeline arrays + the fixed assignment (its shapes from
