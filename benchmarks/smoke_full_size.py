@@ -72,11 +72,10 @@ def _leaf(path, a, rng, dims, num_classes: int):
     """A concrete array for the abstract leaf `a`: weights ~ N(0, 1/fan_in), norm scales
     and variances 1, optimizer state 0; batch fields by name (boxes inside the image,
     labels in range, half the box slots valid, unit-norm embeddings)."""
-    shape, dt = tuple(a.shape), np.dtype(a.dtype) if not jax.dtypes.issubdtype(
-        a.dtype, jax.dtypes.prng_key) else None
-    if dt is None:
-        return jax.random.split(jax.random.key(0), shape[0] if shape else None) \
-            if shape else jax.random.key(0)
+    shape = tuple(a.shape)
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):    # typed PRNG keys
+        return jax.random.split(jax.random.key(0), shape) if shape else jax.random.key(0)
+    dt = np.dtype(a.dtype)
     name, where = _name(path), jax.tree_util.keystr(path)
     B, H, W = dims
     n = int(np.prod(shape)) if shape else 1
@@ -161,7 +160,7 @@ def _nonfinite(tree) -> tuple[int, list[str]]:
     """(floating-point output leaves, the paths of those holding a NaN or an inf)."""
     n, bad = 0, []
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        if hasattr(x, "dtype") and jnp_floating(x.dtype):
+        if hasattr(x, "dtype") and _floating(x.dtype):
             n += 1
             v = np.asarray(x, np.float32)
             if not np.all(np.isfinite(v)):
@@ -170,7 +169,7 @@ def _nonfinite(tree) -> tuple[int, list[str]]:
     return n, bad
 
 
-def jnp_floating(dt) -> bool:
+def _floating(dt) -> bool:
     return np.issubdtype(np.dtype(dt), np.floating) or str(dt) == "bfloat16"
 
 
