@@ -36,8 +36,9 @@ from ezsd_jax.core import cli  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "smoke")
-CONFIGS = ("coco", "lvis", "isal_cifar10", "isal_voc", "isal_coco")
-NUM_CLASSES = {"isal_voc": 20, "isal_coco": 80}   # as benchmarks/aot_table.py
+# the reference configs, their steps and class counts: the AOT table's
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from aot_table import CONFIGS, NUM_CLASSES, steps_of  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -47,6 +48,7 @@ FLAGS = flags.FLAGS
 _BOX_KEYS = ("boxes", "gt_boxes", "distill_boxes")
 _HW_KEYS = ("image_hw", "orig_hw")
 _LABEL_KEYS = ("classes", "labels", "label")
+_ONES_KEYS = ("scale", "var", "variance", "weight", "distill_weight")
 
 
 def _name(path) -> str:
@@ -99,24 +101,22 @@ def _leaf(path, a, rng, dims, num_classes: int):
             return rng.integers(0, B, shape).astype(dt)
         return np.zeros(shape, dt)
     # floating point
+    if "opt_state" in where:
+        return np.zeros(shape, dt)
     if name in _BOX_KEYS and shape and shape[-1] == 4:
         xy = rng.uniform(0, 0.7, shape[:-1] + (2,)) * np.asarray([W, H])
         wh = rng.uniform(0.05, 0.3, shape[:-1] + (2,)) * np.asarray([W, H])
         return np.concatenate([xy, xy + wh], -1).astype(dt)
-    if name in ("scale", "weight", "distill_weight") and "opt" not in where and len(shape) <= 2:
+    if name in _ONES_KEYS and len(shape) <= 2:      # norm scales / variances, batch weights
         return np.ones(shape, dt)
     if name in ("class_embeddings", "distill_emb", "text_embeddings"):
         x = rng.standard_normal(shape)
         return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(dt)
-    if "opt_state" in where:
-        return np.zeros(shape, dt)
     if name in ("image", "images"):
         return rng.standard_normal(shape).astype(dt)
     if len(shape) >= 2:
         fan_in = int(np.prod(shape[:-1]))
         return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(dt)
-    if name in ("scale", "var", "variance"):
-        return np.ones(shape, dt)
     return np.zeros(shape, dt)
 
 
@@ -269,8 +269,6 @@ def main(argv):
 # ------------------------------------------------------------------ driver and the table
 
 def run_all(configs, steps_regex: str, b: int) -> None:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from aot_table import steps_of
     os.makedirs(OUT, exist_ok=True)
     for config in configs:
         for step in steps_of(config):

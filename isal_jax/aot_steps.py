@@ -12,6 +12,7 @@ import numpy as np
 from ezsd_jax.core.aot.program import Program, StepSpec, abstract, from_spec, per_chip
 from ezsd_jax.detector_programs import detector_train_spec, num_classes
 from ezsd_jax.core import sharding
+from ezsd_jax.core.tree_paths import key_name
 
 # input shape of the named classification sets (isal_jax.data)
 IMAGE_SHAPES = {"cifar10": (32, 32, 3), "digits": (8, 8, 1)}
@@ -138,9 +139,7 @@ def detection_specs(cfg, mesh, num_classes_given: int | None = None) -> list[Ste
         as they close over the real ones. A zero variance would make a step that runs
         them (benchmarks/smoke_full_size.py) divide by ~0 and return NaNs."""
         def init_value(path, a):
-            last = path[-1]
-            name = str(getattr(last, "key", getattr(last, "name", "")))
-            return (np.ones if name == "var" else np.zeros)(a.shape, a.dtype)
+            return (np.ones if key_name(path[-1]) == "var" else np.zeros)(a.shape, a.dtype)
         return {"batch_stats": jax.tree_util.tree_map_with_path(init_value,
                                                                 st["batch_stats"])}
 
